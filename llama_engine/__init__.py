@@ -1,0 +1,60 @@
+"""llama_engine: the narrow waist. Pure Python: importing it never imports torch or mlx."""
+
+from llama_engine.engine import ChatMessage, LlamaEngine
+from llama_engine.errors import (
+    ConfigError,
+    ContextOverflowError,
+    InvalidParamsError,
+    InvalidTokenError,
+    KVCacheFull,
+    LlamaError,
+    ModelNotFoundError,
+    OutOfKVMemoryError,
+    SessionError,
+    UnsupportedArchitectureError,
+    UnsupportedBackendError,
+    UnsupportedOperationError,
+    UnsupportedQuantizationError,
+    WeightLoadError,
+)
+from llama_engine.params import SamplingParams
+from llama_engine.stream import TokenStream
+from llama_engine.types import (
+    Completion,
+    FinishReason,
+    ModelHandle,
+    ModelSpec,
+    PrefillResult,
+    Session,
+    StreamChunk,
+    Usage,
+)
+
+__all__ = [
+    "ChatMessage",
+    "Completion",
+    "ConfigError",
+    "ContextOverflowError",
+    "FinishReason",
+    "InvalidParamsError",
+    "InvalidTokenError",
+    "KVCacheFull",
+    "LlamaEngine",
+    "LlamaError",
+    "ModelHandle",
+    "ModelNotFoundError",
+    "ModelSpec",
+    "OutOfKVMemoryError",
+    "PrefillResult",
+    "SamplingParams",
+    "Session",
+    "SessionError",
+    "StreamChunk",
+    "TokenStream",
+    "UnsupportedArchitectureError",
+    "UnsupportedBackendError",
+    "UnsupportedOperationError",
+    "UnsupportedQuantizationError",
+    "Usage",
+    "WeightLoadError",
+]

@@ -1,0 +1,81 @@
+"""The typed error hierarchy of llama-engine.
+
+Every error a caller can cause is a `LlamaError`; its message says what was wrong, the offending
+value, and what to do next. Errors that are also a caller's `ValueError` (bad parameters, bad ids)
+inherit from it too, so `except ValueError` keeps working for code that does not know ours.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ContextOverflowError",
+    "InvalidParamsError",
+    "InvalidTokenError",
+    "KVCacheFull",
+    "LlamaError",
+    "ModelNotFoundError",
+    "OutOfKVMemoryError",
+    "SessionError",
+    "UnsupportedArchitectureError",
+    "UnsupportedBackendError",
+    "UnsupportedOperationError",
+    "UnsupportedQuantizationError",
+    "WeightLoadError",
+]
+
+
+class LlamaError(Exception):
+    """Base class of every error llama-engine raises on purpose."""
+
+
+class ModelNotFoundError(LlamaError):
+    """A model name is unknown, its package is not installed, or its path does not exist."""
+
+
+class WeightLoadError(LlamaError):
+    """A model file exists but cannot be read: not a GGUF, truncated, corrupt, shapes wrong."""
+
+
+class ConfigError(WeightLoadError):
+    """A model's configuration is missing a key or holds an impossible value."""
+
+
+class UnsupportedArchitectureError(LlamaError):
+    """The model's architecture has no implementation here."""
+
+
+class UnsupportedQuantizationError(LlamaError):
+    """A tensor is stored in a quantization type this engine cannot read."""
+
+
+class UnsupportedBackendError(LlamaError):
+    """The requested backend or device is not available on this machine."""
+
+
+class UnsupportedOperationError(LlamaError):
+    """The loaded model or engine cannot do what was asked (e.g. embed with no embedder)."""
+
+
+class InvalidParamsError(LlamaError, ValueError):
+    """A sampling or request parameter is out of range, of the wrong type, or unknown."""
+
+
+class InvalidTokenError(LlamaError, ValueError):
+    """A token id is outside the model's vocabulary."""
+
+
+class ContextOverflowError(LlamaError, ValueError):
+    """The prompt plus what must be generated does not fit in the model's context."""
+
+
+class SessionError(LlamaError):
+    """A session is closed, unknown, or used by two requests at once."""
+
+
+class OutOfKVMemoryError(LlamaError):
+    """The KV cache has no room left for a session, even after evicting cached blocks."""
+
+
+# The name the KV-cache issue uses; one class, two spellings.
+KVCacheFull = OutOfKVMemoryError

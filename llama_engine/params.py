@@ -1,0 +1,148 @@
+"""`SamplingParams`: how one request picks its tokens. Frozen, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_engine.errors import InvalidParamsError
+
+__all__ = ["SamplingParams"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Sampling options of one request.
+
+    The defaults follow llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), so a
+    user switching from it sees the same behaviour. The processors run in this order: logit bias,
+    repetition/frequency/presence penalties, temperature, top-k, typical-p, top-p, min-p; then
+    one token is drawn with the request's own seeded RNG.
+    """
+
+    max_tokens: int = 256
+    """Most tokens to generate; must be >= 1."""
+    temperature: float = 0.8
+    """Softmax temperature, >= 0. 0 means greedy (argmax)."""
+    top_k: int = 40
+    """Keep the k most likely tokens; 0 disables."""
+    top_p: float = 0.95
+    """Nucleus sampling: keep the smallest set whose probability reaches top_p; in (0, 1]."""
+    min_p: float = 0.05
+    """Drop tokens whose probability is below min_p times the best one's; in [0, 1)."""
+    typical_p: float = 1.0
+    """Locally typical sampling mass; in (0, 1], 1 disables."""
+    repetition_penalty: float = 1.0
+    """Divide positive (multiply negative) logits of tokens seen in the window; > 0, 1 disables."""
+    frequency_penalty: float = 0.0
+    """Subtract this times a token's count in the window; in [-2, 2]."""
+    presence_penalty: float = 0.0
+    """Subtract this from every token present in the window; in [-2, 2]."""
+    penalty_window: int = 64
+    """How many of the last tokens (prompt included) the penalties look at; 0 = all."""
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Added to the named token ids' logits before anything else; values in [-100, 100]."""
+    seed: int | None = None
+    """Seed of the request's RNG: the same seed gives the same tokens. None = fresh entropy."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the stop string itself is not returned."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation, besides the model's end-of-generation tokens."""
+    ignore_eos: bool = False
+    """Keep generating past the model's end-of-generation tokens (benchmarks)."""
+    logprobs: int | None = None
+    """Return the chosen token's logprob and this many top alternatives (0..20); None = off."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_int("max_tokens", self.max_tokens, lo=1)
+        _check_float("temperature", self.temperature, lo=0.0, hi=None, allowed=">= 0")
+        _check_int("top_k", self.top_k, lo=0)
+        _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, allowed="in (0, 1]")
+        _check_float("min_p", self.min_p, lo=0.0, hi=1.0, hi_open=True, allowed="in [0, 1)")
+        _check_float(
+            "typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True, allowed="in (0, 1]"
+        )
+        _check_float(
+            "repetition_penalty", self.repetition_penalty, lo=0.0, hi=None, lo_open=True,
+            allowed="> 0",
+        )
+        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0,
+                     allowed="in [-2, 2]")
+        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0,
+                     allowed="in [-2, 2]")
+        _check_int("penalty_window", self.penalty_window, lo=0)
+        for tok, bias in self.logit_bias.items():
+            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
+                raise InvalidParamsError(
+                    f"logit_bias keys must be non-negative token ids, got {tok!r}")
+            _check_float(f"logit_bias[{tok}]", bias, lo=-100.0, hi=100.0,
+                         allowed="in [-100, 100]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidParamsError(f"stop must hold non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids[]", t, lo=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0, hi=20)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
+        """Build from keyword arguments, naming any unknown one (rather than a bare TypeError)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise InvalidParamsError(
+                f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (validated like a new one)."""
+        return SamplingParams.from_kwargs(**{**dataclasses.asdict(self), **changes})
+
+
+def _check_int(name: str, value: Any, *, lo: int, hi: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidParamsError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidParamsError(f"{name} must be {rng}, got {value}")
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    *,
+    lo: float,
+    hi: float | None,
+    allowed: str,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidParamsError(f"{name} must be a number {allowed}, got {value!r}")
+    v = float(value)
+    bad = (
+        math.isnan(v)
+        or (v <= lo if lo_open else v < lo)
+        or (hi is not None and (v >= hi if hi_open else v > hi))
+    )
+    if bad:
+        raise InvalidParamsError(f"{name} must be {allowed}, got {value}")
+
+

@@ -1,0 +1,160 @@
+"""`TokenStream`: one request's tokens, as an iterator and as an async iterator.
+
+The engine hands in a factory that builds the generator of steps from a cancellation event. The
+generator checks the event once per step and runs its own clean-up (freeing the session's KV) in
+a `finally`, so every way of stopping -- exhausting it, `close()`, `break`, garbage collection,
+cancelling the asyncio task that awaits it -- ends in the same place.
+
+Stepping and closing may come from different threads (an async consumer steps in a worker thread
+while the event loop cancels). A lock serialises steps; `close()` never blocks: if a step is under
+way, whoever holds the lock closes the generator as it lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from llama_engine.types import Completion, FinishReason, StreamChunk, Usage
+
+__all__ = ["TokenStream"]
+
+StepFactory = Callable[[threading.Event], Iterator[StreamChunk]]
+
+
+class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
+    """The chunks of one generation request.
+
+    Iterate it (`for chunk in stream`) or async-iterate it (`async for chunk in stream`), not
+    both at once. The last chunk carries `finish_reason` and `usage`. Closing it (or breaking
+    out of the loop, or cancelling the task) stops generation within one step and frees the
+    session's KV blocks.
+    """
+
+    def __init__(self, factory: StepFactory) -> None:
+        self._cancel = threading.Event()
+        self._gen = factory(self._cancel)
+        self._lock = threading.Lock()
+        self._close_requested = False
+        self._finished = False
+        self.finish_reason: FinishReason | None = None
+        self.usage: Usage | None = None
+
+    # -- sync ---------------------------------------------------------------------------------
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        try:
+            with self._lock:
+                if self._finished:
+                    raise StopIteration
+                try:
+                    chunk = next(self._gen)
+                except StopIteration:
+                    self._finished = True
+                    raise
+                except BaseException:
+                    self._finished = True
+                    self._gen.close()
+                    raise
+                if chunk.finish_reason is not None:
+                    self.finish_reason = chunk.finish_reason
+                    self.usage = chunk.usage
+                return chunk
+        finally:
+            if self._close_requested:
+                self._try_finish()
+
+    def close(self) -> None:
+        """Stop generating; frees the session's KV. Safe from any thread, never blocks."""
+        self._close_requested = True
+        self._cancel.set()
+        self._try_finish()
+
+    def _try_finish(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # a step is running; its holder calls us again as it lets go
+        try:
+            if not self._finished:
+                self._finished = True
+                if self.finish_reason is None:
+                    self.finish_reason = "cancelled"
+                self._gen.close()
+        finally:
+            self._lock.release()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            self.close()
+
+    # -- async --------------------------------------------------------------------------------
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        try:
+            return await asyncio.to_thread(self._next_or_none_wrapped)
+        except StopAsyncIteration:
+            raise
+        except asyncio.CancelledError:
+            self.close()
+            raise
+
+    def _next_or_none_wrapped(self) -> StreamChunk:
+        try:
+            return next(self)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self.close()
+
+    # -- collecting ---------------------------------------------------------------------------
+    def collect(self) -> Completion:
+        """Run to the end and return the whole `Completion`."""
+        return _collect(iter(self), self)
+
+    async def acollect(self) -> Completion:
+        parts: list[StreamChunk] = [c async for c in self]
+        return _collect(iter(parts), self)
+
+
+def _collect(chunks: Iterator[StreamChunk], stream: TokenStream) -> Completion:
+    text: list[str] = []
+    ids: list[int] = []
+    logprobs: list[float] = []
+    tops: list[dict[int, float]] = []
+    finish: FinishReason = "cancelled"
+    usage = Usage()
+    for c in chunks:
+        text.append(c.text)
+        if c.token_id is not None:
+            ids.append(c.token_id)
+            if c.logprob is not None:
+                logprobs.append(c.logprob)
+            if c.top_logprobs is not None:
+                tops.append(c.top_logprobs)
+        if c.finish_reason is not None:
+            finish = c.finish_reason
+            usage = c.usage or usage
+    return Completion(
+        text="".join(text),
+        token_ids=ids,
+        finish_reason=finish,
+        usage=usage,
+        logprobs=logprobs or None,
+        top_logprobs=tops or None,
+    )
