@@ -1,0 +1,154 @@
+"""Reading model files into a `Checkpoint`: metadata plus raw tensors, nothing computed yet.
+
+Two formats: a GGUF file (read with the `gguf` package; tensors stay as the file's bytes, memory
+mapped) and a Hugging Face directory (config.json + *.safetensors, read with `safetensors`).
+Every way a file can be wrong becomes a `WeightLoadError` that names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from llama_engine.errors import ModelNotFoundError, WeightLoadError
+
+__all__ = ["Checkpoint", "RawTensor", "read_checkpoint", "read_gguf", "read_hf_dir"]
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """One tensor as stored: `qtype` is a `gguf.GGMLQuantizationType` value (F32 for HF float
+    tensors), `shape` is in row-major order (rows, cols), `data` is the stored bytes (uint8,
+    one row per block row) or, for HF files, a torch tensor of any float dtype."""
+
+    name: str
+    qtype: int
+    shape: tuple[int, ...]
+    data: Any
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass(kw_only=True)
+class Checkpoint:
+    path: Path
+    format: Literal["gguf", "hf"]
+    architecture: str
+    metadata: Mapping[str, Any]
+    """GGUF key/values, or the HF config.json."""
+    tensors: dict[str, RawTensor]
+    hf_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
+    def quant_types(self) -> dict[str, int]:
+        from gguf import GGMLQuantizationType
+
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            if self.format == "hf":
+                name = str(t.data.dtype).removeprefix("torch.")
+            else:
+                name = GGMLQuantizationType(t.qtype).name
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a GGUF file or an HF model directory."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(
+            f"model path {str(p)!r} does not exist; give the path of a .gguf file or of a "
+            "Hugging Face model directory, or a registered model name "
+            "(llama-engine info --models lists them)")
+    if p.is_dir():
+        return read_hf_dir(p)
+    return read_gguf(p)
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise WeightLoadError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf "
+            "model file, or convert the model with llama.cpp's convert_hf_to_gguf.py")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError, KeyError) as e:
+        raise WeightLoadError(
+            f"{path} is a corrupt or truncated GGUF file ({e}); download or copy it again") from e
+    metadata = {k: _field_value(f) for k, f in reader.fields.items()}
+    file_size = path.stat().st_size
+    tensors: dict[str, RawTensor] = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > file_size or t.data.nbytes != int(t.n_bytes):
+            raise WeightLoadError(
+                f"{path} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has "
+                f"{file_size}; download or copy the file again")
+        tensors[t.name] = RawTensor(t.name, int(t.tensor_type), shape, t.data)
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise WeightLoadError(
+            f"{path} has no general.architecture key; it is not a model GGUF llama-engine can run")
+    return Checkpoint(path=path, format="gguf", architecture=arch, metadata=metadata,
+                      tensors=tensors)
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        return f.contents()
+    except Exception:  # a field of a type the reader cannot turn into Python: keep it raw
+        return None
+
+
+def read_hf_dir(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(
+            f"{path} is a directory without config.json; give a Hugging Face model directory "
+            "(config.json + *.safetensors) or a .gguf file")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightLoadError(f"{cfg_path} is not valid JSON ({e}); fix or replace it") from e
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(
+            f"{path} has no *.safetensors files; llama-engine reads safetensors weights only "
+            "(re-save .bin checkpoints with transformers' save_pretrained())")
+    tensors: dict[str, RawTensor] = {}
+    for fp in files:
+        try:
+            with safe_open(fp, framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    t = sf.get_tensor(name)
+                    tensors[name] = RawTensor(name, 0, tuple(t.shape), t)
+        except (SafetensorError, OSError) as e:
+            raise WeightLoadError(f"{fp} is corrupt or truncated ({e}); copy it again") from e
+    archs = config.get("architectures") or []
+    arch = config.get("model_type") or (archs[0] if archs else None)
+    if not isinstance(arch, str):
+        raise WeightLoadError(f"{cfg_path} has no model_type; cannot tell the architecture")
+    return Checkpoint(path=path, format="hf", architecture=arch, metadata=config,
+                      tensors=tensors, hf_dir=path)

@@ -1,0 +1,265 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral (full attention), written once against `Ops`.
+
+References: Touvron et al. 2023 (Llama 2), the Llama 3 herd paper (RoPE scaling), and the GGUF
+tensor naming of llama.cpp. Weights use GGUF's names; HF checkpoints are renamed by WEIGHT_MAP.
+llama.cpp's converter interleaves the rows of Q and K for its RoPE layout; we undo that at load
+so one rotate-half RoPE serves both formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llama_engine.errors import ConfigError, WeightLoadError
+from llama_models.checkpoint import Checkpoint, RawTensor
+from llama_models.ops import Ops, RopeSpec
+
+__all__ = ["WEIGHT_MAP", "LlamaConfig", "LlamaModel", "load_weights"]
+
+log = logging.getLogger(__name__)
+
+GGUF_ARCHITECTURES = ("llama",)
+HF_ARCHITECTURES = ("llama", "mistral")
+
+WEIGHT_MAP: dict[str, str] = {
+    r"model\.embed_tokens\.weight": "token_embd.weight",
+    r"model\.norm\.weight": "output_norm.weight",
+    r"lm_head\.weight": "output.weight",
+    r"model\.layers\.(\d+)\.input_layernorm\.weight": r"blk.\1.attn_norm.weight",
+    r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight": r"blk.\1.attn_q.weight",
+    r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight": r"blk.\1.attn_k.weight",
+    r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight": r"blk.\1.attn_v.weight",
+    r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight": r"blk.\1.attn_output.weight",
+    r"model\.layers\.(\d+)\.post_attention_layernorm\.weight": r"blk.\1.ffn_norm.weight",
+    r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight": r"blk.\1.ffn_gate.weight",
+    r"model\.layers\.(\d+)\.mlp\.up_proj\.weight": r"blk.\1.ffn_up.weight",
+    r"model\.layers\.(\d+)\.mlp\.down_proj\.weight": r"blk.\1.ffn_down.weight",
+}
+_HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int
+    context_length: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, Any], source: str = "GGUF") -> LlamaConfig:
+        arch = meta["general.architecture"]
+
+        def get(key: str, default: Any = None) -> Any:
+            full = f"{arch}.{key}"
+            if full in meta and meta[full] is not None:
+                return meta[full]
+            if default is None:
+                raise ConfigError(f"{source} lacks the key {full!r}; the file is incomplete")
+            return default
+
+        n_heads = int(get("attention.head_count"))
+        dim = int(get("embedding_length"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        if not vocab:
+            raise ConfigError(f"{source} gives no vocabulary size ({arch}.vocab_size)")
+        scaling = None
+        if meta.get(f"{arch}.rope.scaling.type") in ("linear", "llama3"):
+            scaling = {"rope_type": meta[f"{arch}.rope.scaling.type"],
+                       "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        ctx = int(get("context_length"))
+        window = meta.get(f"{arch}.attention.sliding_window")
+        if window and int(window) < ctx:
+            log.warning("%s uses a %d-token sliding window; capping the context to it",
+                        source, window)
+            ctx = int(window)
+        return cls(
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            ffn_dim=int(get("feed_forward_length")),
+            head_dim=int(get("attention.key_length", get("rope.dimension_count", dim // n_heads))),
+            context_length=ctx,
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10_000.0)),
+            rope_scaling=scaling,
+        )
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
+        def get(key: str) -> Any:
+            if key not in cfg:
+                raise ConfigError(f"{source} lacks the key {key!r}")
+            return cfg[key]
+
+        n_heads = int(get("num_attention_heads"))
+        ctx = int(get("max_position_embeddings"))
+        window = cfg.get("sliding_window")
+        if window and int(window) < ctx:
+            log.warning("%s uses a %d-token sliding window; capping the context to it",
+                        source, window)
+            ctx = int(window)
+        return cls(
+            vocab_size=int(get("vocab_size")),
+            dim=int(get("hidden_size")),
+            n_layers=int(get("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            ffn_dim=int(get("intermediate_size")),
+            head_dim=int(cfg.get("head_dim") or int(get("hidden_size")) // n_heads),
+            context_length=ctx,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(cfg.get("rope_theta", 10_000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, hd = self.dim, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "token_embd.weight": (self.vocab_size, d),
+            "output_norm.weight": (d,),
+        }
+        if not self.tie_embeddings:
+            shapes["output.weight"] = (self.vocab_size, d)
+        for i in range(self.n_layers):
+            shapes |= {
+                f"blk.{i}.attn_norm.weight": (d,),
+                f"blk.{i}.attn_q.weight": (self.n_heads * hd, d),
+                f"blk.{i}.attn_k.weight": (self.n_kv_heads * hd, d),
+                f"blk.{i}.attn_v.weight": (self.n_kv_heads * hd, d),
+                f"blk.{i}.attn_output.weight": (d, self.n_heads * hd),
+                f"blk.{i}.ffn_norm.weight": (d,),
+                f"blk.{i}.ffn_gate.weight": (self.ffn_dim, d),
+                f"blk.{i}.ffn_up.weight": (self.ffn_dim, d),
+                f"blk.{i}.ffn_down.weight": (d, self.ffn_dim),
+            }
+        return shapes
+
+
+def config_from_checkpoint(ckpt: Checkpoint) -> LlamaConfig:
+    if ckpt.format == "gguf":
+        cfg = LlamaConfig.from_gguf(ckpt.metadata, str(ckpt.path))
+        tied = "output.weight" not in ckpt.tensors
+    else:
+        cfg = LlamaConfig.from_hf(ckpt.metadata, str(ckpt.path / "config.json"))
+        tied = cfg.tie_embeddings or "lm_head.weight" not in ckpt.tensors
+    return LlamaConfig(**{**cfg.__dict__, "tie_embeddings": tied})
+
+
+def rope_spec(cfg: LlamaConfig, ckpt: Checkpoint) -> RopeSpec:
+    factors = None
+    if "rope_freqs.weight" in ckpt.tensors:
+        factors = tuple(float(x) for x in np.asarray(ckpt.tensors["rope_freqs.weight"].data))
+    return RopeSpec(head_dim=cfg.head_dim, rotary_dim=cfg.head_dim, theta=cfg.rope_theta,
+                    scaling=cfg.rope_scaling, freq_factors=factors)
+
+
+def load_weights(ckpt: Checkpoint, cfg: LlamaConfig) -> dict[str, RawTensor]:
+    """The checkpoint's tensors under GGUF names, shape-checked, Q/K rows in HF order."""
+    if ckpt.format == "hf":
+        named: dict[str, RawTensor] = {}
+        for name, t in ckpt.tensors.items():
+            if _HF_IGNORED.match(name):
+                continue
+            new = _rename(name)
+            if new is None:
+                raise WeightLoadError(
+                    f"{ckpt.path} holds an unexpected tensor {name!r} for a Llama model; is the "
+                    "model_type in config.json right?")
+            named[new] = RawTensor(new, t.qtype, t.shape, t.data)
+    else:
+        named = {n: t for n, t in ckpt.tensors.items() if n != "rope_freqs.weight"}
+    expected = cfg.expected_shapes()
+    missing = sorted(set(expected) - set(named), key=_natural)
+    if missing:
+        raise WeightLoadError(
+            f"{ckpt.path} is missing {len(missing)} tensor(s), e.g. {missing[:3]}; the file is "
+            "incomplete or not a Llama-family model")
+    extra = sorted(set(named) - set(expected) - {"output.weight"}, key=_natural)
+    if extra:
+        raise WeightLoadError(f"{ckpt.path} has unexpected tensors {extra[:3]}")
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise WeightLoadError(
+                f"{ckpt.path}: tensor {name} has shape {named[name].shape}, expected {shape} "
+                "from the model's configuration; the file is inconsistent")
+    if ckpt.format == "gguf":
+        for i in range(cfg.n_layers):
+            for key, heads in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
+                name = f"blk.{i}.{key}.weight"
+                named[name] = _unpermute_rows(named[name], heads)
+    return named
+
+
+def _rename(name: str) -> str | None:
+    for pattern, repl in WEIGHT_MAP.items():
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def _natural(s: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def _unpermute_rows(t: RawTensor, n_heads: int) -> RawTensor:
+    """Undo llama.cpp's row interleaving of Q/K: within each head, GGUF row 2i + h holds HF row
+    h * (head_dim / 2) + i. Rows are whole quant blocks, so this works on quantized bytes."""
+    rows = t.shape[0]
+    half = rows // n_heads // 2
+    order = np.arange(rows).reshape(n_heads, half, 2).transpose(0, 2, 1).reshape(-1)
+    data = np.asarray(t.data)
+    return RawTensor(t.name, t.qtype, t.shape, np.ascontiguousarray(data[order]))
+
+
+class LlamaModel:
+    """The forward pass. `weights` are backend-prepared arrays under GGUF names."""
+
+    def __init__(self, cfg: LlamaConfig, rope: RopeSpec, weights: Mapping[str, Any],
+                 ops: Ops) -> None:
+        self.cfg, self.rope, self.ops = cfg, rope, ops
+        self.embed = weights["token_embd.weight"]
+        self.out_norm = weights["output_norm.weight"]
+        self.output = weights.get("output.weight", self.embed)
+        self.layers = [
+            {k: weights[f"blk.{i}.{k}.weight"] for k in (
+                "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+            for i in range(cfg.n_layers)
+        ]
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, tokens: Any, positions: Any, batch: Any) -> Any:
+        """tokens, positions: [N]; returns logits [M, vocab] for the rows batch asks for."""
+        ops, cfg = self.ops, self.cfg
+        n = tokens.shape[0]
+        rot = ops.rotary(positions, self.rope)
+        x = ops.embedding(self.embed, tokens)
+        for i, w in enumerate(self.layers):
+            h = ops.rms_norm(x, w["attn_norm"], cfg.norm_eps)
+            q = ops.linear(h, w["attn_q"]).reshape(n, cfg.n_heads, cfg.head_dim)
+            k = ops.linear(h, w["attn_k"]).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+            v = ops.linear(h, w["attn_v"]).reshape(n, cfg.n_kv_heads, cfg.head_dim)
+            a = ops.attention(ops.rope(q, rot), ops.rope(k, rot), v, batch, i, self.scale)
+            x = x + ops.linear(a, w["attn_output"])
+            h = ops.rms_norm(x, w["ffn_norm"], cfg.norm_eps)
+            x = x + ops.linear(ops.silu(ops.linear(h, w["ffn_gate"])) * ops.linear(h, w["ffn_up"]),
+                               w["ffn_down"])
+        x = ops.rms_norm(ops.take_rows(x, batch), self.out_norm, cfg.norm_eps)
+        return ops.linear(x, self.output)

@@ -1,0 +1,87 @@
+"""The layer-level operations an architecture is written against, and that a backend provides.
+
+An architecture file never imports torch or mlx: it receives an `Ops` object and calls it. Array
+arguments are the backend's own arrays; weights are whatever the backend prepared at load time
+(plain or quantized), which only `linear` and `embedding` need to understand.
+
+Shapes: the tokens of every sequence in a step are flattened into one dimension N, so one call
+serves a whole batch; `batch` is the backend's description of which tokens belong to which
+sequence and where their keys and values live in the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["Ops", "RopeSpec"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeSpec:
+    """Rotary embedding of one model: rotate-half ("NeoX") layout over the first `rotary_dim`
+    features of each head. `scaling` follows HF's rope_scaling dict (type linear or llama3)."""
+
+    head_dim: int
+    rotary_dim: int
+    theta: float
+    scaling: dict[str, Any] | None = None
+    freq_factors: tuple[float, ...] | None = field(default=None, repr=False)
+    """Per-frequency divisors stored in some GGUFs (rope_freqs.weight, Llama 3.1 style)."""
+
+    def inv_freq(self) -> np.ndarray:
+        """float64 [rotary_dim // 2]: the angle per position of each rotated pair."""
+        inv = 1.0 / (self.theta ** (np.arange(0, self.rotary_dim, 2, dtype=np.float64)
+                                    / self.rotary_dim))
+        if self.freq_factors is not None:
+            inv = inv / np.asarray(self.freq_factors, dtype=np.float64)
+        s = self.scaling or {}
+        kind = s.get("rope_type", s.get("type"))
+        if kind == "linear":
+            inv = inv / float(s["factor"])
+        elif kind == "llama3" and self.freq_factors is None:
+            inv = _llama3_scale(inv, s)
+        return inv
+
+
+def _llama3_scale(inv: np.ndarray, s: dict[str, Any]) -> np.ndarray:
+    factor = float(s["factor"])
+    low = float(s.get("low_freq_factor", 1.0))
+    high = float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    out = np.where(wavelen > low_wavelen, inv / factor, inv)
+    return np.where((wavelen <= low_wavelen) & (wavelen >= high_wavelen), mid, out)
+
+
+class Ops(Protocol):
+    """What a backend implements. `x` arrays are [N, features] unless said otherwise."""
+
+    def embedding(self, table: Any, ids: Any) -> Any:
+        """Rows of `table` for token ids [N] -> [N, D]."""
+
+    def linear(self, x: Any, weight: Any) -> Any:
+        """x @ weight.T; weight [out, in], possibly quantized."""
+
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any: ...
+
+    def rotary(self, positions: Any, spec: RopeSpec) -> Any:
+        """Precompute what `rope` needs for these positions (once per forward)."""
+
+    def rope(self, x: Any, rot: Any) -> Any:
+        """Rotate x [N, H, head_dim] by the angles in `rot`."""
+
+    def attention(self, q: Any, k: Any, v: Any, batch: Any, layer: int, scale: float) -> Any:
+        """Write k, v [N, Hkv, D] to the cache for `layer`, attend q [N, Hq, D] over each
+        sequence's cached keys with the causal mask; returns [N, Hq * D]."""
+
+    def silu(self, x: Any) -> Any: ...
+
+    def take_rows(self, x: Any, batch: Any) -> Any:
+        """The rows of x whose logits are wanted (the last token of each sequence)."""

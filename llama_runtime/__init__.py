@@ -1,0 +1,49 @@
+"""llama_runtime: backends, their capability matrix, and `create_engine`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec
+from llama_runtime.backends import available_backends, pick_backend
+
+__all__ = ["available_backends", "create_engine"]
+
+_ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk"}
+_SPEC_OPTIONS = {"context_length", "dtype"}
+
+
+def create_engine(
+    model: str = "smollm2-135m-instruct",
+    *,
+    embed_model: str | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    **options: Any,
+) -> LlamaEngine:
+    """A ready engine with `model` loaded (a registered name or a path).
+
+    Options: context_length (cap the context), dtype ("auto", "float32", "bfloat16",
+    "float16"), threads (torch CPU threads), progress (show a bar on loads over a second),
+    prefill_chunk (tokens per prefill forward).
+    """
+    unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
+    if unknown:
+        raise InvalidParamsError(
+            f"unknown option(s) {', '.join(unknown)}; allowed: "
+            f"{', '.join(sorted(_ENGINE_OPTIONS | _SPEC_OPTIONS))}")
+    if embed_model is not None:
+        raise InvalidParamsError(
+            "embed_model is not supported yet: embeddings are not implemented in this release")
+    name = pick_backend(backend)
+    spec = ModelSpec(model=model, device=device,
+                     **{k: v for k, v in options.items() if k in _SPEC_OPTIONS})
+    if name == "torch":
+        from llama_runtime.torch_backend import TorchEngine
+
+        engine = TorchEngine(device=device,
+                             **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
+    else:  # pragma: no cover - pick_backend refuses the rest
+        raise AssertionError(name)
+    engine.load_model(spec)
+    return engine
