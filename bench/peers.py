@@ -1,0 +1,181 @@
+"""Our engine against llama-cpp-python and transformers on the same GGUF, in one run.
+
+    python bench/peers.py [--model smollm2-135m-instruct] [--threads 2] [--prompt-tokens 512]
+                          [--gen-tokens 128] [--only NAME ...]
+
+Each engine runs in its own child process, one after another (so they never share the cores and
+each peak RSS is its own), on the same prompt token ids, the same thread count, greedy decoding
+of exactly --gen-tokens new tokens (end-of-sequence ignored). Prints one JSON object: every
+engine's figures and our ratios to each peer (>1 is better for us on tok/s; <1 is better for us
+on TTFT and RSS). Needs the `bench` extra: pip install -e '.[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ENGINES = ("llama_engine", "llama_cpp", "transformers")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(path: str, prompt: list[int], gen: int, threads: int) -> dict[str, Any]:
+    from llama_runtime import create_engine
+
+    t0 = time.perf_counter()
+    engine = create_engine(path, threads=threads, progress=False)
+    load_s = time.perf_counter() - t0
+    engine.generate(prompt[:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
+    c = engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True)
+    u = c.usage
+    return {"load_s": load_s, "prefill_tok_s": u.prefill_tok_s, "ttft_ms": u.ttft_ms,
+            "decode_tok_s": u.decode_tok_s, "tokens": c.token_ids}
+
+
+def run_llama_cpp(path: str, prompt: list[int], gen: int, threads: int) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=len(prompt) + gen + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+    llm.eval(prompt[:16])  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    tokens: list[int] = []
+    t_first = 0.0
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if not tokens:
+            t_first = time.perf_counter()
+        tokens.append(int(tok))
+        if len(tokens) == gen:
+            break
+    t_end = time.perf_counter()
+    # prefill alone, from an empty cache
+    llm.reset()
+    p0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - p0
+    return {"load_s": load_s, "prefill_tok_s": len(prompt) / prefill_s,
+            "ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (gen - 1) / (t_end - t_first),
+            "tokens": tokens}
+
+
+def run_transformers(path: str, prompt: list[int], gen: int, threads: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        model(ids[:, :16])  # warm-up
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        tok = int(out.logits[0, -1].argmax())
+        t_first = time.perf_counter()
+        tokens = [tok]
+        past = out.past_key_values
+        while len(tokens) < gen:
+            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tok = int(out.logits[0, -1].argmax())
+            tokens.append(tok)
+        t_end = time.perf_counter()
+    return {"load_s": load_s, "prefill_tok_s": len(prompt) / (t_first - t0),
+            "ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (gen - 1) / (t_end - t_first),
+            "tokens": tokens}
+
+
+RUNNERS = {"llama_engine": run_ours, "llama_cpp": run_llama_cpp, "transformers": run_transformers}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    with open(args.job) as f:
+        job = json.load(f)
+    try:
+        res = RUNNERS[args.worker](job["path"], job["prompt"], job["gen"], job["threads"])
+        res["peak_rss_mb"] = _rss_mb()
+    except Exception as e:  # reported, not raised: one missing peer must not hide the others
+        res = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(res))
+
+
+def _ratio(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float] | None:
+    if "error" in ours or "error" in peer:
+        return None
+    return {k: round(ours[k] / peer[k], 3)
+            for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--only", nargs="*", choices=ENGINES, default=list(ENGINES))
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+
+    from llama_models import open_model
+    from llama_runtime.bench import make_prompt
+    from llama_tokenizer import Tokenizer
+
+    files = open_model(args.model)
+    path = str(files.checkpoint.path)
+    tok = Tokenizer.from_gguf_metadata(files.checkpoint.metadata)
+
+    class _Tok:  # make_prompt only needs tokenize()
+        def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+            return tok.encode(text, add_special=add_special)
+
+    prompt = make_prompt(_Tok(), args.prompt_tokens)  # type: ignore[arg-type]
+    job = {"path": path, "prompt": prompt, "gen": args.gen_tokens, "threads": args.threads}
+    results: dict[str, Any] = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        for name in args.only:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", name, "--job", f.name],
+                capture_output=True, text=True, check=False)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            results[name] = (json.loads(lines[-1]) if lines else
+                             {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"})
+    finally:
+        os.unlink(f.name)
+    tokens = {k: v.pop("tokens", None) for k, v in results.items()}
+    ours = results.get("llama_engine", {"error": "not run"})
+    out: dict[str, Any] = {
+        "model": args.model, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "engines": {k: {m: round(x, 2) if isinstance(x, float) else x for m, x in v.items()}
+                    for k, v in results.items()},
+        "ratios": {f"vs_{k}": _ratio(ours, v) for k, v in results.items() if k != "llama_engine"},
+        "same_greedy_tokens_as_ours": {
+            k: (tokens[k] == tokens.get("llama_engine")) if tokens[k] is not None else None
+            for k in tokens if k != "llama_engine"},
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

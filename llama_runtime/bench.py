@@ -1,0 +1,72 @@
+"""The measurements behind `llama-engine bench` (and bench/peers.py's own-engine column)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+from typing import Any
+
+from llama_engine import LlamaEngine
+
+__all__ = ["make_prompt", "peak_rss_mb", "run_bench"]
+
+_FILLER = (
+    "The history of computing is a story of abstraction layered on abstraction. Early machines "
+    "were programmed by rewiring panels; later, stored programs let the same hardware run "
+    "different tasks. Compilers turned readable text into machine instructions, operating "
+    "systems shared one processor among many users, and networks joined machines across the "
+    "world. Each layer hid the details below it so that people could think about larger "
+    "problems. "
+)
+
+
+def make_prompt(engine: LlamaEngine, n_tokens: int, variant: int = 0) -> list[int]:
+    """Exactly `n_tokens` ids of ordinary English text; `variant` changes the first words so
+    concurrent requests do not share a prefix."""
+    text = f"Request {variant}. " + _FILLER
+    ids = engine.tokenize(text, add_special=True)
+    while len(ids) < n_tokens:
+        ids += engine.tokenize(_FILLER, add_special=False)
+    return ids[:n_tokens]
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def run_bench(engine: LlamaEngine, *, prompt_tokens: int = 512, gen_tokens: int = 128,
+              concurrency: int = 1) -> dict[str, Any]:
+    """Single-request prefill/decode/TTFT, then `concurrency` requests at once (threads)."""
+    warm = make_prompt(engine, 16, variant=-1)
+    engine.generate(warm, max_tokens=4, temperature=0, ignore_eos=True)
+    single = engine.generate(make_prompt(engine, prompt_tokens), max_tokens=gen_tokens,
+                             temperature=0, ignore_eos=True)
+    u = single.usage
+    result: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "prefill_tok_s": round(u.prefill_tok_s, 2),
+        "decode_tok_s": round(u.decode_tok_s, 2),
+        "ttft_ms": round(u.ttft_ms, 2),
+        "concurrency": concurrency,
+    }
+    prompts = [make_prompt(engine, prompt_tokens, variant=i + 1) for i in range(concurrency)]
+    made = [0] * concurrency
+
+    def one(i: int) -> None:
+        made[i] = len(engine.generate(prompts[i], max_tokens=gen_tokens, temperature=0,
+                                      ignore_eos=True).token_ids)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    result["aggregate_tok_s"] = round(sum(made) / wall, 2)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return result

