@@ -31,7 +31,7 @@ def test_invalid_values_name_the_field_and_range(field: str, value: object, phra
 
 
 def test_unknown_field_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(InvalidParamsError, match="unknown sampling parameter.*temprature"):
+    with pytest.raises(InvalidParamsError, match=r"unknown sampling parameter.*temprature"):
         SamplingParams.from_kwargs(temprature=0.5)
 
 

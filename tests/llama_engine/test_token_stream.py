@@ -5,6 +5,7 @@ engine's streams are tested with the real model in tests/llama_runtime.
 """
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -78,10 +79,8 @@ def test_cancelling_the_consuming_task_closes_the_stream() -> None:
         task = asyncio.create_task(consume())
         await asyncio.sleep(0.05)
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         for _ in range(100):  # the step in flight finishes in its worker thread
             if cleaned:
                 break
