@@ -255,6 +255,14 @@ class TorchEngine(LlamaEngine):
         session.last_prefill = result
         return result
 
+    def next_token_logits(self, session: Session) -> np.ndarray:
+        """float32 [vocab]: the model's logits for the token after the session's context (for
+        parity checks and custom samplers)."""
+        st = self._state(session)
+        if st.logits is None or st.logits_len != len(session.tokens):
+            raise SessionError(f"session {session.id} has no prompt; call prefill() first")
+        return st.logits.copy()
+
     def decode(self, session: Session, params: SamplingParams) -> TokenStream:
         st = self._state(session)
         if st.logits_len != len(session.tokens) or session.last_prefill is None:
