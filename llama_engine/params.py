@@ -17,10 +17,12 @@ __all__ = ["SamplingParams"]
 class SamplingParams:
     """Sampling options of one request.
 
-    The defaults follow llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), so a
-    user switching from it sees the same behaviour. The processors run in this order: logit bias,
-    repetition/frequency/presence penalties, temperature, top-k, typical-p, top-p, min-p; then
-    one token is drawn with the request's own seeded RNG.
+    The default values are llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). The
+    processors run in HF's and vLLM's order: logit bias, repetition/frequency/presence
+    penalties, temperature, top-k, typical-p, top-p, min-p; then one token is drawn with the
+    request's own seeded RNG. (llama.cpp applies temperature last, so with temperature != 1 its
+    top-p/min-p cut on untempered probabilities.) Penalties count the last `penalty_window`
+    tokens of the whole context, prompt included, as llama.cpp does.
     """
 
     max_tokens: int = 256

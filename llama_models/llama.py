@@ -109,6 +109,12 @@ class LlamaConfig:
 
         n_heads = int(get("num_attention_heads"))
         ctx = int(get("max_position_embeddings"))
+        # transformers >= 5 writes rope_parameters {rope_type, rope_theta, factor, ...}; older
+        # files have rope_theta and rope_scaling side by side.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10_000.0)))
+        if rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = {}
         window = cfg.get("sliding_window")
         if window and int(window) < ctx:
             log.warning("%s uses a %d-token sliding window; capping the context to it",
@@ -124,8 +130,8 @@ class LlamaConfig:
             head_dim=int(cfg.get("head_dim") or int(get("hidden_size")) // n_heads),
             context_length=ctx,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10_000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=rope or None,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
@@ -166,8 +172,10 @@ def rope_spec(cfg: LlamaConfig, ckpt: Checkpoint) -> RopeSpec:
     factors = None
     if "rope_freqs.weight" in ckpt.tensors:
         factors = tuple(float(x) for x in np.asarray(ckpt.tensors["rope_freqs.weight"].data))
-    return RopeSpec(head_dim=cfg.head_dim, rotary_dim=cfg.head_dim, theta=cfg.rope_theta,
+    spec = RopeSpec(head_dim=cfg.head_dim, rotary_dim=cfg.head_dim, theta=cfg.rope_theta,
                     scaling=cfg.rope_scaling, freq_factors=factors)
+    spec.inv_freq()  # refuses an unsupported scaling now, at load, not at the first forward
+    return spec
 
 
 def load_weights(ckpt: Checkpoint, cfg: LlamaConfig) -> dict[str, RawTensor]:

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from llama_engine.errors import UnsupportedArchitectureError
+
 __all__ = ["Ops", "RopeSpec"]
 
 
@@ -44,6 +46,10 @@ class RopeSpec:
             inv = inv / float(s["factor"])
         elif kind == "llama3" and self.freq_factors is None:
             inv = _llama3_scale(inv, s)
+        elif kind not in (None, "default", "llama3"):
+            raise UnsupportedArchitectureError(
+                f"RoPE scaling {kind!r} is not supported (linear and llama3 are); use a model "
+                "without it or another build of the model")
         return inv
 
 

@@ -18,7 +18,7 @@ class TorchOps:
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
-        self._inv_freq: dict[RopeSpec, torch.Tensor] = {}
+        self._inv_freq: dict[int, torch.Tensor] = {}  # by id() of the model's RopeSpec
 
     def embedding(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, table)
@@ -30,10 +30,10 @@ class TorchOps:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     def rotary(self, positions: torch.Tensor, spec: RopeSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self._inv_freq.get(spec)
+        inv = self._inv_freq.get(id(spec))
         if inv is None:
             inv = torch.tensor(spec.inv_freq(), dtype=torch.float32, device=self.device)
-            self._inv_freq[spec] = inv
+            self._inv_freq[id(spec)] = inv
         angles = positions.to(torch.float32)[:, None] * inv[None, :]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [N, 1, rotary_dim]
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
