@@ -74,18 +74,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print("error: give a prompt, or pipe one on stdin", file=sys.stderr)
             return EXIT_ERROR
         prompt = sys.stdin.read()
+    from llama_engine import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)  # checked early
     t0 = time.perf_counter()
     engine = _create(args)
     load_s = time.perf_counter() - t0
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, seed=args.seed)
     if args.raw:
-        stream = engine.stream(prompt, **sampling)
+        stream = engine.stream(prompt, params=params)
     else:
         messages = [{"role": "user", "content": prompt}]
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
-        stream = engine.stream_chat(messages, **sampling)
+        stream = engine.stream_chat(messages, params=params)
     try:
         for chunk in stream:
             if chunk.text:

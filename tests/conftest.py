@@ -22,3 +22,22 @@ def smollm2_path() -> str:
     from llama_models import resolve_model_path
 
     return str(resolve_model_path("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """transformers' greedy tokens, step by step (`generate(min_new_tokens=...)` would mask EOS,
+    which our ignore_eos does not)."""
+    import torch
+
+    def run(model, ids: list[int], n: int) -> list[int]:
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), use_cache=True)
+            tokens = [int(out.logits[0, -1].argmax())]
+            while len(tokens) < n:
+                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                            use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+        return tokens
+
+    return run

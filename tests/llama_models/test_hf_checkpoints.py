@@ -53,7 +53,7 @@ def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch
         ("mistral", {"sliding_window": None}),
     ],
 )
-def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, model_type: str,
+def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, model_type: str,
                                                      extra: dict[str, object]) -> None:
     path, ref = _make(tmp_path, model_type, **extra)
     engine = create_engine(str(path), progress=False)
@@ -64,8 +64,7 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, model_type:
     engine.close_session(s)
     with torch.inference_mode():
         theirs = ref(torch.tensor([ids])).logits[0, -1].numpy()
-        want = ref.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20,
-                            do_sample=False)[0, len(ids):].tolist()
+        want = hf_greedy(ref, ids, 20)
     assert np.abs(ours - theirs).max() < 1e-4
     got = engine.generate(ids, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     assert got == want

@@ -32,7 +32,8 @@ def hf_model(smollm2_path: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_tokens_and_logits_match_transformers(engine, hf_model, prompt: str) -> None:
+def test_greedy_tokens_and_logits_match_transformers(engine, hf_model, hf_greedy,
+                                                      prompt: str) -> None:
     ids = engine.tokenize(prompt)
     session = engine.new_session()
     try:
@@ -42,8 +43,7 @@ def test_greedy_tokens_and_logits_match_transformers(engine, hf_model, prompt: s
         engine.close_session(session)
     with torch.inference_mode():
         ref_logits = hf_model(torch.tensor([ids])).logits[0, -1].numpy()
-        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                                do_sample=False)[0, len(ids):].tolist()
+        ref = hf_greedy(hf_model, ids, N_NEW)
     assert np.abs(ours_logits - ref_logits).max() < 1e-3
     ours = engine.generate(ids, max_tokens=N_NEW, temperature=0, ignore_eos=True).token_ids
     assert ours == ref
