@@ -279,7 +279,7 @@ class TorchEngine(LlamaEngine):
         pre = session.last_prefill
         assert pre is not None and st.logits is not None
         sampler = Sampler(params)
-        detok = tok.stream_decoder(skip_special=True)
+        detok = tok.stream_decoder(skip_special=True, continuation=True)
         stop = StopChecker(params.stop)
         end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tok.eog_ids))
         usage = Usage(prompt_tokens=pre.num_tokens, cached_tokens=pre.cached_tokens,
