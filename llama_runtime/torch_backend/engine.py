@@ -86,6 +86,15 @@ class TorchEngine(LlamaEngine):
         dtype_name = spec.dtype if spec.dtype != "auto" else self._dtype_name
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+        # One bar for the whole load, shown only if it takes over a second: reading the file
+        # (metadata, tokenizer) is its first step, then one step per weight tensor.
+        bar = tqdm(total=1, desc=f"loading {spec.model}", unit="step", delay=1.0,
+                   disable=not self._progress, file=sys.stderr, leave=False)
+        with bar:
+            return self._load(spec, device, dtype_name, bar)
+
+    def _load(self, spec: ModelSpec, device: torch.device, dtype_name: str,
+              bar: tqdm) -> ModelHandle:
         dtype = _DTYPES[dtype_name]
         files = open_model(spec.model)
         ckpt = files.checkpoint
@@ -101,7 +110,9 @@ class TorchEngine(LlamaEngine):
                     f"context_length={spec.context_length} exceeds the model's trained context "
                     f"of {cfg.context_length}; pass at most {cfg.context_length}")
             ctx = spec.context_length
-        prepared = self._prepare_weights(files.weights, device, dtype)
+        bar.total = 1 + len(files.weights)
+        bar.update(1)
+        prepared = self._prepare_weights(files.weights, device, dtype, bar)
         ops = TorchOps(device, dtype)
         with self._lock:
             for s in list(self._sessions.values()):
@@ -117,12 +128,11 @@ class TorchEngine(LlamaEngine):
                 device=str(device), dtype=dtype_name)
         return self._handle
 
-    def _prepare_weights(self, weights: dict[str, RawTensor], device: torch.device,
-                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _prepare_weights(weights: dict[str, RawTensor], device: torch.device,
+                         dtype: torch.dtype, bar: tqdm) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=len(weights), desc="loading weights", unit="tensor", delay=1.0,
-                   disable=not self._progress, file=sys.stderr, leave=False)
-        with bar, torch.inference_mode():
+        with torch.inference_mode():
             for name, raw in weights.items():
                 if isinstance(raw.data, torch.Tensor):
                     w = raw.data.to(device=device, dtype=dtype)
