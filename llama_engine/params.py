@@ -57,6 +57,9 @@ class SamplingParams:
     """Keep generating past the model's end-of-generation tokens (benchmarks)."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many top alternatives (0..20); None = off."""
+    timeout: float | None = None
+    """Seconds from submission after which the request is cancelled (finish reason
+    "cancelled", KV freed); None = no limit."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,6 +100,8 @@ class SamplingParams:
             _check_int("stop_token_ids[]", t, lo=0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=20)
+        if self.timeout is not None:
+            _check_float("timeout", self.timeout, lo=0.0, hi=None, lo_open=True, allowed="> 0")
 
     @property
     def greedy(self) -> bool:

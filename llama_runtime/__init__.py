@@ -9,7 +9,8 @@ from llama_runtime.backends import available_backends, pick_backend
 
 __all__ = ["available_backends", "create_engine"]
 
-_ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk"}
+_ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk", "kv_memory", "kv_block_size",
+                   "max_batch", "kv_policy"}
 _SPEC_OPTIONS = {"context_length", "dtype"}
 
 
@@ -25,7 +26,11 @@ def create_engine(
 
     Options: context_length (cap the context), dtype ("auto", "float32", "bfloat16",
     "float16"), threads (torch CPU threads), progress (show a bar on loads over a second),
-    prefill_chunk (tokens per prefill forward).
+    prefill_chunk (most tokens in one step's forward), kv_memory (KV cache budget: bytes,
+    "2GiB", "30%" of free memory, or "auto" = half the free memory, at most 4 GiB),
+    kv_block_size (tokens per KV block, 16), max_batch (requests served per step, 32),
+    kv_policy ("wait": a request that does not fit the KV cache waits for room; "fail": it
+    fails at once with KVCacheFull).
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:

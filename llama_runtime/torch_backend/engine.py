@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -31,25 +33,26 @@ from llama_engine import (
     UnsupportedOperationError,
     Usage,
 )
+from llama_kv import PagedKVCache, kv_budget_blocks, kv_bytes_per_block
 from llama_models import ModelFiles, RawTensor, open_model
 from llama_models.dequant import dequantize
 from llama_runtime.backends import pick_device
-from llama_runtime.torch_backend.kv import SequenceBatch, SessionKV
+from llama_runtime.generation import Generation
+from llama_runtime.scheduler import Request, Scheduler
 from llama_runtime.torch_backend.ops import TorchOps
-from llama_sampling import Sampler, StopChecker
+from llama_runtime.torch_backend.paged import PagedKVStore, SeqStep, StepBatch
 from llama_tokenizer import Tokenizer
 
 __all__ = ["TorchEngine"]
 
 log = logging.getLogger(__name__)
 
+AUTO_KV_CAP_BYTES = 4 * 2**30  # kv_memory="auto" never takes more than this
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_BLOCK_TOKENS = 16  # the unit stats() counts KV memory in
 
 
 @dataclass(slots=True)
 class _SessionState:
-    kv: SessionKV
     logits: np.ndarray | None = None
     """Next-token logits after session.tokens, when `logits_len == len(session.tokens)`."""
     logits_len: int = -1
@@ -60,7 +63,15 @@ class TorchEngine(LlamaEngine):
     be driven from several threads; batching them into one forward is the scheduler's job."""
 
     def __init__(self, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                 progress: bool = True, prefill_chunk: int = 512) -> None:
+                 progress: bool = True, prefill_chunk: int = 512, kv_memory: int | str = "auto",
+                 kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait") -> None:
+        if kv_policy not in ("wait", "fail"):
+            raise InvalidParamsError(f"kv_policy must be 'wait' or 'fail', got {kv_policy!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidParamsError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self._kv_memory, self._kv_block_size = kv_memory, kv_block_size
+        self._max_batch, self._kv_policy = max_batch, kv_policy
+        self._scheduler: Scheduler | None = None
         self._device_name = device
         self._dtype_name = dtype
         self._progress = progress
@@ -114,12 +125,32 @@ class TorchEngine(LlamaEngine):
         bar.update(1)
         prepared = self._prepare_weights(files.weights, device, dtype, bar)
         ops = TorchOps(device, dtype)
+        per_block = kv_bytes_per_block(
+            n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+            block_size=self._kv_block_size)
+        num_blocks = kv_budget_blocks(self._kv_memory, bytes_per_block=per_block,
+                                      available_bytes=_available_memory(device))
+        if self._kv_memory == "auto":
+            num_blocks = min(num_blocks, AUTO_KV_CAP_BYTES // per_block)
         with self._lock:
+            if self._scheduler is not None:
+                self._scheduler.shutdown()
             for s in list(self._sessions.values()):
-                self.close_session(s)
+                s.closed, s.backend_state = True, None
+            self._sessions.clear()
             self._files, self._tokenizer, self._ctx = files, tokenizer, ctx
             self._model = files.build(prepared, ops)
             self._device, self._dtype = device, dtype
+            self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
+                                       hash_namespace=f"{ckpt.path}:{ckpt.n_params}")
+            self._store = PagedKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
+                                       self._kv_block_size, device, dtype)
+            self._scheduler = Scheduler(
+                self._cache, self._run_step, self._store.copy_blocks,
+                get_logits=self._logits_of, set_logits=self._set_logits,
+                free_session=self._free_session, max_batch=self._max_batch,
+                max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy)
             self._handle = ModelHandle(
                 name=spec.model, path=str(ckpt.path), architecture=ckpt.architecture,
                 vocab_size=cfg.vocab_size, context_length=ctx, n_params=ckpt.n_params,
@@ -176,40 +207,50 @@ class TorchEngine(LlamaEngine):
 
     # -- sessions -------------------------------------------------------------------------------
     def new_session(self) -> Session:
-        cfg = self._cfg()
+        sched = self._sched()
         s = Session()
-        s.backend_state = _SessionState(SessionKV(
-            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, self._ctx, self._device, self._dtype))
-        with self._lock:
+        s.backend_state = _SessionState()
+        with sched.lock:
+            self._cache.allocate(s.id)
             self._sessions[s.id] = s
         return s
 
     def close_session(self, session: Session) -> None:
-        with self._lock:
-            self._sessions.pop(session.id, None)
+        sched = self._sched()
+        with sched.lock:
+            if self._sessions.get(session.id) is not session:
+                session.closed = True
+                return
             session.closed = True
-            session.backend_state = None
-            session.tokens = []
+            if sched.cancel_session(session.id):
+                return  # the scheduler frees it when its request ends, within one step
+            self._free_session(session)
+
+    def _free_session(self, session: Session) -> None:
+        """Called with the scheduler lock held."""
+        if self._sessions.pop(session.id, None) is not None:
+            self._cache.free(session.id)
+        session.closed = True
+        session.backend_state = None
+        session.tokens = []
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            states = [s.backend_state for s in self._sessions.values() if s.backend_state]
-            cap = sum(st.kv.capacity for st in states)
-            used = sum(st.kv.length for st in states)
+        sched = self._sched()
+        with sched.lock:
+            kv = self._cache.stats()
             return {
-                "kv_block_tokens": KV_BLOCK_TOKENS,
-                "kv_blocks_total": -(-cap // KV_BLOCK_TOKENS),
-                "kv_blocks_free": (cap - used) // KV_BLOCK_TOKENS,
-                "kv_blocks_cached": 0,
-                "kv_bytes": sum(st.kv.nbytes for st in states),
-                "sessions_active": len(states),
-                "requests_waiting": 0,
+                **kv,
+                "kv_block_tokens": self._cache.block_size,
+                "kv_bytes_total": self._store.nbytes,
+                "sessions_active": len(self._sessions),
+                "requests_running": sched.running(),
+                "requests_waiting": sched.waiting(),
             }
 
-    def _cfg(self) -> Any:
-        if self._files is None:
+    def _sched(self) -> Scheduler:
+        if self._scheduler is None:
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
-        return self._files.config
+        return self._scheduler
 
     def _state(self, session: Session) -> _SessionState:
         if session.closed or session.backend_state is None:
@@ -219,19 +260,29 @@ class TorchEngine(LlamaEngine):
             raise SessionError(f"session {session.id} does not belong to this engine")
         return session.backend_state
 
-    # -- compute --------------------------------------------------------------------------------
-    def _forward(self, st: _SessionState, tokens: Sequence[int], start: int) -> np.ndarray:
+    def _logits_of(self, session: Session) -> np.ndarray | None:
+        st = session.backend_state
+        if st is None or st.logits_len != len(session.tokens):
+            return None
+        return st.logits
+
+    def _set_logits(self, session: Session, logits: np.ndarray) -> None:
+        st = session.backend_state
+        if st is not None:
+            st.logits, st.logits_len = logits, len(session.tokens)
+
+    # -- compute (the scheduler thread only) ------------------------------------------------------
+    def _run_step(self, tokens: list[int], positions: list[int],
+                  seqs: list[SeqStep]) -> np.ndarray:
         dev = self._device
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos = torch.arange(start, start + len(tokens), device=dev)
-        batch = SequenceBatch.make(st.kv, start, len(tokens))
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
         with torch.inference_mode():
-            logits = self._model.forward(ids, pos, batch)
-        st.kv.length = start + len(tokens)
-        return logits[-1].float().cpu().numpy()
+            logits = self._model.forward(ids, pos, StepBatch(self._store, seqs))
+        return logits.float().cpu().numpy()
 
-    def prefill(self, session: Session, tokens: Sequence[int]) -> PrefillResult:
-        st = self._state(session)
+    # -- requests ---------------------------------------------------------------------------------
+    def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
         tokens = list(tokens)
         if not tokens:
             raise InvalidParamsError("prefill needs at least one token")
@@ -246,99 +297,106 @@ class TorchEngine(LlamaEngine):
             raise ContextOverflowError(
                 f"prompt is {len(tokens)} tokens but the context is {self._ctx}; shorten the "
                 "prompt or load the model with a larger context_length=")
-        t0 = time.perf_counter()
-        common = _common_prefix(session.tokens, tokens)
-        with self._lock:
-            if common == len(tokens) == st.logits_len:
-                keep = common  # nothing new: the logits after the last token are at hand
-            else:
-                keep = min(common, len(tokens) - 1)
-                st.kv.truncate(keep)
-                del session.tokens[keep:]
-                for i in range(keep, len(tokens), self._prefill_chunk):
-                    chunk = tokens[i:i + self._prefill_chunk]
-                    st.logits = self._forward(st, chunk, i)
-                    session.tokens.extend(chunk)
-                st.logits_len = len(session.tokens)
-        result = PrefillResult(num_tokens=len(tokens), cached_tokens=keep,
-                               prefill_seconds=time.perf_counter() - t0, started_at=t0)
-        session.last_prefill = result
-        return result
+        return [int(t) for t in tokens]
+
+    def prefill(self, session: Session, tokens: Sequence[int]) -> PrefillResult:
+        self._state(session)
+        tokens = self._check_tokens(tokens)
+        session.acquire()
+        try:
+            req = self._sched().submit(Request(session=session, prompt=tokens,
+                                               make_generation=None))
+            while (item := req.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+        finally:
+            session.release()
+        if req.prefill is None:
+            raise SessionError(f"prefill of session {session.id} was cancelled")
+        return req.prefill
 
     def next_token_logits(self, session: Session) -> np.ndarray:
         """float32 [vocab]: the model's logits for the token after the session's context (for
         parity checks and custom samplers)."""
-        st = self._state(session)
-        if st.logits is None or st.logits_len != len(session.tokens):
+        logits = self._logits_of(session) if not session.closed else None
+        if logits is None:
             raise SessionError(f"session {session.id} has no prompt; call prefill() first")
-        return st.logits.copy()
+        return logits.copy()
 
     def decode(self, session: Session, params: SamplingParams) -> TokenStream:
-        st = self._state(session)
-        if st.logits_len != len(session.tokens) or session.last_prefill is None:
+        self._state(session)
+        if self._logits_of(session) is None or session.last_prefill is None:
             raise SessionError(f"session {session.id} has no prompt; call prefill() first")
         if not isinstance(params, SamplingParams):
             raise InvalidParamsError(
                 f"params must be a SamplingParams, got {type(params).__name__}")
-        return TokenStream(lambda cancel: self._decode_steps(session, params, cancel))
+        return self._request_stream(session, None, params, own=False)
 
-    def _decode_steps(self, session: Session, params: SamplingParams,
-                      cancel: threading.Event) -> Iterator[StreamChunk]:
-        st = self._state(session)
-        tok = self.tokenizer
-        pre = session.last_prefill
-        assert pre is not None and st.logits is not None
-        sampler = Sampler(params)
-        detok = tok.stream_decoder(skip_special=True, continuation=True)
-        stop = StopChecker(params.stop)
-        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tok.eog_ids))
-        usage = Usage(prompt_tokens=pre.num_tokens, cached_tokens=pre.cached_tokens,
-                      prefill_ms=pre.prefill_seconds * 1e3)
-        history = list(session.tokens)
-        logits = st.logits
-        t_first = 0.0
-        n = 0
-        while not cancel.is_set():
-            s = sampler.sample(logits, history)
-            n += 1
-            now = time.perf_counter()
-            if n == 1:
-                t_first = now
-                usage.ttft_ms = (now - pre.started_at) * 1e3
-            tid = s.token_id
-            history.append(tid)
-            finish: str | None = None
-            if tid in end_ids:
-                finish, text = "stop", ""
-            else:
-                text, hit = stop.push(detok.push(tid))
-                if hit:
-                    finish = "stop"
-            if finish is None and (n >= params.max_tokens or len(session.tokens) + 1 >= self._ctx):
-                finish = "length"
-            if finish is not None:
-                if not stop.stopped:
-                    tail, _ = stop.push(detok.flush())
-                    text += tail + stop.flush()
-                usage.completion_tokens = n
-                usage.decode_ms = (time.perf_counter() - t_first) * 1e3
-                yield StreamChunk(text=text, token_id=tid, logprob=s.logprob,
-                                  top_logprobs=s.top_logprobs, finish_reason=finish,  # type: ignore[arg-type]
-                                  usage=usage)
-                return
-            yield StreamChunk(text=text, token_id=tid, logprob=s.logprob,
-                              top_logprobs=s.top_logprobs)
-            with self._lock:
-                self._state(session)
-                logits = self._forward(st, [tid], len(session.tokens))
-                session.tokens.append(tid)
-                st.logits, st.logits_len = logits, len(session.tokens)
+    def _stream_tokens(self, tokens: list[int], params: SamplingParams,
+                       session: Session | None) -> TokenStream:
+        tokens = self._check_tokens(tokens)
+        if session is None:
+            return self._request_stream(None, tokens, params, own=True)
+        self._state(session)
+        return self._request_stream(session, tokens, params, own=False)
+
+    def _request_stream(self, session: Session | None, prompt: list[int] | None,
+                        params: SamplingParams, *, own: bool) -> TokenStream:
+        if session is not None:
+            session.acquire()  # fail now, in the caller's frame, if it is busy or closed
+            session.release()
+        deadline = None if params.timeout is None else time.perf_counter() + params.timeout
+
+        def make_generation(usage: Usage, started_at: float) -> Generation:
+            assert req_session is not None
+            return Generation(self.tokenizer, params, req_session.tokens, usage=usage,
+                              started_at=started_at, context_length=self._ctx)
+
+        req_session = session
+
+        def steps(cancel: threading.Event) -> Iterator[StreamChunk]:
+            nonlocal req_session
+            s = self.new_session() if own else session
+            assert s is not None
+            req_session = s
+            s.acquire()
+            req = Request(session=s, prompt=prompt, make_generation=make_generation,
+                          own_session=own, deadline=deadline, cancel=cancel)
+            try:
+                self._sched().submit(req)
+                while (item := req.out.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                cancel.set()  # a no-op once the request is over; else the scheduler frees it
+                if not _in_event_loop():  # a sync close() returns with the blocks freed
+                    req.released.wait(timeout=_RELEASE_WAIT_S)
+                s.release()
+
+        return TokenStream(steps)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+_RELEASE_WAIT_S = 10.0
 
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

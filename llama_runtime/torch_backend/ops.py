@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_models.ops import RopeSpec
-from llama_runtime.torch_backend.kv import SequenceBatch
+from llama_runtime.torch_backend.paged import StepBatch
 
 __all__ = ["TorchOps"]
 
@@ -45,7 +45,7 @@ class TorchOps:
         return x * cos + rotated * sin
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  batch: SequenceBatch, layer: int, scale: float) -> torch.Tensor:
+                  batch: StepBatch, layer: int, scale: float) -> torch.Tensor:
         return batch.attend(q, k, v, layer, scale)
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,335 @@
+"""Continuous batching: one thread runs the model; every step serves all running requests.
+
+Requests arrive from any thread (or asyncio task) through `submit`. The scheduler thread loops:
+
+1. drop requests that were cancelled or ran past their deadline, freeing what they hold;
+2. admit waiting requests, oldest first, while the batch has room and the KV cache can hold
+   their prompts (a prompt that fits nowhere fails with `KVCacheFull`; one that only has to wait
+   for others to finish waits, or fails at once under ``kv_policy="fail"``);
+3. build one step: the next token of every decoding request, then prefill chunks of admitted
+   prompts in arrival order up to ``max_step_tokens`` (a prompt only starts once the one before
+   it is done, so blocks it shares from a still-prefilling prompt are always computed first);
+4. run one forward for the whole step, sample every request that got logits, and hand each its
+   chunk through its own queue.
+
+Decoding requests are served every step before any prefill, so no one starves: a long prompt
+slows each step but never stops the others. Only this thread touches the model and the KV
+tensors; the KV bookkeeping is guarded by `lock`, which callers take for session bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llama_engine import (
+    LlamaError,
+    OutOfKVMemoryError,
+    PrefillResult,
+    Session,
+    StreamChunk,
+    Usage,
+)
+from llama_kv import PagedKVCache
+from llama_runtime.generation import Generation
+from llama_runtime.torch_backend.paged import SeqStep
+
+__all__ = ["Request", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+# runs one forward: flat tokens, flat positions, per-sequence steps -> logits rows [M, vocab]
+StepRunner = Callable[[list[int], list[int], list[SeqStep]], np.ndarray]
+
+
+@dataclass(eq=False)
+class Request:
+    session: Session
+    prompt: list[int] | None
+    """The context to prefill (None: decode from what the session holds)."""
+    make_generation: Callable[[Usage, float], Generation] | None
+    """None for a prefill-only request."""
+    own_session: bool = False
+    deadline: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    submitted: float = field(default_factory=time.perf_counter)
+    # scheduler-side state
+    gen: Generation | None = None
+    todo: list[int] = field(default_factory=list)
+    todo_slots: list[int] = field(default_factory=list)
+    pos: int = 0
+    ctx_slots: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    prefill: PrefillResult | None = None
+    prefill_started: float = 0.0
+    cached_tokens: int = 0
+    done: bool = False
+    released: threading.Event = field(default_factory=threading.Event)
+    """Set once the request is over and what it held is freed."""
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, run_step: StepRunner,
+                 copy_blocks: Callable[[list[tuple[int, int]]], None], *,
+                 get_logits: Callable[[Session], np.ndarray | None],
+                 set_logits: Callable[[Session, np.ndarray], None],
+                 max_batch: int = 32, max_step_tokens: int = 512, kv_policy: str = "wait",
+                 free_session: Callable[[Session], None]) -> None:
+        self.cache = cache
+        self.lock = threading.RLock()
+        self._run_step = run_step
+        self._copy_blocks = copy_blocks
+        self._get_logits = get_logits
+        self._set_logits = set_logits
+        self._free_session = free_session
+        self.max_batch = max_batch
+        self.max_step_tokens = max_step_tokens
+        self.kv_policy = kv_policy
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llama-engine-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- from any thread ------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        self._inbox.put(req)
+        self._wake.set()
+        return req
+
+    def waiting(self) -> int:
+        return len(self._waiting) + self._inbox.qsize()
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def busy_sessions(self) -> set[str]:
+        return {r.session.id for r in (*self._running, *self._waiting)}
+
+    def cancel_session(self, session_id: str) -> bool:
+        """Cancel every request of a session that is being closed, and have the scheduler free
+        it when they end. Returns whether there were any (call with `lock` held)."""
+        found = False
+        for r in (*self._running, *self._waiting):
+            if r.session.id == session_id and not r.done:
+                r.cancel.set()
+                r.own_session = True
+                found = True
+        return found
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # -- the scheduler thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                while True:
+                    self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if not self._running and not self._waiting:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a broken step fails its requests, never the thread
+                log.exception("scheduler step failed")
+                for r in list(self._running):
+                    self._finish(r, "error", e)
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            for r in list(self._running) + list(self._waiting):
+                if r.cancel.is_set() or (r.deadline is not None and now > r.deadline):
+                    self._finish(r, "cancelled")
+            self._admit()
+            seqs, tokens, positions, order = self._build_step()
+        if not seqs:
+            if self._waiting and not self._running:
+                time.sleep(0.001)
+            return
+        try:
+            logits = self._run_step(tokens, positions, seqs)
+        except Exception as e:
+            with self.lock:
+                for r, step in zip(order, seqs, strict=True):  # those tokens were never computed
+                    del r.session.tokens[len(r.session.tokens) - step.n_new:]
+                    self._finish(r, "error", e)
+            return
+        with self.lock:
+            row = 0
+            for r, s in zip(order, seqs, strict=True):
+                if not s.want_logits:
+                    continue
+                self._on_logits(r, logits[row])
+                row += 1
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            r = self._waiting[0]
+            try:
+                self._start(r)
+            except OutOfKVMemoryError as e:
+                if self.kv_policy == "wait" and self._running and not _never_fits(self.cache, r):
+                    return  # retry once running requests free blocks
+                self._waiting.popleft()
+                self._finish(r, "error", e)
+                continue
+            except LlamaError as e:
+                self._waiting.popleft()
+                self._finish(r, "error", e)
+                continue
+            self._waiting.popleft()
+            self._running.append(r)
+
+    def _start(self, r: Request) -> None:
+        sid = r.session.id
+        r.prefill_started = time.perf_counter()
+        if r.prompt is None:
+            logits = self._get_logits(r.session)
+            if logits is None:
+                raise LlamaError(f"session {sid} has no prompt; call prefill() first")
+            r.ctx_slots = self.cache.slot_mapping(sid)
+            r.pos = len(r.session.tokens)
+            r.prefill = r.session.last_prefill
+            self._begin_generation(r, logits)
+            return
+        plan = self.cache.prefill_plan(sid, r.prompt)
+        if plan.copies:
+            self._copy_blocks(list(plan.copies))
+        r.session.tokens = list(r.prompt[: plan.start_pos])
+        r.pos = r.cached_tokens = plan.start_pos
+        r.todo, r.todo_slots = list(plan.token_ids), list(plan.slot_mapping)
+        r.ctx_slots = self.cache.slot_mapping(sid, 0, plan.start_pos) + r.todo_slots
+
+    def _build_step(self) -> tuple[list[SeqStep], list[int], list[int], list[Request]]:
+        seqs: list[SeqStep] = []
+        tokens: list[int] = []
+        positions: list[int] = []
+        order: list[Request] = []
+        budget = self.max_step_tokens
+        for r in list(self._running):
+            if r.next_token is None:
+                continue
+            try:
+                plan = self.cache.append_tokens(r.session.id, [r.next_token])
+            except OutOfKVMemoryError as e:
+                self._finish(r, "error", e)
+                continue
+            if plan.copies:
+                self._copy_blocks(list(plan.copies))
+            r.ctx_slots.extend(plan.slot_mapping)
+            seqs.append(SeqStep(start=r.pos, n_new=1, write_slots=list(plan.slot_mapping),
+                                context_slots=r.ctx_slots, want_logits=True))
+            tokens.append(r.next_token)
+            positions.append(r.pos)
+            order.append(r)
+            budget -= 1
+        for r in self._running:
+            if not r.todo or budget <= 0:
+                continue
+            n = min(len(r.todo), budget)
+            chunk, slots = r.todo[:n], r.todo_slots[:n]
+            done = n == len(r.todo)
+            seqs.append(SeqStep(start=r.pos, n_new=n, write_slots=slots,
+                                context_slots=r.ctx_slots[: r.pos + n], want_logits=done))
+            tokens.extend(chunk)
+            positions.extend(range(r.pos, r.pos + n))
+            order.append(r)
+            budget -= n
+            if not done:
+                break  # later prompts wait for this one (they may share its blocks)
+        # advance the bookkeeping now; logits are applied after the forward
+        for r, step in zip(order, seqs, strict=True):
+            if r.next_token is not None:  # decoding: the fed token joins the context
+                r.session.tokens.append(r.next_token)
+                r.next_token = None
+            else:
+                r.session.tokens.extend(r.todo[: step.n_new])
+                del r.todo[: step.n_new]
+                del r.todo_slots[: step.n_new]
+            r.pos += step.n_new
+        return seqs, tokens, positions, order
+
+    def _on_logits(self, r: Request, logits: np.ndarray) -> None:
+        self._set_logits(r.session, logits)
+        if r.gen is None:  # this row ends the request's prefill
+            assert r.prompt is not None
+            r.prefill = PrefillResult(
+                num_tokens=len(r.prompt), cached_tokens=r.cached_tokens,
+                prefill_seconds=time.perf_counter() - r.prefill_started,
+                started_at=r.prefill_started)
+            r.session.last_prefill = r.prefill
+            if r.make_generation is None:
+                self._finish(r, "stop")
+                return
+            self._begin_generation(r, logits)
+            return
+        chunk, finished = r.gen.step(logits)
+        r.out.put(chunk)
+        if finished:
+            self._finish(r, None)
+        else:
+            r.next_token = chunk.token_id
+
+    def _begin_generation(self, r: Request, logits: np.ndarray) -> None:
+        pre = r.prefill
+        assert pre is not None and r.make_generation is not None
+        usage = Usage(prompt_tokens=pre.num_tokens, cached_tokens=pre.cached_tokens,
+                      prefill_ms=pre.prefill_seconds * 1e3)
+        r.gen = r.make_generation(usage, pre.started_at)
+        chunk, finished = r.gen.step(logits)
+        r.out.put(chunk)
+        if finished:
+            self._finish(r, None)
+        else:
+            r.next_token = chunk.token_id
+
+    def _finish(self, r: Request, reason: str | None, error: BaseException | None = None) -> None:
+        """End `r`: emit its last chunk or error, release what it holds. Idempotent."""
+        if r.done:
+            return
+        r.done = True
+        if r in self._running:
+            self._running.remove(r)
+        if r in self._waiting:
+            self._waiting.remove(r)
+        if reason is not None and r.gen is not None:
+            r.out.put(r.gen.final(reason))  # type: ignore[arg-type]
+        if error is not None:
+            r.out.put(error if isinstance(error, LlamaError) else LlamaError(
+                f"generation failed: {error}"))
+        elif reason is not None and r.gen is None and r.make_generation is not None:
+            r.out.put(StreamChunk(text="", token_id=None, finish_reason=reason,  # type: ignore[arg-type]
+                                  usage=Usage()))
+        r.out.put(None)  # end of stream
+        sid = r.session.id
+        if sid in self.cache and self.cache.num_tokens(sid) > len(r.session.tokens):
+            # planned but never computed (cancelled mid-prefill, failed step): nobody may reuse it
+            self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
+        if r.own_session:
+            self._free_session(r.session)
+        r.released.set()
+
+
+def _never_fits(cache: PagedKVCache, r: Request) -> bool:
+    need = -(-len(r.prompt or ()) // cache.block_size)
+    return need > cache.num_blocks
+

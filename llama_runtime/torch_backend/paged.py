@@ -1,0 +1,133 @@
+"""Paged KV storage of the torch backend and the step batch that attention reads it through.
+
+The K and V of every block live in two tensors, [layers, num_blocks * block_size, kv_heads,
+head_dim], addressed by flat slot `block_id * block_size + offset` (llama_kv hands out the slots).
+One model forward serves a whole step: the new tokens of every sequence are flattened into N
+rows; `StepBatch` knows, per sequence, which rows are its queries, which slots receive its new
+keys and values, and which slots hold its whole context.
+
+Attention gathers each sequence's context by slot. Decoding sequences (one new token each) are
+batched into a single padded SDPA call per layer with a key-padding mask; sequences that prefill
+a chunk get one causal call each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PagedKVStore", "SeqStep", "StepBatch"]
+
+
+class PagedKVStore:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        # torch.empty: pages are only touched (and counted in RSS) as blocks are first written
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy whole blocks (copy-on-write of a forked session's shared last block)."""
+        bs = self.block_size
+        for src, dst in copies:
+            self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
+            self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
+
+    def read(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [layers, len(slots), kv_heads, head_dim] at these slots (session save)."""
+        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        return self.k[:, idx], self.v[:, idx]
+
+    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        self.k[:, idx] = k.to(self.k.dtype)
+        self.v[:, idx] = v.to(self.v.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class SeqStep:
+    """One sequence's share of a step: `n_new` tokens at positions start..start+n_new-1."""
+
+    start: int
+    n_new: int
+    write_slots: list[int]
+    """Slot of each new token."""
+    context_slots: list[int]
+    """Slots of positions 0..start+n_new-1 (the new tokens' own slots last)."""
+    want_logits: bool
+
+
+class StepBatch:
+    """Everything attention needs for one forward over several sequences (built once a step,
+    reused by every layer)."""
+
+    def __init__(self, store: PagedKVStore, seqs: Sequence[SeqStep]) -> None:
+        dev = store.device
+        self.store = store
+        self.n = sum(s.n_new for s in seqs)
+        self.write_slots = torch.tensor([x for s in seqs for x in s.write_slots],
+                                        dtype=torch.long, device=dev)
+        rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[list[int]] = []
+        self.prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        r = 0
+        for s in seqs:
+            if s.want_logits:
+                rows.append(r + s.n_new - 1)
+            if s.n_new == 1:
+                decode_rows.append(r)
+                decode_ctx.append(s.context_slots)
+            else:
+                ctx = torch.tensor(s.context_slots, dtype=torch.long, device=dev)
+                mask = torch.ones((s.n_new, s.start + s.n_new), dtype=torch.bool,
+                                  device=dev).tril(s.start)
+                self.prefills.append((r, r + s.n_new, ctx, mask))
+            r += s.n_new
+        self.logits_rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.decode_rows: torch.Tensor | None = None
+        if decode_rows:
+            width = max(len(c) for c in decode_ctx)
+            idx = torch.zeros((len(decode_ctx), width), dtype=torch.long)
+            valid = torch.zeros((len(decode_ctx), width), dtype=torch.bool)
+            for i, c in enumerate(decode_ctx):
+                idx[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+                valid[i, : len(c)] = True
+            self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            self.decode_idx = idx.to(dev)
+            # [B, 1, 1, width]; None when every row is full (no padding to hide)
+            self.decode_mask = None if bool(valid.all()) else valid[:, None, None, :].to(dev)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+               scale: float) -> torch.Tensor:
+        # q: [N, Hq, D]; k, v: [N, Hkv, D]
+        kc, vc = self.store.k[layer], self.store.v[layer]
+        kc.index_copy_(0, self.write_slots, k.to(kc.dtype))
+        vc.index_copy_(0, self.write_slots, v.to(vc.dtype))
+        out = torch.empty_like(q)
+        if self.decode_rows is not None:
+            qd = q.index_select(0, self.decode_rows)[:, :, None, :]  # [B, Hq, 1, D]
+            kd = kc[self.decode_idx].transpose(1, 2)  # [B, Hkv, W, D]
+            vd = vc[self.decode_idx].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
+                                                scale=scale, enable_gqa=True)
+            out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
+        for r0, r1, ctx, mask in self.prefills:
+            qp = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
+            kp = kc[ctx].transpose(0, 1)[None]
+            vp = vc[ctx].transpose(0, 1)[None]
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale,
+                                                enable_gqa=True)
+            out[r0:r1] = op[0].transpose(0, 1)
+        return out.reshape(self.n, -1)
