@@ -3,6 +3,10 @@
     python bench/peers.py [--model smollm2-135m-instruct] [--threads 2] [--prompt-tokens 512]
                           [--gen-tokens 128] [--only NAME ...]
 
+Also: TTFT of a prompt whose first blocks were served before (prefix-cache hit) against one
+that was not, and aggregate generated tok/s with N requests at once for each --concurrency N
+(ours batches them; llama-cpp-python serves them one after another, as it does).
+
 Each engine runs in its own child process, one after another (so they never share the cores and
 each peak RSS is its own), on the same prompt token ids, the same thread count, greedy decoding
 of exactly --gen-tokens new tokens (end-of-sequence ignored). Prints one JSON object: every
@@ -19,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -29,22 +34,44 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(path: str, prompt: list[int], gen: int, threads: int) -> dict[str, Any]:
+def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     from llama_runtime import create_engine
 
+    prompt, gen = job["prompt"], job["gen"]
     t0 = time.perf_counter()
-    engine = create_engine(path, threads=threads, progress=False)
+    engine = create_engine(job["path"], threads=job["threads"], progress=False)
     load_s = time.perf_counter() - t0
     engine.generate(prompt[:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
     c = engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True)
     u = c.usage
-    return {"load_s": load_s, "prefill_tok_s": u.prefill_tok_s, "ttft_ms": u.ttft_ms,
-            "decode_tok_s": u.decode_tok_s, "tokens": c.token_ids}
+    res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": u.prefill_tok_s,
+                           "ttft_ms": u.ttft_ms, "decode_tok_s": u.decode_tok_s,
+                           "tokens": c.token_ids}
+    # prefix cache: a prompt sharing all but its last 32 tokens with one served before
+    miss, hit = job["prefix_pair"]
+    res["ttft_ms_prefix_miss"] = engine.generate(miss, max_tokens=1, temperature=0).usage.ttft_ms
+    res["ttft_ms_prefix_hit"] = engine.generate(hit, max_tokens=1, temperature=0).usage.ttft_ms
+    for n, prompts in job["concurrent"].items():
+        made = [0] * len(prompts)
+
+        def one(i: int, ps: list[list[int]] = prompts, out: list[int] = made) -> None:
+            out[i] = len(engine.generate(ps[i], max_tokens=gen, temperature=0,
+                                         ignore_eos=True).token_ids)
+
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        res[f"aggregate_tok_s_n{n}"] = sum(made) / (time.perf_counter() - t0)
+    return res
 
 
-def run_llama_cpp(path: str, prompt: list[int], gen: int, threads: int) -> dict[str, Any]:
+def run_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import Llama
 
+    path, prompt, gen, threads = job["path"], job["prompt"], job["gen"], job["threads"]
     t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=len(prompt) + gen + 16, n_threads=threads,
                 n_threads_batch=threads, n_batch=512, verbose=False)
@@ -66,15 +93,37 @@ def run_llama_cpp(path: str, prompt: list[int], gen: int, threads: int) -> dict[
     p0 = time.perf_counter()
     llm.eval(prompt)
     prefill_s = time.perf_counter() - p0
-    return {"load_s": load_s, "prefill_tok_s": len(prompt) / prefill_s,
-            "ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (gen - 1) / (t_end - t_first),
-            "tokens": tokens}
+    res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": len(prompt) / prefill_s,
+                           "ttft_ms": (t_first - t0) * 1e3,
+                           "decode_tok_s": (gen - 1) / (t_end - t_first), "tokens": tokens}
+
+    def first_token_ms(ids: list[int]) -> float:
+        t = time.perf_counter()
+        next(iter(llm.generate(ids, temp=0.0, top_k=1, reset=True)))
+        return (time.perf_counter() - t) * 1e3
+
+    miss, hit = job["prefix_pair"]
+    llm.reset()
+    res["ttft_ms_prefix_miss"] = first_token_ms(miss)
+    res["ttft_ms_prefix_hit"] = first_token_ms(hit)  # llama.cpp reuses its last prompt's prefix
+    for n, prompts in job["concurrent"].items():  # one after another: it serves one at a time
+        t0 = time.perf_counter()
+        made = 0
+        for ids in prompts:
+            llm.reset()
+            for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                made += 1
+                if made % gen == 0:
+                    break
+        res[f"aggregate_tok_s_n{n}"] = made / (time.perf_counter() - t0)
+    return res
 
 
-def run_transformers(path: str, prompt: list[int], gen: int, threads: int) -> dict[str, Any]:
+def run_transformers(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    path, prompt, gen, threads = job["path"], job["prompt"], job["gen"], job["threads"]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
@@ -107,7 +156,7 @@ def _worker(args: argparse.Namespace) -> None:
     with open(args.job) as f:
         job = json.load(f)
     try:
-        res = RUNNERS[args.worker](job["path"], job["prompt"], job["gen"], job["threads"])
+        res = RUNNERS[args.worker](job)
         res["peak_rss_mb"] = _rss_mb()
     except Exception as e:  # reported, not raised: one missing peer must not hide the others
         res = {"error": f"{type(e).__name__}: {e}"}
@@ -117,8 +166,9 @@ def _worker(args: argparse.Namespace) -> None:
 def _ratio(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float] | None:
     if "error" in ours or "error" in peer:
         return None
-    return {k: round(ours[k] / peer[k], 3)
-            for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")}
+    keys = ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb"]
+    keys += sorted(k for k in ours if k.startswith(("aggregate_", "ttft_ms_prefix")) and k in peer)
+    return {k: round(ours[k] / peer[k], 3) for k in keys}
 
 
 def main() -> None:
@@ -127,6 +177,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16],
+                    help="aggregate tok/s with N requests at once (llama.cpp: one after another)")
     ap.add_argument("--only", nargs="*", choices=ENGINES, default=list(ENGINES))
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -147,8 +199,14 @@ def main() -> None:
         def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
             return tok.encode(text, add_special=add_special)
 
-    prompt = make_prompt(_Tok(), args.prompt_tokens)  # type: ignore[arg-type]
-    job = {"path": path, "prompt": prompt, "gen": args.gen_tokens, "threads": args.threads}
+    t = _Tok()
+    prompt = make_prompt(t, args.prompt_tokens)  # type: ignore[arg-type]
+    miss = make_prompt(t, args.prompt_tokens, variant=1000)  # type: ignore[arg-type]
+    hit = miss[:-32] + make_prompt(t, 32, variant=1001)  # type: ignore[arg-type]
+    job = {"path": path, "prompt": prompt, "gen": args.gen_tokens, "threads": args.threads,
+           "prefix_pair": [miss, hit],
+           "concurrent": {n: [make_prompt(t, args.prompt_tokens, variant=100 * n + i)  # type: ignore[arg-type]
+                              for i in range(n)] for n in args.concurrency}}
     results: dict[str, Any] = {}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)

@@ -1,0 +1,60 @@
+"""A session's block table: which pool blocks hold its tokens' K/V, in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llama_kv.hashing import BlockHash
+
+__all__ = ["BlockTable"]
+
+
+@dataclass(slots=True)
+class BlockTable:
+    """One session's view of the pool.
+
+    Position ``p`` lives in block ``block_ids[p // block_size]`` at offset ``p % block_size``,
+    i.e. at flat slot ``block_ids[p // block_size] * block_size + p % block_size``.
+
+    Invariants (checked by `check`):
+      - ``len(block_ids) == ceil(num_tokens / block_size)``;
+      - ``len(block_hashes) == num_tokens // block_size`` (one chained hash per full block);
+      - no block id appears twice.
+    """
+
+    block_size: int
+    block_ids: list[int] = field(default_factory=list)  # block i holds positions [i*bs, (i+1)*bs)
+    token_ids: list[int] = field(default_factory=list)  # the tokens whose K/V the blocks hold
+    block_hashes: list[BlockHash] = field(default_factory=list)  # chain hash per full block
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens held (K/V written, or reserved by the latest plan)."""
+        return len(self.token_ids)
+
+    def slot(self, pos: int) -> int:
+        """The flat slot of position `pos`."""
+        return self.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def slots(self, start: int, end: int) -> list[int]:
+        """Flat slots of positions ``start..end-1``."""
+        bs, ids = self.block_size, self.block_ids
+        return [ids[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def copy(self) -> BlockTable:
+        """A table holding the same blocks (the caller adjusts ref counts)."""
+        return BlockTable(self.block_size, list(self.block_ids), list(self.token_ids),
+                          list(self.block_hashes))
+
+    def check(self) -> None:
+        """Raise RuntimeError if the table's own invariants are broken."""
+        n, bs = self.num_tokens, self.block_size
+        if len(self.block_ids) != -(-n // bs):
+            raise RuntimeError(
+                f"table holds {n} tokens in {len(self.block_ids)} blocks; "
+                f"expected ceil({n}/{bs}) = {-(-n // bs)}")
+        if len(self.block_hashes) != n // bs:
+            raise RuntimeError(
+                f"table has {len(self.block_hashes)} block hashes for {n // bs} full blocks")
+        if len(set(self.block_ids)) != len(self.block_ids):
+            raise RuntimeError(f"table holds a block twice: {self.block_ids}")

@@ -1,0 +1,54 @@
+"""A fake backend for the KV bookkeeping tests: each slot records the token prefix it encodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from llama_kv import PagedKVCache, SlotPlan
+
+
+class FakeKV:
+    """Stands in for the K/V tensors. The K/V at position p depends on tokens[:p+1], so each
+    slot stores that prefix; a session reads back right iff every slot it holds matches."""
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.slots: dict[int, tuple[int, ...]] = {}
+
+    def copy_blocks(self, plan: SlotPlan) -> None:
+        bs = self.cache.block_size
+        for src, dst in plan.copies:
+            for off in range(bs):
+                value = self.slots.get(src * bs + off)
+                if value is None:
+                    self.slots.pop(dst * bs + off, None)
+                else:
+                    self.slots[dst * bs + off] = value
+
+    def run(self, session_id: str, plan: SlotPlan) -> None:
+        """Carry out `plan`: copies first, then write each new token's K/V."""
+        self.copy_blocks(plan)
+        tokens = self.cache.token_ids(session_id)
+        assert tokens[plan.start_pos : plan.num_tokens] == plan.token_ids
+        for pos, slot in zip(plan.positions, plan.slot_mapping, strict=True):
+            self.slots[slot] = tuple(tokens[: pos + 1])
+
+    def write_saved(self, session_id: str, saved: list[tuple[int, ...]]) -> None:
+        """Restore an imported session's K/V, position by position."""
+        for slot, value in zip(self.cache.slot_mapping(session_id), saved, strict=True):
+            self.slots[slot] = value
+
+    def read(self, session_id: str) -> list[tuple[int, ...] | None]:
+        return [self.slots.get(s) for s in self.cache.slot_mapping(session_id)]
+
+    def verify(self, session_id: str) -> None:
+        tokens = self.cache.token_ids(session_id)
+        for pos, value in enumerate(self.read(session_id)):
+            assert value == tuple(tokens[: pos + 1]), (
+                f"session {session_id!r} position {pos} holds K/V of {value}, "
+                f"not of {tokens[: pos + 1]}")
+
+
+@pytest.fixture
+def fake_kv() -> type[FakeKV]:
+    return FakeKV
