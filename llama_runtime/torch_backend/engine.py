@@ -47,6 +47,7 @@ __all__ = ["TorchEngine"]
 
 log = logging.getLogger(__name__)
 
+SESSION_FORMAT = "llama-engine-session/1"
 AUTO_KV_CAP_BYTES = 4 * 2**30  # kv_memory="auto" never takes more than this
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,8 +143,9 @@ class TorchEngine(LlamaEngine):
             self._files, self._tokenizer, self._ctx = files, tokenizer, ctx
             self._model = files.build(prepared, ops)
             self._device, self._dtype = device, dtype
+            self._fingerprint = _fingerprint(ckpt, cfg, dtype_name)
             self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
-                                       hash_namespace=f"{ckpt.path}:{ckpt.n_params}")
+                                       hash_namespace=self._fingerprint)
             self._store = PagedKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
                                        self._kv_block_size, device, dtype)
             self._scheduler = Scheduler(
@@ -225,6 +227,49 @@ class TorchEngine(LlamaEngine):
             if sched.cancel_session(session.id):
                 return  # the scheduler frees it when its request ends, within one step
             self._free_session(session)
+
+    def save_session(self, session: Session, path: str | os.PathLike[str]) -> None:
+        """Write the session's tokens and K/V to `path` (a torch file), with a format version
+        and the model's fingerprint so another model refuses it."""
+        self._state(session)
+        session.acquire()
+        try:
+            with self._sched().lock:
+                tokens = list(session.tokens)
+                slots = self._cache.slot_mapping(session.id, 0, len(tokens))
+            k, v = self._store.read(slots)
+            torch.save({"format": SESSION_FORMAT, "model": self._fingerprint, "tokens": tokens,
+                        "k": k.cpu(), "v": v.cpu()}, os.fspath(path))
+        finally:
+            session.release()
+
+    def load_session(self, path: str | os.PathLike[str]) -> Session:
+        """A new session holding what `save_session` wrote; it continues exactly where the
+        saved one stopped."""
+        try:
+            data = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError as e:
+            raise SessionError(f"no saved session at {path}") from e
+        except Exception as e:
+            raise SessionError(f"{path} is not a saved llama-engine session ({e})") from e
+        if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
+            raise SessionError(
+                f"{path} is not a {SESSION_FORMAT} session file; save it again with this version")
+        if data.get("model") != self._fingerprint:
+            raise SessionError(
+                f"{path} was saved from another model ({data.get('model')!r}); load it into an "
+                f"engine running that model (this one runs {self._fingerprint!r})")
+        tokens = [int(t) for t in data["tokens"]]
+        s = Session()
+        s.backend_state = _SessionState()
+        with self._sched().lock:
+            blocks = self._cache.import_session(s.id, tokens)
+            bs = self._cache.block_size
+            slots = [blocks[p // bs] * bs + p % bs for p in range(len(tokens))]
+            self._store.write(slots, data["k"].to(self._device), data["v"].to(self._device))
+            s.tokens = tokens
+            self._sessions[s.id] = s
+        return s
 
     def _free_session(self, session: Session) -> None:
         """Called with the scheduler lock held."""
@@ -378,6 +423,15 @@ class TorchEngine(LlamaEngine):
 
 
 _RELEASE_WAIT_S = 10.0
+
+
+def _fingerprint(ckpt: Any, cfg: Any, dtype: str) -> str:
+    """Names the model a KV cache belongs to: file name and size, configuration, dtype."""
+    import hashlib
+
+    size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.n_params
+    text = f"{ckpt.path.name}:{size}:{cfg!r}:{dtype}"
+    return f"{ckpt.architecture}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _in_event_loop() -> bool:

@@ -152,3 +152,31 @@ def test_over_budget_request_fails_or_waits_by_policy_and_engine_keeps_serving()
     for t in threads:
         t.join(timeout=120)
     assert results == [8, 8, 8]
+
+
+def test_saved_session_continues_exactly(engine, tmp_path) -> None:
+    from llama_engine import SessionError
+
+    msgs = [{"role": "user", "content": "Give me two fruit names."}]
+    s = engine.new_session()
+    first = engine.chat(msgs, session=s, max_tokens=12, temperature=0)
+    engine.save_session(s, tmp_path / "s.pt")
+    follow = [*msgs, {"role": "assistant", "content": first.text},
+              {"role": "user", "content": "One more?"}]
+    want = engine.chat(follow, session=s, max_tokens=12, temperature=0)
+    engine.close_session(s)
+
+    restored = engine.load_session(tmp_path / "s.pt")
+    got = engine.chat(follow, session=restored, max_tokens=12, temperature=0)
+    assert got.token_ids == want.token_ids
+    assert got.usage.cached_tokens == want.usage.cached_tokens
+    engine.close_session(restored)
+
+    data = __import__("torch").load(tmp_path / "s.pt", weights_only=True)
+    data["model"] = "llama-0000"
+    __import__("torch").save(data, tmp_path / "other.pt")
+    with pytest.raises(SessionError, match="saved from another model"):
+        engine.load_session(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a session")
+    with pytest.raises(SessionError, match="not a saved llama-engine session"):
+        engine.load_session(tmp_path / "junk.pt")
