@@ -10,7 +10,7 @@ from llama_runtime.backends import available_backends, pick_backend
 __all__ = ["available_backends", "create_engine"]
 
 _ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk", "kv_memory", "kv_block_size",
-                   "max_batch", "kv_policy"}
+                   "max_batch", "kv_policy", "weights"}
 _SPEC_OPTIONS = {"context_length", "dtype"}
 
 
@@ -30,7 +30,10 @@ def create_engine(
     "2GiB", "30%" of free memory, or "auto" = half the free memory, at most 4 GiB),
     kv_block_size (tokens per KV block, 16), max_batch (requests served per step, 32),
     kv_policy ("wait": a request that does not fit the KV cache waits for room; "fail": it
-    fails at once with KVCacheFull).
+    fails at once with KVCacheFull), weights ("auto": "quantized" on CPU when the kernels
+    compile, else "dequant"; "quantized": GGUF Q4_0/Q4_1/Q8_0 stay quantized in memory and are
+    multiplied by a compiled kernel, exact up to summation order; "dequant": every weight
+    dequantized to the compute dtype at load).
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:

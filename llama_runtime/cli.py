@@ -146,7 +146,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "heads": cfg.n_heads,
         "kv_heads": cfg.n_kv_heads,
         "chat_template": tok.chat_template is not None,
-        "weight_path": "dequantized to the compute dtype at load (torch backend)",
+        "weight_paths": _weight_paths(files),
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -154,6 +154,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for k, v in data.items():
             print(f"{k:15s} {v}")
     return 0
+
+
+def _weight_paths(files: Any) -> dict[str, int]:
+    """{"Q4_1: kept quantized (compiled kernel)": 210, ...} for the torch CPU backend."""
+    from gguf import GGMLQuantizationType
+
+    from llama_runtime.torch_backend.qweights import weight_path
+
+    counts: dict[str, int] = {}
+    for raw in files.weights.values():
+        kind = (str(raw.data.dtype).removeprefix("torch.") if files.checkpoint.format == "hf"
+                else GGMLQuantizationType(raw.qtype).name)
+        key = f"{kind}: {weight_path(raw, quantized=True)}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from llama_engine import (
     SessionError,
     StreamChunk,
     TokenStream,
+    UnsupportedBackendError,
     UnsupportedOperationError,
     Usage,
 )
@@ -41,6 +42,7 @@ from llama_runtime.generation import Generation
 from llama_runtime.scheduler import Request, Scheduler
 from llama_runtime.torch_backend.ops import TorchOps
 from llama_runtime.torch_backend.paged import PagedKVStore, SeqStep, StepBatch
+from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, kernels, repack, weight_path
 from llama_tokenizer import Tokenizer
 
 __all__ = ["TorchEngine"]
@@ -65,7 +67,12 @@ class TorchEngine(LlamaEngine):
 
     def __init__(self, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                  progress: bool = True, prefill_chunk: int = 512, kv_memory: int | str = "auto",
-                 kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait") -> None:
+                 kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait",
+                 weights: str = "auto") -> None:
+        if weights not in ("auto", "dequant", "quantized"):
+            raise InvalidParamsError(
+                f"weights must be 'auto', 'dequant' or 'quantized', got {weights!r}")
+        self._weights_mode = weights
         if kv_policy not in ("wait", "fail"):
             raise InvalidParamsError(f"kv_policy must be 'wait' or 'fail', got {kv_policy!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -73,6 +80,7 @@ class TorchEngine(LlamaEngine):
         self._kv_memory, self._kv_block_size = kv_memory, kv_block_size
         self._max_batch, self._kv_policy = max_batch, kv_policy
         self._scheduler: Scheduler | None = None
+        self._quantized = False
         self._device_name = device
         self._dtype_name = dtype
         self._progress = progress
@@ -124,7 +132,21 @@ class TorchEngine(LlamaEngine):
             ctx = spec.context_length
         bar.total = 1 + len(files.weights)
         bar.update(1)
-        prepared = self._prepare_weights(files.weights, device, dtype, bar)
+        quantized = self._weights_mode != "dequant" and device.type == "cpu"
+        if quantized:
+            bar.set_description(f"loading {spec.model} (compiling kernels on first use)")
+            try:
+                kernels()  # compile (or find cached) before committing to the quantized path
+            except RuntimeError as e:
+                if self._weights_mode == "quantized":
+                    raise UnsupportedBackendError(
+                        f"{e}; install a C++ compiler and ninja, or pass weights='dequant'"
+                    ) from e
+                log.warning("%s; weights are dequantized to float instead", e)
+                quantized = False
+            bar.set_description(f"loading {spec.model}")
+        self._quantized = quantized
+        prepared = self._prepare_weights(files.weights, device, dtype, bar, quantized)
         ops = TorchOps(device, dtype)
         per_block = kv_bytes_per_block(
             n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -161,12 +183,24 @@ class TorchEngine(LlamaEngine):
                 device=str(device), dtype=dtype_name)
         return self._handle
 
+    def weight_paths(self) -> dict[str, str]:
+        """How each weight tensor is held: kept quantized (multiplied by the compiled kernel) or
+        dequantized to the compute dtype."""
+        if self._files is None:
+            raise SessionError("no model is loaded; call load_model() or use create_engine()")
+        return {name: weight_path(raw, self._quantized)
+                for name, raw in self._files.weights.items()}
+
     @staticmethod
     def _prepare_weights(weights: dict[str, RawTensor], device: torch.device,
-                         dtype: torch.dtype, bar: tqdm) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+                         dtype: torch.dtype, bar: tqdm, quantized: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         with torch.inference_mode():
             for name, raw in weights.items():
+                if weight_path(raw, quantized) == KEPT_QUANTIZED:
+                    out[name] = repack(raw)
+                    bar.update(1)
+                    continue
                 if isinstance(raw.data, torch.Tensor):
                     w = raw.data.to(device=device, dtype=dtype)
                 else:

@@ -9,21 +9,27 @@ import torch.nn.functional as F
 
 from llama_models.ops import RopeSpec
 from llama_runtime.torch_backend.paged import StepBatch
+from llama_runtime.torch_backend.qweights import QWeight
 
 __all__ = ["TorchOps"]
 
 
 class TorchOps:
-    """Plain torch implementations. Weights are dense tensors of the compute dtype."""
+    """Plain torch implementations. Weights are dense tensors of the compute dtype, or
+    `QWeight`s multiplied by the compiled quantized kernels."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self._inv_freq: dict[int, torch.Tensor] = {}  # by id() of the model's RopeSpec
 
-    def embedding(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def embedding(self, table: torch.Tensor | QWeight, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(table, QWeight):
+            return table.dequantize(ids).to(self.dtype)
         return F.embedding(ids, table)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | QWeight) -> torch.Tensor:
+        if isinstance(weight, QWeight):
+            return weight.linear(x).to(self.dtype)
         return F.linear(x, weight)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
