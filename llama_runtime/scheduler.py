@@ -130,9 +130,16 @@ class Scheduler:
         return found
 
     def shutdown(self) -> None:
+        """Stop the thread after its current step; requests still queued end as cancelled."""
+        if self._stopping:
+            return
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        with self.lock:
+            for r in [*self._running, *self._waiting]:
+                self._finish(r, "cancelled")
 
     # -- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -170,11 +171,16 @@ class TorchEngine(LlamaEngine):
                                        hash_namespace=self._fingerprint)
             self._store = PagedKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
                                        self._kv_block_size, device, dtype)
+            # The scheduler reaches the engine through weak references, so an engine nobody
+            # holds is collected (and its finalizer below stops the thread).
             self._scheduler = Scheduler(
-                self._cache, self._run_step, self._store.copy_blocks,
-                get_logits=self._logits_of, set_logits=self._set_logits,
-                free_session=self._free_session, max_batch=self._max_batch,
+                self._cache, _weakly(self._run_step), self._store.copy_blocks,
+                get_logits=_weakly(self._logits_of), set_logits=_weakly(self._set_logits),
+                free_session=_weakly(self._free_session), max_batch=self._max_batch,
                 max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy)
+            # Stop the model thread before the interpreter tears down (a thread still inside
+            # torch's native code at exit aborts the process) or when the engine is dropped.
+            weakref.finalize(self, self._scheduler.shutdown)
             self._handle = ModelHandle(
                 name=spec.model, path=str(ckpt.path), architecture=ckpt.architecture,
                 vocab_size=cfg.vocab_size, context_length=ctx, n_params=ckpt.n_params,
@@ -182,6 +188,17 @@ class TorchEngine(LlamaEngine):
                 is not None, eos_token_ids=tuple(sorted(tokenizer.eog_ids)), backend="torch",
                 device=str(device), dtype=dtype_name)
         return self._handle
+
+    def close(self) -> None:
+        """Stop the model thread; the engine cannot serve requests afterwards."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+    def __enter__(self) -> TorchEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def weight_paths(self) -> dict[str, str]:
         """How each weight tensor is held: kept quantized (multiplied by the compiled kernel) or
@@ -457,6 +474,18 @@ class TorchEngine(LlamaEngine):
 
 
 _RELEASE_WAIT_S = 10.0
+
+
+def _weakly(method: Any) -> Any:
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        if bound is None:
+            raise SessionError("the engine was closed")
+        return bound(*args, **kwargs)
+
+    return call
 
 
 def _fingerprint(ckpt: Any, cfg: Any, dtype: str) -> str:
