@@ -289,12 +289,7 @@ class Scheduler:
                 return
             self._begin_generation(r, logits)
             return
-        chunk, finished = r.gen.step(logits)
-        r.out.put(chunk)
-        if finished:
-            self._finish(r, None)
-        else:
-            r.next_token = chunk.token_id
+        self._sample(r, logits)
 
     def _begin_generation(self, r: Request, logits: np.ndarray) -> None:
         pre = r.prefill
@@ -302,6 +297,11 @@ class Scheduler:
         usage = Usage(prompt_tokens=pre.num_tokens, cached_tokens=pre.cached_tokens,
                       prefill_ms=pre.prefill_seconds * 1e3)
         r.gen = r.make_generation(usage, pre.started_at)
+        self._sample(r, logits)
+
+    def _sample(self, r: Request, logits: np.ndarray) -> None:
+        """One token for `r`: emit its chunk; end the request or queue the token to feed."""
+        assert r.gen is not None
         chunk, finished = r.gen.step(logits)
         r.out.put(chunk)
         if finished:
