@@ -54,15 +54,19 @@ class Checkpoint:
     def n_params(self) -> int:
         return sum(t.n_elements for t in self.tensors.values())
 
-    def quant_types(self) -> dict[str, int]:
+    def storage_type(self, t: RawTensor) -> str:
+        """How `t` is stored: a GGUF type name (Q4_1, F32, ...) or a torch dtype (bfloat16)."""
+        if self.format == "hf":
+            return str(t.data.dtype).removeprefix("torch.")
         from gguf import GGMLQuantizationType
 
+        return GGMLQuantizationType(t.qtype).name
+
+    def quant_types(self) -> dict[str, int]:
+        """Storage type -> number of tensors stored that way."""
         counts: dict[str, int] = {}
         for t in self.tensors.values():
-            if self.format == "hf":
-                name = str(t.data.dtype).removeprefix("torch.")
-            else:
-                name = GGMLQuantizationType(t.qtype).name
+            name = self.storage_type(t)
             counts[name] = counts.get(name, 0) + 1
         return counts
 

