@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_engine.errors import UnsupportedArchitectureError
-from llama_models import llama
+from llama_models import bert, llama
+from llama_models.bert import EncoderFiles, open_encoder
 from llama_models.checkpoint import Checkpoint, RawTensor, read_checkpoint
 from llama_models.ops import Ops, RopeSpec
 from llama_models.registry import KNOWN_MODELS, resolve_model_path
@@ -19,10 +20,12 @@ from llama_models.registry import KNOWN_MODELS, resolve_model_path
 __all__ = [
     "KNOWN_MODELS",
     "Checkpoint",
+    "EncoderFiles",
     "ModelFiles",
     "Ops",
     "RawTensor",
     "RopeSpec",
+    "open_encoder",
     "open_model",
     "read_checkpoint",
     "resolve_model_path",
@@ -55,6 +58,11 @@ def open_model(model: str) -> ModelFiles:
     path = resolve_model_path(model)
     ckpt = read_checkpoint(path)
     family = _ARCHITECTURES.get((ckpt.format, ckpt.architecture))
+    if family is None and ckpt.architecture in bert.HF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{model!r} is an embedding (encoder) model, not one that generates; load it with "
+            f"create_engine(model=None, embed_model={model!r}), or pass it as embed_model= "
+            "beside a generating model")
     if family is None:
         supported = sorted({a for _, a in _ARCHITECTURES})
         raise UnsupportedArchitectureError(

@@ -253,8 +253,9 @@ class LlamaModel:
         ]
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, tokens: Any, positions: Any, batch: Any) -> Any:
-        """tokens, positions: [N]; returns logits [M, vocab] for the rows batch asks for."""
+    def forward(self, tokens: Any, positions: Any, batch: Any, *, hidden: bool = False) -> Any:
+        """tokens, positions: [N]; returns logits [M, vocab] for the rows batch asks for, or
+        with `hidden` their final-normed hidden states [M, dim] (for embeddings)."""
         ops, cfg = self.ops, self.cfg
         n = tokens.shape[0]
         rot = ops.rotary(positions, self.rope)
@@ -270,4 +271,4 @@ class LlamaModel:
             x = x + ops.linear(ops.silu(ops.linear(h, w["ffn_gate"])) * ops.linear(h, w["ffn_up"]),
                                w["ffn_down"])
         x = ops.rms_norm(ops.take_rows(x, batch), self.out_norm, cfg.norm_eps)
-        return ops.linear(x, self.output)
+        return x if hidden else ops.linear(x, self.output)

@@ -19,7 +19,10 @@ import numpy as np
 
 from llama_engine.errors import UnsupportedArchitectureError
 
-__all__ = ["Ops", "RopeSpec"]
+__all__ = ["POOLING_MODES", "Ops", "RopeSpec"]
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+"""What `Ops.pool` understands (the names sentence-transformers uses)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,3 +94,29 @@ class Ops(Protocol):
 
     def take_rows(self, x: Any, batch: Any) -> Any:
         """The rows of x whose logits are wanted (the last token of each sequence)."""
+
+    # -- encoders (BERT family): arrays are padded [B, T, ...] with a [B, T] bool mask ----------
+    def linear_bias(self, x: Any, weight: Any, bias: Any) -> Any:
+        """x @ weight.T + bias; weight [out, in] (dense), bias [out]."""
+
+    def layer_norm(self, x: Any, weight: Any, bias: Any, eps: float) -> Any: ...
+
+    def gelu(self, x: Any, approximate: bool = False) -> Any:
+        """GELU with erf, or its tanh approximation when `approximate`."""
+
+    def key_mask(self, mask: Any) -> Any:
+        """Prepare `encoder_attention`'s mask from mask [B, T] (True = a real token), once per
+        forward; the backend may return None when nothing is padded."""
+
+    def encoder_attention(self, q: Any, k: Any, v: Any, key_mask: Any, scale: float) -> Any:
+        """Bidirectional attention of q, k, v [B, T, H, D] where every query sees every real
+        key of its own row; returns [B, T, H * D]."""
+
+    def pool(self, x: Any, mask: Any, modes: tuple[str, ...]) -> Any:
+        """x [B, T, D] over the real tokens of each row -> [B, D * len(modes)], one pooled
+        vector per mode, concatenated in order: "cls" (first token), "max", "mean",
+        "mean_sqrt_len_tokens" (sum / sqrt(length)), "weightedmean" (position-weighted mean),
+        "lasttoken". Padding is on the right."""
+
+    def l2_normalize(self, x: Any) -> Any:
+        """Each row of x [B, D] divided by its Euclidean norm (rows of zeros stay zero)."""

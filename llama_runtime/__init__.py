@@ -10,12 +10,12 @@ from llama_runtime.backends import available_backends, pick_backend
 __all__ = ["available_backends", "create_engine"]
 
 _ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk", "kv_memory", "kv_block_size",
-                   "max_batch", "kv_policy", "weights"}
+                   "max_batch", "kv_policy", "weights", "decode"}
 _SPEC_OPTIONS = {"context_length", "dtype"}
 
 
 def create_engine(
-    model: str = "smollm2-135m-instruct",
+    model: str | None = "smollm2-135m-instruct",
     *,
     embed_model: str | None = None,
     backend: str = "auto",
@@ -24,34 +24,58 @@ def create_engine(
 ) -> LlamaEngine:
     """A ready engine with `model` loaded (a registered name or a path).
 
+    Embeddings: `embed_model` names the sentence encoder `embed()` runs (a registered name such
+    as "all-minilm-l6-v2" or a sentence-transformers / HF BERT directory), loaded here; left
+    None, "all-minilm-l6-v2" is loaded when `embed()` is first called. embed_model="decoder"
+    embeds with `model` itself (mean of its final hidden states, L2-normalized). model=None
+    builds an embeddings-only engine (embed_model defaults to "all-minilm-l6-v2"); its
+    generating methods raise SessionError.
+
     Options: context_length (cap the context), dtype ("auto", "float32", "bfloat16",
-    "float16"), threads (torch CPU threads), progress (show a bar on loads over a second),
-    prefill_chunk (most tokens in one step's forward), kv_memory (KV cache budget: bytes,
-    "2GiB", "30%" of free memory, or "auto" = half the free memory, at most 4 GiB),
-    kv_block_size (tokens per KV block, 16), max_batch (requests served per step, 32),
+    "float16"), threads (CPU threads; default: the physical cores), progress (show a bar on
+    loads over a second), prefill_chunk (most tokens in one step's forward), kv_memory (KV
+    cache budget: bytes, "2GiB", "30%" of free memory, or "auto" = half the free memory, at
+    most 4 GiB), kv_block_size (tokens per KV block, 16), max_batch (requests served per step, 32),
     kv_policy ("wait": a request that does not fit the KV cache waits for room; "fail": it
     fails at once with KVCacheFull), weights ("auto": "quantized" on CPU when the kernels
     compile, else "dequant"; "quantized": GGUF Q4_0/Q4_1/Q8_0 stay quantized in memory and are
     multiplied by a compiled kernel, exact up to summation order; "dequant": every weight
-    dequantized to the compute dtype at load).
+    dequantized to the compute dtype at load), decode (how generated tokens are computed:
+    "auto" = "int8" on a CPU in float32, else "torch"; "int8": one native call per step with
+    activations quantized to 8 bits per 32-block, llama.cpp's CPU scheme, ~0.5% relative error
+    per product; "exact": the same native step with float activations, the reference's
+    arithmetic up to summation order; "torch": op by op in torch, the reference path).
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:
         raise InvalidParamsError(
             f"unknown option(s) {', '.join(unknown)}; allowed: "
             f"{', '.join(sorted(_ENGINE_OPTIONS | _SPEC_OPTIONS))}")
-    if embed_model is not None:
+    if embed_model is not None and (not isinstance(embed_model, str) or not embed_model):
         raise InvalidParamsError(
-            "embed_model is not supported yet: embeddings are not implemented in this release")
+            f"embed_model must be a model name or path, got {embed_model!r}")
+    if model is None:
+        if embed_model == "decoder":
+            raise InvalidParamsError(
+                "embed_model='decoder' embeds with the generating model, but model=None; pass "
+                "model=... or name an embedding model such as 'all-minilm-l6-v2'")
+        spec_only = sorted(set(options) & _SPEC_OPTIONS)
+        if spec_only:
+            raise InvalidParamsError(
+                f"{', '.join(spec_only)}: only for a generating model, but model=None; pass "
+                "model=... or drop the option")
+        embed_model = embed_model or "all-minilm-l6-v2"
     name = pick_backend(backend)
-    spec = ModelSpec(model=model, device=device,
-                     **{k: v for k, v in options.items() if k in _SPEC_OPTIONS})
     if name == "torch":
         from llama_runtime.torch_backend import TorchEngine
 
-        engine = TorchEngine(device=device,
+        engine = TorchEngine(device=device, embed_model=embed_model,
                              **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
     else:  # pragma: no cover - pick_backend refuses the rest
         raise AssertionError(name)
-    engine.load_model(spec)
+    if model is not None:
+        engine.load_model(ModelSpec(model=model, device=device,
+                                    **{k: v for k, v in options.items() if k in _SPEC_OPTIONS}))
+    if embed_model is not None:
+        engine.load_embed_model(embed_model)
     return engine

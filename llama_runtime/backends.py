@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from llama_engine.errors import UnsupportedBackendError
 
-__all__ = ["BackendInfo", "available_backends", "pick_backend", "pick_device"]
+__all__ = ["BackendInfo", "available_backends", "physical_cores", "pick_backend", "pick_device"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +22,7 @@ class BackendInfo:
     """GGUF types multiplied without dequantizing to a float copy first."""
     paged_attention: bool
     compile: bool
+    """Compiled kernels or a compiled decode step."""
     max_batch: int
     default_eligible: bool
     """Passed the parity suite, so `auto` may pick it."""
@@ -37,9 +40,10 @@ def _torch_info() -> BackendInfo:
         devices.append("cuda")
     return BackendInfo(
         name="torch", available=True, devices=tuple(devices),
-        dtypes=("float32", "bfloat16", "float16"), quant_native=(),
-        paged_attention=False, compile=False, max_batch=1, default_eligible=True,
-        note="weights dequantized to the compute dtype at load",
+        dtypes=("float32", "bfloat16", "float16"), quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
+        paged_attention=True, compile=True, max_batch=32, default_eligible=True,
+        note="CPU: quantized weights and a fused native decode step (compiled C++ kernels, "
+             "built on first use); CUDA: op-by-op torch, weights dequantized to bfloat16",
     )
 
 
@@ -50,6 +54,21 @@ def _mlx_info() -> BackendInfo:
         dtypes=(), quant_native=(), paged_attention=False, compile=False, max_batch=0,
         default_eligible=False, note="not implemented yet",
     )
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (not SMT siblings) this process may run on: the default thread count,
+    as llama.cpp's."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores: set[tuple[str, str]] = set()
+    for cpu in allowed:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(),
+                       (topo / "core_id").read_text().strip()))
+        except OSError:
+            return len(allowed) or os.cpu_count() or 1
+    return len(cores) or os.cpu_count() or 1
 
 
 def available_backends() -> list[BackendInfo]:

@@ -1,4 +1,4 @@
-"""`llama-engine`: run, info, bench. Errors print one line (no traceback) and exit non-zero."""
+"""`llama-engine`: run, info, bench, embed. Errors print one line (no traceback), exit 2."""
 
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="registered model name or path to a .gguf / HF directory")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or metal")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the physical cores)")
     p.add_argument("--context-length", type=int, default=None, help="cap the context")
+    p.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
+                   help="decode kernel: int8 (the CPU default, llama.cpp's scheme), exact "
+                        "(float activations), torch (op by op)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -53,6 +57,22 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gen-tokens", type=int, default=128)
     bench.add_argument("--concurrency", type=int, default=1)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+
+    embed = sub.add_parser("embed", help="print the embeddings of texts as JSON")
+    embed.add_argument("texts", nargs="*", metavar="TEXT",
+                       help="texts to embed (default: one per line of stdin)")
+    embed.add_argument("--model", default="all-minilm-l6-v2",
+                       help="embedding model: registered name or sentence-transformers dir; "
+                       "with --decoder, a generating model")
+    embed.add_argument("--decoder", action="store_true",
+                       help="--model is a generating model: mean-pool its hidden states")
+    embed.add_argument("--device", default="auto", help="auto, cpu, cuda[:N]")
+    embed.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--no-truncate", action="store_true",
+                       help="fail on a text longer than the model reads instead of cutting it")
+    embed.add_argument("--json", action="store_true",
+                       help="accepted for symmetry: the output is always JSON")
     return parser
 
 
@@ -64,7 +84,8 @@ def _create(args: argparse.Namespace, progress: bool = True) -> Any:
         opts["threads"] = args.threads
     if args.context_length is not None:
         opts["context_length"] = args.context_length
-    return create_engine(args.model, backend=args.backend, device=args.device, **opts)
+    return create_engine(args.model, backend=args.backend, device=args.device,
+                         decode=args.decode, **opts)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -128,6 +149,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from llama_models import open_model
     from llama_tokenizer import Tokenizer
 
+    if _is_encoder(args.model):
+        return _info_encoder(args)
     files = open_model(args.model)
     ckpt, cfg = files.checkpoint, files.config
     tok = (Tokenizer.from_gguf_metadata(ckpt.metadata) if ckpt.format == "gguf"
@@ -147,6 +170,48 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "kv_heads": cfg.n_kv_heads,
         "chat_template": tok.chat_template is not None,
         "weight_paths": _weight_paths(files),
+    }
+    _print_mapping(data, as_json=args.json, indent=2)
+    return 0
+
+
+def _is_encoder(model: str) -> bool:
+    """Whether `model` is a directory of a BERT-family encoder (an embedding model)."""
+    from llama_models.bert import HF_ARCHITECTURES, read_sentence_config
+    from llama_models.registry import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not path.is_dir():
+        return False
+    cfg_dir = read_sentence_config(path).transformer_dir or path
+    try:
+        cfg = json.loads((cfg_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in HF_ARCHITECTURES
+
+
+def _info_encoder(args: argparse.Namespace) -> int:
+    from llama_models import open_encoder
+
+    files = open_encoder(args.model)
+    ckpt, cfg, st = files.checkpoint, files.config, files.sentence
+    data = {
+        "model": args.model,
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "architecture": ckpt.architecture,
+        "kind": "embedding",
+        "parameters": ckpt.n_params,
+        "quant_types": ckpt.quant_types(),
+        "embedding_dim": files.dim,
+        "max_seq_length": st.max_seq_length,
+        "pooling": "+".join(st.pooling),
+        "normalize": st.normalize,
+        "vocab_size": cfg.vocab_size,
+        "layers": cfg.n_layers,
+        "dim": cfg.dim,
+        "heads": cfg.n_heads,
     }
     _print_mapping(data, as_json=args.json, indent=2)
     return 0
@@ -181,6 +246,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from llama_runtime import create_engine
+
+    texts = args.texts
+    if not texts:
+        if sys.stdin.isatty():
+            print("error: give one or more texts, or pipe them on stdin (one per line)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    opts: dict[str, Any] = {"progress": False}
+    if args.threads is not None:
+        opts["threads"] = args.threads
+    if args.decoder:
+        engine = create_engine(args.model, embed_model="decoder", device=args.device, **opts)
+    else:
+        engine = create_engine(None, embed_model=args.model, device=args.device, **opts)
+    vectors = engine.embed(texts, truncate=not args.no_truncate, batch_size=args.batch_size)
+    print(json.dumps({
+        "model": engine.embed_model_name,
+        "dim": len(vectors[0]) if vectors else 0,
+        "data": [{"text": t, "embedding": v} for t, v in zip(texts, vectors, strict=True)],
+    }))
+    return 0
+
+
 def _print_mapping(data: dict[str, Any], *, as_json: bool, indent: int | None = None) -> None:
     """One JSON object, or one aligned `key value` line per entry."""
     if as_json:
@@ -193,7 +284,8 @@ def _print_mapping(data: dict[str, Any], *, as_json: bool, indent: int | None = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handler = {"run": _cmd_run, "info": _cmd_info, "bench": _cmd_bench}[args.command]
+    handler = {"run": _cmd_run, "info": _cmd_info, "bench": _cmd_bench,
+               "embed": _cmd_embed}[args.command]
     try:
         return handler(args)
     except LlamaError as e:

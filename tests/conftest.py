@@ -18,6 +18,15 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def exact_engine():
+    """The default model with the exact decode kernel: the reference's arithmetic up to
+    summation order (the default engine quantizes decode activations to int8, as llama.cpp)."""
+    from llama_runtime import create_engine
+
+    return create_engine("smollm2-135m-instruct", threads=2, progress=False, decode="exact")
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from llama_models import resolve_model_path
 

@@ -32,15 +32,23 @@ from llama_engine import (
     StreamChunk,
     TokenStream,
     UnsupportedBackendError,
-    UnsupportedOperationError,
     Usage,
 )
 from llama_kv import PagedKVCache, kv_budget_blocks, kv_bytes_per_block
 from llama_models import ModelFiles, RawTensor, open_model
 from llama_models.dequant import dequantize
-from llama_runtime.backends import pick_device
+from llama_runtime.backends import physical_cores, pick_device
 from llama_runtime.generation import Generation
 from llama_runtime.scheduler import Request, Scheduler
+from llama_runtime.torch_backend.embedder import (
+    DEFAULT_BATCH_SIZE,
+    FairLock,
+    TorchEmbedder,
+    check_options,
+    check_texts,
+    decoder_embeddings,
+)
+from llama_runtime.torch_backend.fused import DECODE_KERNELS, FusedDecoder
 from llama_runtime.torch_backend.ops import TorchOps
 from llama_runtime.torch_backend.paged import PagedKVStore, SeqStep, StepBatch
 from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, kernels, repack, weight_path
@@ -52,6 +60,9 @@ log = logging.getLogger(__name__)
 
 SESSION_FORMAT = "llama-engine-session/1"
 AUTO_KV_CAP_BYTES = 4 * 2**30  # kv_memory="auto" never takes more than this
+DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+DECODER = "decoder"
+"""embed_model value: embed with the generating model's mean-pooled hidden states."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,11 +80,17 @@ class TorchEngine(LlamaEngine):
     def __init__(self, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                  progress: bool = True, prefill_chunk: int = 512, kv_memory: int | str = "auto",
                  kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait",
-                 weights: str = "auto") -> None:
+                 weights: str = "auto", embed_model: str | None = None,
+                 decode: str = "auto") -> None:
         if weights not in ("auto", "dequant", "quantized"):
             raise InvalidParamsError(
                 f"weights must be 'auto', 'dequant' or 'quantized', got {weights!r}")
         self._weights_mode = weights
+        if decode not in ("auto", "torch", *DECODE_KERNELS):
+            raise InvalidParamsError(
+                f"decode must be 'auto', 'int8', 'exact' or 'torch', got {decode!r}")
+        self._decode_mode = decode
+        self._fused: FusedDecoder | None = None
         if kv_policy not in ("wait", "fail"):
             raise InvalidParamsError(f"kv_policy must be 'wait' or 'fail', got {kv_policy!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -88,10 +105,9 @@ class TorchEngine(LlamaEngine):
         if prefill_chunk < 1:
             raise InvalidParamsError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self._prefill_chunk = prefill_chunk
-        if threads is not None:
-            if not isinstance(threads, int) or threads < 1:
-                raise InvalidParamsError(f"threads must be a positive integer, got {threads!r}")
-            torch.set_num_threads(threads)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InvalidParamsError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads or physical_cores())
         self._lock = threading.RLock()
         self._sessions: dict[str, Session] = {}
         self._handle: ModelHandle | None = None
@@ -99,6 +115,14 @@ class TorchEngine(LlamaEngine):
         self._files: ModelFiles | None = None
         self._model: Any = None
         self._ctx = 0
+        # embeddings: the encoder (loaded on first use unless load_embed_model ran), or
+        # embed_model=DECODER for mean-pooled states of the generating model
+        self._embed_model = embed_model
+        self._embedder: TorchEmbedder | None = None
+        self._embed_load_lock = threading.Lock()
+        self._forward_lock = FairLock()
+        """Held by every forward of the generating model: the scheduler's steps and decoder
+        embeddings, so the two never run at once."""
 
     # -- loading --------------------------------------------------------------------------------
     def load_model(self, spec: ModelSpec) -> ModelHandle:
@@ -165,6 +189,7 @@ class TorchEngine(LlamaEngine):
             self._sessions.clear()
             self._files, self._tokenizer, self._ctx = files, tokenizer, ctx
             self._model = files.build(prepared, ops)
+            self._fused = self._fused_decoder(self._model, device, dtype)
             self._device, self._dtype = device, dtype
             self._fingerprint = _fingerprint(ckpt, cfg, dtype_name)
             self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
@@ -174,7 +199,7 @@ class TorchEngine(LlamaEngine):
             # The scheduler reaches the engine through weak references, so an engine nobody
             # holds is collected (and its finalizer below stops the thread).
             self._scheduler = Scheduler(
-                self._cache, _weakly(self._run_step), self._store.copy_blocks,
+                self._cache, _weakly(self._locked_step), self._store.copy_blocks,
                 get_logits=_weakly(self._logits_of), set_logits=_weakly(self._set_logits),
                 free_session=_weakly(self._free_session), max_batch=self._max_batch,
                 max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy)
@@ -188,6 +213,25 @@ class TorchEngine(LlamaEngine):
                 is not None, eos_token_ids=tuple(sorted(tokenizer.eog_ids)), backend="torch",
                 device=str(device), dtype=dtype_name)
         return self._handle
+
+    def _fused_decoder(self, model: Any, device: torch.device,
+                       dtype: torch.dtype) -> FusedDecoder | None:
+        """The native decode step for `decode` ("auto": int8 where it can run), or None for the
+        op-by-op torch path."""
+        mode = self._decode_mode
+        if mode == "torch":
+            return None
+        why = FusedDecoder.supports(model, device, dtype)
+        if why is None:
+            try:
+                kernels()
+            except RuntimeError as e:
+                why = str(e)
+        if why is not None:
+            if mode != "auto":
+                raise UnsupportedBackendError(f"decode={mode!r}: {why}; pass decode='torch'")
+            return None
+        return FusedDecoder(model, int8=mode in ("auto", "int8"))
 
     def close(self) -> None:
         """Stop the model thread; the engine cannot serve requests afterwards."""
@@ -253,10 +297,73 @@ class TorchEngine(LlamaEngine):
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        raise UnsupportedOperationError(
-            "this engine has no embedding model loaded; embeddings are not available yet in "
-            "the torch engine (an encoder such as all-minilm-l6-v2 is planned)")
+    # -- embeddings -----------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str], *, truncate: bool = True,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[float]]:
+        """One vector per text: the embedding model's (loaded on first use:
+        `embed_model`, default all-minilm-l6-v2), or with embed_model="decoder" the mean of the
+        generating model's final hidden states, L2-normalized. A text longer than the model
+        reads is cut (truncate=True) or raises ContextOverflowError."""
+        texts = check_texts(texts)
+        check_options(truncate, batch_size)
+        if not texts:
+            return []
+        if self._embed_model == DECODER:
+            return self._decoder_embed(texts, truncate, batch_size).tolist()
+        return self._get_embedder().embed(texts, truncate=truncate, batch_size=batch_size)
+
+    @property
+    def embed_model_name(self) -> str:
+        """What `embed` runs: the embedding model's name, or "decoder:<model>"."""
+        if self._embed_model == DECODER:
+            return f"{DECODER}:{self.model.name}"
+        return self._embed_model or DEFAULT_EMBED_MODEL
+
+    def load_embed_model(self, model: str = DEFAULT_EMBED_MODEL) -> None:
+        """Load the sentence encoder `embed` uses (a registered name or a sentence-transformers
+        / HF BERT directory), replacing any loaded before; "decoder" switches to the
+        generating model's mean-pooled states."""
+        with self._embed_load_lock:
+            if model == DECODER:
+                self.model  # noqa: B018 - raises unless a generating model is loaded
+                self._embedder = None
+            else:
+                device = self._device_name if self._handle is None else str(self._device)
+                self._embedder = TorchEmbedder(model, device=device)
+            self._embed_model = model
+
+    def _get_embedder(self) -> TorchEmbedder:
+        with self._embed_load_lock:
+            if self._embedder is None:
+                name = self._embed_model or DEFAULT_EMBED_MODEL
+                device = self._device_name if self._handle is None else str(self._device)
+                self._embedder = TorchEmbedder(name, device=device)
+            return self._embedder
+
+    def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
+        tokens = []
+        for i, text in enumerate(texts):
+            ids = self.tokenize(text) or [self.tokenizer.bos_id or 0]
+            if len(ids) > self._ctx:
+                if not truncate:
+                    raise ContextOverflowError(
+                        f"texts[{i}] is {len(ids)} tokens but the context is {self._ctx}; "
+                        "shorten it or pass truncate=True to embed its first "
+                        f"{self._ctx} tokens")
+                ids = ids[: self._ctx]
+            tokens.append(ids)
+
+        def locked(fn: Any) -> Any:
+            with self._forward_lock:
+                return fn()
+
+        return decoder_embeddings(self._model, tokens, self._device, batch_size=batch_size,
+                                  run=locked)
+
+    def _locked_step(self, tokens: list[int], positions: list[int],
+                     seqs: list[SeqStep]) -> np.ndarray:
+        with self._forward_lock:
+            return self._run_step(tokens, positions, seqs)
 
     # -- sessions -------------------------------------------------------------------------------
     def new_session(self) -> Session:
@@ -331,6 +438,10 @@ class TorchEngine(LlamaEngine):
         session.tokens = []
 
     def stats(self) -> dict[str, Any]:
+        if self._scheduler is None and self._embedder is not None:  # an embeddings-only engine
+            return {"kv_blocks_total": 0, "kv_blocks_free": 0, "kv_blocks_cached": 0,
+                    "kv_blocks_used": 0, "sessions_active": 0, "requests_running": 0,
+                    "requests_waiting": 0}
         sched = self._sched()
         with sched.lock:
             kv = self._cache.stats()
@@ -370,12 +481,36 @@ class TorchEngine(LlamaEngine):
     # -- compute (the scheduler thread only) ------------------------------------------------------
     def _run_step(self, tokens: list[int], positions: list[int],
                   seqs: list[SeqStep]) -> np.ndarray:
+        with torch.inference_mode():
+            fused = self._fused
+            if fused is None or not any(s.decoding for s in seqs):
+                return self._forward(tokens, positions, seqs).numpy()
+            # generated tokens take the fused step; prompt chunks the op-by-op forward
+            starts = np.cumsum([0] + [s.n_new for s in seqs])
+            dec = [i for i, s in enumerate(seqs) if s.decoding]
+            rest = [i for i, s in enumerate(seqs) if not s.decoding]
+            dec_logits = fused.step([tokens[starts[i]] for i in dec],
+                                    [positions[starts[i]] for i in dec],
+                                    [seqs[i] for i in dec], self._store).numpy()
+            if not rest:
+                return dec_logits
+            rest_logits = self._forward(
+                [t for i in rest for t in tokens[starts[i]:starts[i + 1]]],
+                [p for i in rest for p in positions[starts[i]:starts[i + 1]]],
+                [seqs[i] for i in rest]).numpy()
+            row = {i: dec_logits[k] for k, i in enumerate(dec)}
+            wanted = [i for i in rest if seqs[i].want_logits]
+            row.update({i: rest_logits[k] for k, i in enumerate(wanted)})
+            return np.stack([row[i] for i, s in enumerate(seqs) if s.want_logits])
+
+    def _forward(self, tokens: list[int], positions: list[int],
+                 seqs: list[SeqStep]) -> torch.Tensor:
+        """The op-by-op forward (prompt chunks, and every step when decode='torch')."""
         dev = self._device
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        with torch.inference_mode():
-            logits = self._model.forward(ids, pos, StepBatch(self._store, seqs))
-        return logits.float().cpu().numpy()
+        logits = self._model.forward(ids, pos, StepBatch(self._store, seqs))
+        return logits.float().cpu()
 
     # -- requests ---------------------------------------------------------------------------------
     def _check_tokens(self, tokens: Sequence[int]) -> list[int]:

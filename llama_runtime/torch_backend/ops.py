@@ -59,3 +59,55 @@ class TorchOps:
 
     def take_rows(self, x: torch.Tensor, batch: Any) -> torch.Tensor:
         return x[batch.logits_rows]
+
+    # -- encoders (BERT family) -----------------------------------------------------------------
+    def linear_bias(self, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def gelu(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh" if approximate else "none")
+
+    def key_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        # [B, 1, 1, T]: every query row of a sequence sees the same keys; None = no padding
+        return None if bool(mask.all()) else mask[:, None, None, :]
+
+    def encoder_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        b, t, h, d = q.shape
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), attn_mask=key_mask, scale=scale)
+        return out.transpose(1, 2).reshape(b, t, h * d)
+
+    def pool(self, x: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
+        """Pooled in float32 (as sentence-transformers accumulates half-precision inputs)."""
+        x = x.float()
+        keep = mask[..., None].to(x.dtype)  # [B, T, 1]
+        lengths = keep.sum(1).clamp(min=1.0)  # [B, 1]
+        out: list[torch.Tensor] = []
+        for mode in modes:
+            if mode == "cls":
+                out.append(x[:, 0])
+            elif mode == "max":
+                out.append(x.masked_fill(~mask[..., None], float("-inf")).amax(1))
+            elif mode == "mean":
+                out.append((x * keep).sum(1) / lengths)
+            elif mode == "mean_sqrt_len_tokens":
+                out.append((x * keep).sum(1) / lengths.sqrt())
+            elif mode == "weightedmean":
+                w = keep * torch.arange(1, x.shape[1] + 1, device=x.device,
+                                        dtype=x.dtype)[None, :, None]
+                out.append((x * w).sum(1) / w.sum(1).clamp(min=1e-9))
+            elif mode == "lasttoken":
+                last = mask.sum(1).clamp(min=1) - 1
+                out.append(x[torch.arange(x.shape[0], device=x.device), last])
+            else:
+                raise ValueError(f"unknown pooling mode {mode!r}")
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+    def l2_normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=2.0, dim=-1)

@@ -66,6 +66,8 @@ class SeqStep:
     context_slots: list[int]
     """Slots of positions 0..start+n_new-1 (the new tokens' own slots last)."""
     want_logits: bool
+    decoding: bool = False
+    """A generated token (not part of a prompt): the fused decode step may serve it."""
 
 
 class StepBatch:

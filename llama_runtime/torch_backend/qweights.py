@@ -1,12 +1,15 @@
 """Weights kept quantized in memory, and the compiled kernels that multiply them.
 
 GGUF Q4_0, Q4_1 and Q8_0 tensors are repacked at load (no requantization: the same values) into
-`QWeight`s that `csrc/qgemm.cpp` multiplies directly for few-row inputs (decode), widening the
-weights to float in registers: the arithmetic of dequantize-then-matmul up to summation order,
-so answers match the float reference. Many-row inputs (prefill) dequantize one matrix at a time
-into a float temporary and use the BLAS GEMM. (The kernel file also has llama.cpp-style int8
-activation variants, faster for batches but not exact; they are not used yet.) The
-kernel is compiled on first use with torch's extension builder and cached by torch.
+`QWeight`s in the kernels' row-interleaved layout (csrc/qgemm.h). csrc/qgemm.cpp multiplies them
+directly, two ways:
+- exact: weights widened to float in registers (for many rows, once per 4-row panel) and
+  multiplied with float activations: dequantize-then-matmul's arithmetic up to summation order.
+  Prompts always take this path.
+- int8: activations quantized per 32-block to 8 bits and dot products on integers (llama.cpp's CPU
+  scheme); the fused decode step uses it by default (see fused.py).
+Either way a row's result depends only on that row. The kernels are compiled on first use with
+torch's extension builder (cached by torch).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ __all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "kernels", "repack", "weig
 
 log = logging.getLogger(__name__)
 
-Q4_0, Q4_1, Q8_0 = 2, 3, 8  # gguf.GGMLQuantizationType values
-REPACKABLE = frozenset({Q4_0, Q4_1, Q8_0})
-KERNEL_MAX_ROWS = 16
-"""Inputs with more rows than this take the dequantize + GEMM path."""
+Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # gguf.GGMLQuantizationType values
+REPACKABLE = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})
+GROUP = 4
+"""Weight rows interleaved per group (csrc/qgemm.h)."""
 
+_SOURCES = ("qgemm.cpp", "decode.cpp", "module.cpp")
 _lock = threading.Lock()
 _ext: Any = None
 _ext_error: str | None = None
@@ -53,13 +57,16 @@ def kernels() -> Any:
         if _ext is None and _ext_error is None:
             from torch.utils.cpp_extension import load
 
-            flags = ["-O3"]
+            # -fopenmp: at::parallel_for is a header template over OpenMP pragmas; without the
+            # flag it compiles to a serial loop
+            flags = ["-O3", "-fopenmp"]
             if {"avx2", "fma", "f16c"} <= _cpu_flags():
                 flags += ["-mavx2", "-mfma", "-mf16c"]
             try:
-                _ext = load(name="llama_engine_qgemm",
-                            sources=[str(Path(__file__).parent / "csrc" / "qgemm.cpp")],
-                            extra_cflags=flags, verbose=False)
+                csrc = Path(__file__).parent / "csrc"
+                _ext = load(name="llama_engine_kernels",
+                            sources=[str(csrc / f) for f in _SOURCES],
+                            extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # no compiler, no ninja...: report once, fall back
                 _ext_error = f"{type(e).__name__}: {e}"
         if _ext is None:
@@ -69,7 +76,8 @@ def kernels() -> Any:
 
 @dataclass(frozen=True, slots=True)
 class QWeight:
-    """A [N, K] weight in the kernel's layout (see csrc/qgemm.cpp)."""
+    """A [N, K] weight in the kernels' layout (csrc/qgemm.h): rows interleaved in groups of four
+    and zero-padded to a multiple of four."""
 
     kind: str  # "q4" or "q8"
     qs: torch.Tensor
@@ -81,35 +89,40 @@ class QWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def parts(self) -> list[torch.Tensor]:
+        """The tensors the native kernels take: [qs, d] or [qs, d, m]."""
+        return [self.qs, self.d] if self.m is None else [self.qs, self.d, self.m]
+
+    def linear(self, x: torch.Tensor, *, int8_acts: bool = False) -> torch.Tensor:
+        """x @ W.T by the compiled kernel: exact (float activations), or with activations
+        quantized to int8 when asked. Each row's result depends only on that row, whatever the
+        number of rows, so batching and prompt chunking never change a sequence's numbers."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        if x2.shape[0] <= KERNEL_MAX_ROWS:
-            ext = kernels()
-            if self.kind == "q4":
-                y = ext.q4_linear_f32(x2, self.qs, self.d, self.m)
-            else:
-                y = ext.q8_linear_f32(x2, self.qs, self.d)
+        ext = kernels()
+        if self.kind == "q4":
+            f = ext.q4_linear if int8_acts else ext.q4_linear_f32
         else:
-            ext = kernels()
-            w = (ext.q4_dequant(self.qs, self.d, self.m) if self.kind == "q4"
-                 else ext.q8_dequant(self.qs, self.d))
-            y = torch.nn.functional.linear(x2, w)
-        return y.reshape(*lead, self.shape[0])
+            f = ext.q8_linear if int8_acts else ext.q8_linear_f32
+        return f(x2, *self.parts(), self.shape[0]).reshape(*lead, self.shape[0])
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [N, K] (or just `rows`)."""
-        qs = self.qs if rows is None else self.qs[rows]
-        d = self.d if rows is None else self.d[rows]
-        n = qs.shape[0]
+        n, k = self.shape
+        if rows is None:
+            rows = torch.arange(n)
+        nb = k // 32
+        g, lane = rows // GROUP, rows % GROUP
+        d = self.d.view(-1, nb, GROUP)[g, :, lane]  # [R, nb]
         if self.kind == "q8":
-            w = qs.view(n, -1, 32).float() * d[..., None]
+            q = self.qs.view(-1, nb, GROUP, 32)[g, :, lane].float()
+            w = q * d[..., None]
         else:
-            m = self.m if rows is None else self.m[rows]  # type: ignore[index]
-            b = qs.view(n, -1, 16)
+            m = self.m.view(-1, nb, GROUP)[g, :, lane]  # type: ignore[union-attr]
+            b = self.qs.view(-1, nb, GROUP, 16)[g, :, lane]
             q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()
-            w = q * d[..., None] + m[..., None]  # type: ignore[index]
-        return w.reshape(n, self.shape[1])
+            w = q * d[..., None] + m[..., None]
+        return w.reshape(rows.shape[0], k)
 
 
 KEPT_QUANTIZED = "kept quantized (compiled kernel)"
@@ -123,24 +136,56 @@ def weight_path(raw: RawTensor, quantized: bool) -> str:
     return "dequantized to the compute dtype"
 
 
+def _split_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks [n, k/256, 144] (d f16, dmin f16, 12 bytes of 6-bit scales and mins,
+    128 bytes of nibbles) -> per-32 d, m [n, k/32] and our nibble order [n, k/32, 16]."""
+    from gguf.quants import Q4_K as GGUF_Q4_K
+
+    n, nsb, _ = blocks.shape
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mn = GGUF_Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+    d_sub = (d.reshape(-1, 1) * sc.astype(np.float32)).reshape(n, nsb * 8)
+    m_sub = -(dmin.reshape(-1, 1) * mn.astype(np.float32)).reshape(n, nsb * 8)
+    # 64 elements per 32 bytes: low nibbles are one sub-block, high nibbles the next
+    q = blocks[..., 16:].reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    q = (q & 0x0F).reshape(n, nsb * 8, 32)
+    return d_sub, m_sub, (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
 def repack(raw: RawTensor) -> QWeight:
-    """GGUF Q4_0 / Q4_1 / Q8_0 bytes -> QWeight, exactly the stored values."""
+    """GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K bytes -> QWeight, exactly the stored values (Q4_K's
+    sub-block scales are the float32 products d * scale and -dmin * min that its dequantization
+    computes)."""
     n, k = raw.shape
     nb = k // 32
     data = np.asarray(raw.data).reshape(n, nb, -1)
+    m: np.ndarray | None = None
     if raw.qtype == Q8_0:  # d f16, 32 x int8
         d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = data[..., 2:34].copy().view(np.int8).reshape(n, k)
-        return QWeight("q8", torch.from_numpy(qs), torch.from_numpy(d), None, (n, k))
-    if raw.qtype == Q4_1:  # d f16, m f16, 16 bytes of nibbles
+        qs = data[..., 2:34].copy().view(np.int8)
+    elif raw.qtype == Q4_1:  # d f16, m f16, 16 bytes of nibbles
         d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         m = data[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = data[..., 4:20].copy().reshape(n, k // 2)
+        qs = data[..., 4:20]
     elif raw.qtype == Q4_0:  # d f16, 16 bytes of nibbles; w = d * (q - 8)
         d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
         m = -8.0 * d
-        qs = data[..., 2:18].copy().reshape(n, k // 2)
+        qs = data[..., 2:18]
+    elif raw.qtype == Q4_K:
+        d, m, qs = _split_q4_k(np.asarray(raw.data).reshape(n, k // 256, 144))
     else:
         raise ValueError(f"type {raw.qtype} cannot be repacked")
-    return QWeight("q4", torch.from_numpy(np.ascontiguousarray(qs)), torch.from_numpy(d),
-                   torch.from_numpy(np.ascontiguousarray(m)), (n, k))
+    kind = "q8" if m is None else "q4"
+
+    def interleave(a: np.ndarray) -> torch.Tensor:
+        # [n, nb, ...] rows -> [groups * 4, ...] with group g holding [nb, 4, ...]
+        pad = -n % GROUP
+        if pad:
+            a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), dtype=a.dtype)])
+        g = a.shape[0] // GROUP
+        a = a.reshape(g, GROUP, nb, -1).transpose(0, 2, 1, 3)
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(g * GROUP, -1))
+
+    return QWeight(kind, interleave(qs), interleave(d[..., None]),
+                   None if m is None else interleave(m[..., None]), (n, k))

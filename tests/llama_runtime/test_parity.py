@@ -32,8 +32,9 @@ def hf_model(smollm2_path: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_tokens_and_logits_match_transformers(engine, hf_model, hf_greedy,
+def test_greedy_tokens_and_logits_match_transformers(exact_engine, hf_model, hf_greedy,
                                                       prompt: str) -> None:
+    engine = exact_engine
     ids = engine.tokenize(prompt)
     session = engine.new_session()
     try:

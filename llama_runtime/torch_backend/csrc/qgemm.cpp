@@ -1,59 +1,56 @@
-// Quantized weight x float activation products for the CPU, the shapes decode needs.
+// Quantized weight x activation products for the CPU, in the shapes decode needs (few
+// activation rows, every weight row read once per call). AVX2 + FMA where the CPU has them (the
+// build adds -mavx2 -mfma -mf16c), scalar C++ otherwise. Layouts: see qgemm.h.
 //
-// Weights are repacked at load into two layouts of 32-element blocks:
-//   q4: qs uint8 [N, K/2] (block j: bytes 16j..16j+15; low nibble = element i, high = i+16),
-//       d, m float32 [N, K/32]: w = d * q + m            (GGUF Q4_0 and Q4_1)
-//   q8: qs int8 [N, K], d float32 [N, K/32]: w = d * q   (GGUF Q8_0)
-// Activations are quantized per 32-block to int8 with a float scale (as llama.cpp's Q8_1), so
-// each block's dot product runs on integers: maddubs (u8 x s8 -> s16 pairs) then madd -> s32.
-// Each output row's weights are read once per call and reused for every activation row.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// The int8 kernels follow llama.cpp's CPU scheme: activations are quantized per 32-block (QActs)
+// and each block's dot product is maddubs (u8 x s8 -> s16 pairs) then madd (-> s32), scaled once
+// per block. Tiles of several weight rows keep independent accumulators in registers, so the
+// loop is bound by throughput rather than by the latency of one accumulator chain, and each
+// activation block is loaded once per tile.
+#include "qgemm.h"
+
+#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <vector>
-#if defined(__AVX2__)
+
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define LE_AVX2 1
 #endif
+
+namespace llama_engine {
+
+void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
+  B = B_;
+  K = K_;
+  const int64_t nb = K / QK;
+  if (static_cast<int64_t>(q.size()) < B * K) q.resize(B * K);
+  if (static_cast<int64_t>(d.size()) < B * nb) {
+    d.resize(B * nb);
+    s.resize(B * nb);
+  }
+  for (int64_t i = 0; i < B * nb; ++i) {
+    const float* xb = x + i * QK;
+    float amax = 0.f;
+    for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
+    const float scale = amax / 127.f;
+    const float inv = scale > 0.f ? 1.f / scale : 0.f;
+    int sum = 0;
+    int8_t* qb = q.data() + i * QK;
+    for (int k = 0; k < QK; ++k) {
+      const int v = static_cast<int>(std::nearbyint(xb[k] * inv));
+      qb[k] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[i] = scale;
+    s[i] = scale * static_cast<float>(sum);
+  }
+}
 
 namespace {
 
-constexpr int QK = 32;
+constexpr int64_t kPanelRows = 8;  // from this many activation rows on, widen weights once
 
-struct QActs {
-  std::vector<int8_t> q;   // [B, K]
-  std::vector<float> d;    // [B, nb] scale
-  std::vector<float> s;    // [B, nb] d * sum(q)
-};
-
-QActs quantize_acts(const float* x, int64_t B, int64_t K) {
-  const int64_t nb = K / QK;
-  QActs a;
-  a.q.resize(B * K);
-  a.d.resize(B * nb);
-  a.s.resize(B * nb);
-  at::parallel_for(0, B * nb, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* xb = x + i * QK;
-      float amax = 0.f;
-      for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float d = amax / 127.f;
-      const float id = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      int8_t* qb = a.q.data() + i * QK;
-      for (int k = 0; k < QK; ++k) {
-        const int v = static_cast<int>(std::nearbyint(xb[k] * id));
-        qb[k] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      a.d[i] = d;
-      a.s[i] = d * static_cast<float>(sum);
-    }
-  });
-  return a;
-}
-
-#if defined(__AVX2__)
+#if LE_AVX2
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -61,73 +58,91 @@ inline float hsum(__m256 v) {
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
 }
+
 inline __m256i expand_nibbles(const uint8_t* p) {  // 16 bytes -> 32 u8: low nibbles, then high
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i mask = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
 }
-#endif
 
-constexpr int BT = 4;  // activation rows per pass over one weight row
+inline __m256 exp256(__m256 x) {  // Cephes' expf: range reduction to [-ln2/2, ln2/2], degree 6
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
+                    _mm256_set1_ps(88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                              _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
 
-#if defined(__AVX2__)
-// T activation rows (a compile-time count, so the accumulators stay in registers) against one
-// q4 weight row.
+// One group of four weight rows against T activation rows from b0: 4 * T accumulators held in
+// registers, each weight block loaded once for the T rows.
 template <int T>
-inline void q4_tile(const uint8_t* wq, const float* wd, const float* wm, const QActs& a,
-                    int64_t b0, int64_t K, int64_t nb, int64_t N, int64_t n, float* out) {
-  __m256 acc[T];
-  __m256 ms[T];
+inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
+                     int64_t ldo) {
+  const int64_t K = w.K, nb = K / QK;
+  const int64_t bytes = w.q4 ? 16 : 32;  // per row-block
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
+  const float* wd = w.d + g * nb * GROUP;
+  __m256 acc[GROUP][T];
+  for (int r = 0; r < GROUP; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xq = a.q.data() + b0 * K;
+  const float* xd = a.d.data() + b0 * nb;
+  for (int64_t j = 0; j < nb; ++j) {
+    __m256i xv[T];
+    for (int t = 0; t < T; ++t)
+      xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + j * QK));
+    const uint8_t* blk = wq + j * GROUP * bytes;
+    for (int r = 0; r < GROUP; ++r) {
+      const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
+      if (w.q4) {
+        const __m256i wv = expand_nibbles(blk + r * 16);
+        for (int t = 0; t < T; ++t) {
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[t]), ones);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                      _mm256_mul_ps(dw, _mm256_broadcast_ss(xd + t * nb + j)),
+                                      acc[r][t]);
+        }
+      } else {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + r * 32));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves to x
+        for (int t = 0; t < T; ++t) {
+          const __m256i p = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                      _mm256_mul_ps(dw, _mm256_broadcast_ss(xd + t * nb + j)),
+                                      acc[r][t]);
+        }
+      }
+    }
+  }
+  const int rows = static_cast<int>(std::min<int64_t>(GROUP, w.N - g * GROUP));
   for (int t = 0; t < T; ++t) {
-    acc[t] = _mm256_setzero_ps();
-    ms[t] = _mm256_setzero_ps();
-  }
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* xq = a.q.data() + b0 * K;
-  const float* xd = a.d.data() + b0 * nb;
-  const float* xs = a.s.data() + b0 * nb;
-  for (int64_t j = 0; j < nb; ++j) {
-    const __m256i w = expand_nibbles(wq + j * 16);
-    const __m256 dw = _mm256_set1_ps(wd[j]);
-    const __m256 mw = _mm256_set1_ps(wm[j]);
-#pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + j * QK));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                               _mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + j])), acc[t]);
-      ms[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[t * nb + j]), ms[t]);
+    float offs[GROUP] = {0.f, 0.f, 0.f, 0.f};
+    if (w.q4) {  // the offset term: sum_j m[j] * s[j], four rows at once
+      const float* wm = w.m + g * nb * GROUP;
+      const float* xs = a.s.data() + (b0 + t) * nb;
+      __m128 macc = _mm_setzero_ps();
+      for (int64_t j = 0; j < nb; ++j)
+        macc = _mm_fmadd_ps(_mm_loadu_ps(wm + j * GROUP), _mm_set1_ps(xs[j]), macc);
+      _mm_storeu_ps(offs, macc);
     }
+    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + g * GROUP + r] = hsum(acc[r][t]) + offs[r];
   }
-  for (int t = 0; t < T; ++t)
-    out[(b0 + t) * N + n] = hsum(acc[t]) + _mm_cvtss_f32(_mm256_castps256_ps128(ms[t]));
 }
 
-template <int T>
-inline void q8_tile(const int8_t* wq, const float* wd, const QActs& a, int64_t b0, int64_t K,
-                    int64_t nb, int64_t N, int64_t n, float* out) {
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* xq = a.q.data() + b0 * K;
-  const float* xd = a.d.data() + b0 * nb;
-  for (int64_t j = 0; j < nb; ++j) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + j * QK));
-    const __m256i aw = _mm256_sign_epi8(w, w);  // |w| as u8; the sign moves to x
-    const __m256 dw = _mm256_set1_ps(wd[j]);
-#pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + j * QK));
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                               _mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + j])), acc[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) out[(b0 + t) * N + n] = hsum(acc[t]);
-}
-
-// Exact variants: float activations, weights widened to float in registers. Same arithmetic as
-// dequantize-then-GEMM up to summation order, so greedy tokens match the float reference.
+// Exact variant: each weight block widened to float once, against T float activation rows.
 inline void widen_q4(const uint8_t* blk, __m256 dw, __m256 mw, __m256 w[4]) {
   const __m256i q = expand_nibbles(blk);
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
@@ -137,264 +152,210 @@ inline void widen_q4(const uint8_t* blk, __m256 dw, __m256 mw, __m256 w[4]) {
 }
 
 template <int T>
-inline void q4f_tile(const uint8_t* wq, const float* wd, const float* wm, const float* x,
-                     int64_t b0, int64_t K, int64_t nb, int64_t N, int64_t n, float* out) {
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+inline void group_f32(const QMat& w, const float* x, int64_t g, int64_t b0, float* out,
+                      int64_t ldo) {
+  const int64_t K = w.K, nb = K / QK;
+  const int64_t bytes = w.q4 ? 16 : 32;
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
+  const float* wd = w.d + g * nb * GROUP;
+  const float* wm = w.q4 ? w.m + g * nb * GROUP : nullptr;
+  __m256 acc[GROUP][T];
+  for (int r = 0; r < GROUP; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
-    __m256 w[4];
-    widen_q4(wq + j * 16, _mm256_set1_ps(wd[j]), _mm256_set1_ps(wm[j]), w);
-#pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const float* xb = x + (b0 + t) * K + j * QK;
-      for (int i = 0; i < 4; ++i) acc[t] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xb + 8 * i), acc[t]);
+    const uint8_t* blk = wq + j * GROUP * bytes;
+    for (int r = 0; r < GROUP; ++r) {
+      __m256 wv[4];
+      const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
+      if (w.q4) {
+        widen_q4(blk + r * 16, dw, _mm256_broadcast_ss(wm + j * GROUP + r), wv);
+      } else {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + r * 32);
+        for (int i = 0; i < 4; ++i) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+          wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dw);
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const float* xb = x + (b0 + t) * K + j * QK;
+        for (int i = 0; i < 4; ++i)
+          acc[r][t] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xb + 8 * i), acc[r][t]);
+      }
     }
   }
-  for (int t = 0; t < T; ++t) out[(b0 + t) * N + n] = hsum(acc[t]);
+  const int rows = static_cast<int>(std::min<int64_t>(GROUP, w.N - g * GROUP));
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + g * GROUP + r] = hsum(acc[r][t]);
 }
 
+// The group's four rows widened to float, [4][K] (the panel of many-row products).
+inline void widen_group(const QMat& w, int64_t g, float* panel) {
+  const int64_t K = w.K, nb = K / QK;
+  const int64_t bytes = w.q4 ? 16 : 32;
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
+  const float* wd = w.d + g * nb * GROUP;
+  for (int64_t j = 0; j < nb; ++j)
+    for (int r = 0; r < GROUP; ++r) {
+      __m256 wv[4];
+      const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
+      const uint8_t* blk = wq + (j * GROUP + r) * bytes;
+      if (w.q4) {
+        widen_q4(blk, dw, _mm256_broadcast_ss(w.m + g * nb * GROUP + j * GROUP + r), wv);
+      } else {
+        for (int i = 0; i < 4; ++i) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * i));
+          wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dw);
+        }
+      }
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(panel + r * K + j * QK + 8 * i, wv[i]);
+    }
+}
+
+// T activation rows against a widened panel: the same values in the same order as group_f32,
+// so a row's result does not depend on how many rows came with it.
 template <int T>
-inline void q8f_tile(const int8_t* wq, const float* wd, const float* x, int64_t b0, int64_t K,
-                     int64_t nb, int64_t N, int64_t n, float* out) {
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < nb; ++j) {
-    const __m256 dw = _mm256_set1_ps(wd[j]);
-    __m256 w[4];
-    for (int i = 0; i < 4; ++i) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wq + j * QK + 8 * i));
-      w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), dw);
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      const float* xb = x + (b0 + t) * K + j * QK;
-      for (int i = 0; i < 4; ++i) acc[t] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xb + 8 * i), acc[t]);
+inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t g, int64_t b0,
+                      int64_t rows, float* out, int64_t ldo) {
+  __m256 acc[GROUP][T];
+  for (int r = 0; r < GROUP; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (b0 + t) * K + k);
+    for (int r = 0; r < GROUP; ++r) {
+      const __m256 wv = _mm256_loadu_ps(panel + r * K + k);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
     }
   }
-  for (int t = 0; t < T; ++t) out[(b0 + t) * N + n] = hsum(acc[t]);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + g * GROUP + r] = hsum(acc[r][t]);
 }
-#endif
+#endif  // LE_AVX2
 
-// Scalar fallbacks of the exact variants (no AVX2).
-void qf_rows_scalar(bool q4, const void* qs, const float* d, const float* m, const float* x,
-                    int64_t B, int64_t K, int64_t N, float* out, int64_t n0, int64_t n1) {
-  const int64_t nb = K / QK;
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t b = 0; b < B; ++b) {
+[[maybe_unused]] inline float weight_at(const QMat& w, int64_t n, int64_t k) {
+  const int64_t nb = w.K / QK, j = k / QK, i = k % QK, g = n / GROUP, r = n % GROUP;
+  const int64_t at = (g * nb + j) * GROUP + r;  // the row-block's index
+  if (w.q4) {
+    const uint8_t byte = static_cast<const uint8_t*>(w.qs)[at * 16 + (i % 16)];
+    const int q = i < 16 ? (byte & 0x0F) : (byte >> 4);
+    return w.d[at] * static_cast<float>(q) + w.m[at];
+  }
+  return w.d[at] * static_cast<float>(static_cast<const int8_t*>(w.qs)[at * 32 + i]);
+}
+
+[[maybe_unused]] void rows_i8_scalar(const QMat& w, const QActs& a, float* out, int64_t ldo,
+                                     int64_t g0, int64_t g1) {
+  const int64_t K = w.K, nb = K / QK;
+  const int64_t n1 = std::min(w.N, g1 * GROUP);
+  for (int64_t n = g0 * GROUP; n < n1; ++n)
+    for (int64_t b = 0; b < a.B; ++b) {
       float acc = 0.f;
-      for (int64_t j = 0; j < nb; ++j)
-        for (int i = 0; i < QK; ++i) {
-          float w;
-          if (q4) {
-            const uint8_t byte = static_cast<const uint8_t*>(qs)[n * (K / 2) + j * 16 + (i % 16)];
-            const int q = i < 16 ? (byte & 0x0F) : (byte >> 4);
-            w = d[n * nb + j] * static_cast<float>(q) + m[n * nb + j];
-          } else {
-            w = d[n * nb + j] * static_cast<float>(static_cast<const int8_t*>(qs)[n * K + j * QK + i]);
-          }
-          acc += w * x[b * K + j * QK + i];
-        }
-      out[b * N + n] = acc;
-    }
-}
-
-void q4_rows(const uint8_t* qs, const float* d, const float* m, const QActs& a, int64_t B,
-             int64_t K, int64_t N, float* out, int64_t n0, int64_t n1) {
-  const int64_t nb = K / QK;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wq = qs + n * (K / 2);
-    const float* wd = d + n * nb;
-    const float* wm = m + n * nb;
-    for (int64_t b0 = 0; b0 < B; b0 += BT) {
-      const int bt = static_cast<int>(std::min<int64_t>(BT, B - b0));
-      float msum[BT] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX2__)
-      (void)msum;
-      switch (bt) {
-        case 4: q4_tile<4>(wq, wd, wm, a, b0, K, nb, N, n, out); break;
-        case 3: q4_tile<3>(wq, wd, wm, a, b0, K, nb, N, n, out); break;
-        case 2: q4_tile<2>(wq, wd, wm, a, b0, K, nb, N, n, out); break;
-        default: q4_tile<1>(wq, wd, wm, a, b0, K, nb, N, n, out); break;
-      }
-#else
-      float acc[BT] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t j = 0; j < nb; ++j) {
-        const uint8_t* blk = wq + j * 16;
-        for (int t = 0; t < bt; ++t) {
-          const int64_t b = b0 + t;
-          const int8_t* xq = a.q.data() + b * K + j * QK;
-          int isum = 0;
+        const int64_t at = ((n / GROUP) * nb + j) * GROUP + n % GROUP;
+        const int8_t* xq = a.q.data() + b * K + j * QK;
+        int isum = 0;
+        if (w.q4) {
+          const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + at * 16;
           for (int i = 0; i < 16; ++i) isum += (blk[i] & 0x0F) * xq[i] + (blk[i] >> 4) * xq[i + 16];
-          acc[t] += wd[j] * a.d[b * nb + j] * static_cast<float>(isum);
-          msum[t] += wm[j] * a.s[b * nb + j];
+          acc += w.m[at] * a.s[b * nb + j];
+        } else {
+          const int8_t* q = static_cast<const int8_t*>(w.qs) + at * 32;
+          for (int i = 0; i < QK; ++i) isum += q[i] * xq[i];
         }
+        acc += w.d[at] * a.d[b * nb + j] * static_cast<float>(isum);
       }
-      for (int t = 0; t < bt; ++t) out[(b0 + t) * N + n] = acc[t] + msum[t];
-#endif
+      out[b * ldo + n] = acc;
     }
-  }
-}
-
-void q8_rows(const int8_t* qs, const float* d, const QActs& a, int64_t B, int64_t K, int64_t N,
-             float* out, int64_t n0, int64_t n1) {
-  const int64_t nb = K / QK;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wq = qs + n * K;
-    const float* wd = d + n * nb;
-    for (int64_t b0 = 0; b0 < B; b0 += BT) {
-      const int bt = static_cast<int>(std::min<int64_t>(BT, B - b0));
-#if defined(__AVX2__)
-      switch (bt) {
-        case 4: q8_tile<4>(wq, wd, a, b0, K, nb, N, n, out); break;
-        case 3: q8_tile<3>(wq, wd, a, b0, K, nb, N, n, out); break;
-        case 2: q8_tile<2>(wq, wd, a, b0, K, nb, N, n, out); break;
-        default: q8_tile<1>(wq, wd, a, b0, K, nb, N, n, out); break;
-      }
-#else
-      float acc[BT] = {0.f, 0.f, 0.f, 0.f};
-      for (int64_t j = 0; j < nb; ++j) {
-        for (int t = 0; t < bt; ++t) {
-          const int64_t b = b0 + t;
-          const int8_t* xq = a.q.data() + b * K + j * QK;
-          int isum = 0;
-          for (int i = 0; i < QK; ++i) isum += wq[j * QK + i] * xq[i];
-          acc[t] += wd[j] * a.d[b * nb + j] * static_cast<float>(isum);
-        }
-      }
-      for (int t = 0; t < bt; ++t) out[(b0 + t) * N + n] = acc[t];
-#endif
-    }
-  }
-}
-
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous float32 [B, K] tensor");
-  TORCH_CHECK(x.size(1) == K && K % QK == 0, "x has ", x.size(1), " columns, weight has ", K);
 }
 
 }  // namespace
 
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
-  const int64_t N = qs.size(0), K = qs.size(1) * 2, B = x.size(0);
-  check_x(x, K);
-  const QActs a = quantize_acts(x.data_ptr<float>(), B, K);
-  auto out = torch::empty({B, N}, x.options());
-  const uint8_t* q = qs.data_ptr<uint8_t>();
-  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    q4_rows(q, dp, mp, a, B, K, N, o, n0, n1);
-  });
-  return out;
-}
-
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d) {
-  const int64_t N = qs.size(0), K = qs.size(1), B = x.size(0);
-  check_x(x, K);
-  const QActs a = quantize_acts(x.data_ptr<float>(), B, K);
-  auto out = torch::empty({B, N}, x.options());
-  const int8_t* q = qs.data_ptr<int8_t>();
-  const float* dp = d.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    q8_rows(q, dp, a, B, K, N, o, n0, n1);
-  });
-  return out;
-}
-
-torch::Tensor q4_linear_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
-  const int64_t N = qs.size(0), K = qs.size(1) * 2, B = x.size(0), nb = K / QK;
-  check_x(x, K);
-  auto out = torch::empty({B, N}, x.options());
-  const uint8_t* q = qs.data_ptr<uint8_t>();
-  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-#if defined(__AVX2__)
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wq = q + n * (K / 2);
-      for (int64_t b0 = 0; b0 < B; b0 += BT) {
-        switch (std::min<int64_t>(BT, B - b0)) {
-          case 4: q4f_tile<4>(wq, dp + n * nb, mp + n * nb, xp, b0, K, nb, N, n, o); break;
-          case 3: q4f_tile<3>(wq, dp + n * nb, mp + n * nb, xp, b0, K, nb, N, n, o); break;
-          case 2: q4f_tile<2>(wq, dp + n * nb, mp + n * nb, xp, b0, K, nb, N, n, o); break;
-          default: q4f_tile<1>(wq, dp + n * nb, mp + n * nb, xp, b0, K, nb, N, n, o); break;
-        }
-      }
-    }
+void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
+                    int64_t g1) {
+#if LE_AVX2
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t b0 = 0;
+    for (; b0 + 2 <= a.B; b0 += 2) group_i8<2>(w, a, g, b0, out, ldo);
+    if (b0 < a.B) group_i8<1>(w, a, g, b0, out, ldo);
+  }
 #else
-    qf_rows_scalar(true, q, dp, mp, xp, B, K, N, o, n0, n1);
+  rows_i8_scalar(w, a, out, ldo, g0, g1);
 #endif
-  });
-  return out;
 }
 
-torch::Tensor q8_linear_f32(torch::Tensor x, torch::Tensor qs, torch::Tensor d) {
-  const int64_t N = qs.size(0), K = qs.size(1), B = x.size(0), nb = K / QK;
-  check_x(x, K);
-  auto out = torch::empty({B, N}, x.options());
-  const int8_t* q = qs.data_ptr<int8_t>();
-  const float *dp = d.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-#if defined(__AVX2__)
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wq = q + n * K;
-      for (int64_t b0 = 0; b0 < B; b0 += BT) {
-        switch (std::min<int64_t>(BT, B - b0)) {
-          case 4: q8f_tile<4>(wq, dp + n * nb, xp, b0, K, nb, N, n, o); break;
-          case 3: q8f_tile<3>(wq, dp + n * nb, xp, b0, K, nb, N, n, o); break;
-          case 2: q8f_tile<2>(wq, dp + n * nb, xp, b0, K, nb, N, n, o); break;
-          default: q8f_tile<1>(wq, dp + n * nb, xp, b0, K, nb, N, n, o); break;
-        }
-      }
+void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
+                   int64_t g0, int64_t g1) {
+#if LE_AVX2
+  if (B >= kPanelRows) {  // widen each group once, then stream every row past it
+    thread_local std::vector<float> panel;
+    if (static_cast<int64_t>(panel.size()) < GROUP * w.K) panel.resize(GROUP * w.K);
+    for (int64_t g = g0; g < g1; ++g) {
+      widen_group(w, g, panel.data());
+      const int64_t rows = std::min<int64_t>(GROUP, w.N - g * GROUP);
+      int64_t b0 = 0;
+      for (; b0 + 2 <= B; b0 += 2) panel_f32<2>(panel.data(), w.K, x, g, b0, rows, out, ldo);
+      if (b0 < B) panel_f32<1>(panel.data(), w.K, x, g, b0, rows, out, ldo);
     }
+    return;
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t b0 = 0;
+    for (; b0 + 2 <= B; b0 += 2) group_f32<2>(w, x, g, b0, out, ldo);
+    if (b0 < B) group_f32<1>(w, x, g, b0, out, ldo);
+  }
 #else
-    qf_rows_scalar(false, q, dp, nullptr, xp, B, K, N, o, n0, n1);
+  const int64_t n1 = std::min(w.N, g1 * GROUP);
+  for (int64_t n = g0 * GROUP; n < n1; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.K; ++k) acc += weight_at(w, n, k) * x[b * w.K + k];
+      out[b * ldo + n] = acc;
+    }
 #endif
-  });
-  return out;
 }
 
-// Whole-matrix dequantization for the many-row (prefill) path: float32 [N, K].
-torch::Tensor q4_dequant(torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
-  const int64_t N = qs.size(0), K = qs.size(1) * 2, nb = K / QK;
-  auto out = torch::empty({N, K}, d.options());
-  const uint8_t* q = qs.data_ptr<uint8_t>();
-  const float *dp = d.data_ptr<float>(), *mp = m.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N * nb, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const uint8_t* blk = q + i * 16;
-      float* ob = o + i * QK;
-      for (int k = 0; k < 16; ++k) {
-        ob[k] = dp[i] * static_cast<float>(blk[k] & 0x0F) + mp[i];
-        ob[k + 16] = dp[i] * static_cast<float>(blk[k] >> 4) + mp[i];
+void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1) {
+  const int64_t K = w.K, nb = K / QK;
+  const int64_t n1 = std::min(w.N, g1 * GROUP);
+  for (int64_t n = g0 * GROUP; n < n1; ++n)
+    for (int64_t j = 0; j < nb; ++j) {
+      float* ob = out + (n - g0 * GROUP) * K + j * QK;
+      const int64_t at = ((n / GROUP) * nb + j) * GROUP + n % GROUP;
+      if (w.q4) {
+        const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + at * 16;
+        for (int k = 0; k < 16; ++k) {
+          ob[k] = w.d[at] * static_cast<float>(blk[k] & 0x0F) + w.m[at];
+          ob[k + 16] = w.d[at] * static_cast<float>(blk[k] >> 4) + w.m[at];
+        }
+      } else {
+        const int8_t* q = static_cast<const int8_t*>(w.qs) + at * 32;
+        for (int k = 0; k < QK; ++k) ob[k] = w.d[at] * static_cast<float>(q[k]);
       }
     }
-  });
-  return out;
 }
 
-torch::Tensor q8_dequant(torch::Tensor qs, torch::Tensor d) {
-  const int64_t N = qs.size(0), K = qs.size(1), nb = K / QK;
-  auto out = torch::empty({N, K}, d.options());
-  const int8_t* q = qs.data_ptr<int8_t>();
-  const float* dp = d.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N * nb, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int k = 0; k < QK; ++k) o[i * QK + k] = dp[i] * static_cast<float>(q[i * QK + k]);
-  });
-  return out;
+void exp_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+#if LE_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("q4_dequant", &q4_dequant, "q4 weight -> float32 [N, K]");
-  mod.def("q8_dequant", &q8_dequant, "q8 weight -> float32 [N, K]");
-  mod.def("q4_linear_f32", &q4_linear_f32, "exact: float x [B,K] @ q4 weight [N,K].T");
-  mod.def("q8_linear_f32", &q8_linear_f32, "exact: float x [B,K] @ q8 weight [N,K].T");
-  mod.def("q4_linear", &q4_linear, "x [B,K] @ q4 weight [N,K].T -> [B,N]");
-  mod.def("q8_linear", &q8_linear, "x [B,K] @ q8 weight [N,K].T -> [B,N]");
+float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float r = 0.f;
+#if LE_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  r = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
 }
+
+}  // namespace llama_engine

@@ -1,0 +1,55 @@
+// Quantized weight x activation products for the CPU (see qgemm.cpp), shared by the matrix
+// entry points and the fused decode step (decode.cpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llama_engine {
+
+constexpr int QK = 32;  // elements per quantization block, weights and activations alike
+
+// Activations quantized per 32-block to int8 with a float scale (llama.cpp's Q8_1): each block's
+// dot product with a weight block then runs on integers.
+struct QActs {
+  std::vector<int8_t> q;  // [B, K]
+  std::vector<float> d;   // [B, K/32] scale
+  std::vector<float> s;   // [B, K/32] d * sum(q), for the offset term of q4 weights
+  int64_t B = 0, K = 0;
+  // Quantize x [B, K]; the buffers grow but are never shrunk, so a reused QActs stops
+  // allocating after its first use at a given size.
+  void quantize(const float* x, int64_t B, int64_t K);
+};
+
+// A weight matrix [N, K] in the kernels' layout (borrowed pointers). Rows are interleaved in
+// groups of four (G = ceil(N / 4) groups; the last one zero-padded), so a tile of four output
+// rows reads its weights as one sequential stream:
+//   q4: qs uint8 [G, K/32, 4, 16] (a block: low nibble of byte i = element i, high = i + 16),
+//       d, m float32 [G, K/32, 4]: w = d * q + m            (GGUF Q4_0, Q4_1, Q4_K)
+//   q8: qs int8 [G, K/32, 4, 32], d float32 [G, K/32, 4]: w = d * q   (GGUF Q8_0)
+struct QMat {
+  bool q4;
+  const void* qs;
+  const float* d;
+  const float* m;  // q4 only
+  int64_t N, K;
+};
+constexpr int GROUP = 4;
+
+// out[b * ldo + n] for every activation row b and the weight rows n < N of groups [g0, g1).
+// int8 activations (llama.cpp's scheme, ~0.5% relative error per product):
+void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
+                    int64_t g1);
+// float activations, weights widened to float in registers: dequantize-then-matmul's arithmetic
+// up to summation order.
+void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
+                   int64_t g0, int64_t g1);
+// The weight rows n < N of groups [g0, g1) as float32 into out [rows, K] (row-major, in order).
+void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1);
+inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }
+
+// Vectorised helpers of the decode step.
+void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp
+float dot_f32(const float* a, const float* b, int64_t n);
+
+}  // namespace llama_engine

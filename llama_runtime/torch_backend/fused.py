@@ -1,0 +1,83 @@
+"""The fused decode step: every decoding sequence of a scheduler step in one native call.
+
+Decode on a CPU is a few small matrix products per layer; run op by op from Python, the fixed
+cost of ~20 torch calls a layer (and gathering each sequence's K/V by slot before attention)
+outweighs the arithmetic. `FusedDecoder` hands the whole forward to csrc/decode.cpp instead:
+norms, quantized products, RoPE, the KV write, attention read in place from the paged cache,
+the MLP and the output projection, with work buffers reused between steps.
+
+Two kernels: "int8" quantizes activations per 32-block to 8 bits before each product (llama.cpp's
+CPU scheme: ~0.5% relative error per product, so a near-tie between two tokens can flip), and
+"exact" widens the weights to float (the reference's arithmetic up to summation order). Each
+row's result depends only on that row, so batching never changes a sequence's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from llama_models.llama import LlamaConfig, LlamaModel
+from llama_models.ops import RopeSpec
+from llama_runtime.torch_backend.paged import PagedKVStore, SeqStep
+from llama_runtime.torch_backend.qweights import QWeight, kernels
+
+__all__ = ["DECODE_KERNELS", "FusedDecoder"]
+
+DECODE_KERNELS = ("int8", "exact")
+_LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class FusedDecoder:
+    def __init__(self, model: LlamaModel, *, int8: bool) -> None:
+        cfg: LlamaConfig = model.cfg
+        norms: list[torch.Tensor] = []
+        linears: list[list[torch.Tensor]] = []
+        rows: list[int] = []
+
+        def add(w: torch.Tensor | QWeight) -> None:
+            linears.append(w.parts() if isinstance(w, QWeight) else [w])
+            rows.append(w.shape[0])
+
+        for layer in model.layers:
+            norms += [layer["attn_norm"], layer["ffn_norm"]]
+            for key in _LAYER_LINEARS:
+                add(layer[key])
+        norms.append(model.out_norm)
+        add(model.output)
+        dims = [cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
+                cfg.vocab_size]
+        self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows)
+        self._model = model
+        self._int8 = int8
+        self._inv_freq = torch.tensor(model.rope.inv_freq(), dtype=torch.float32)
+
+    @staticmethod
+    def supports(model: LlamaModel, device: torch.device, dtype: torch.dtype) -> str | None:
+        """None when the fused step can run this model here, else why not."""
+        if device.type != "cpu" or dtype != torch.float32:
+            return "the fused decode step runs on the CPU in float32"
+        rope: RopeSpec = model.rope
+        if rope.rotary_dim != rope.head_dim:
+            return "the fused decode step rotates whole heads (partial RoPE is not supported)"
+        return None
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
+             store: PagedKVStore) -> torch.Tensor:
+        """Logits [len(seqs), vocab] for sequences that each add one token."""
+        bs = store.block_size
+        ids = torch.tensor(tokens, dtype=torch.long)
+        x = self._model.ops.embedding(self._model.embed, ids).contiguous()
+        angles = torch.tensor(positions, dtype=torch.float32)[:, None] * self._inv_freq[None, :]
+        tables: list[list[int]] = [[slot // bs for slot in s.context_slots[::bs]] for s in seqs]
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        lens = torch.tensor([len(s.context_slots) for s in seqs], dtype=torch.long)
+        write = torch.tensor([s.write_slots[0] for s in seqs], dtype=torch.long)
+        out: Any = self._native.step(x, angles.cos(), angles.sin(), write, table, lens, store.k,
+                                     store.v, bs, self._int8)
+        return out
