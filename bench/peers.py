@@ -11,7 +11,9 @@ Each engine runs in its own child process, one after another (so they never shar
 each peak RSS is its own), on the same prompt token ids, the same thread count, greedy decoding
 of exactly --gen-tokens new tokens (end-of-sequence ignored). Prints one JSON object: every
 engine's figures and our ratios to each peer (>1 is better for us on tok/s; <1 is better for us
-on TTFT and RSS). Needs the `bench` extra: pip install -e '.[bench]'.
+on TTFT and RSS). peak_rss_mb is the peak after loading and serving the single request;
+peak_rss_mb_all the peak at the end, after the concurrency runs (ours then holds N sessions' KV
+at once, llama.cpp one). Needs the `bench` extra: pip install -e '.[bench]'.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     u = c.usage
     res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": u.prefill_tok_s,
                            "ttft_ms": u.ttft_ms, "decode_tok_s": u.decode_tok_s,
-                           "tokens": c.token_ids}
+                           "tokens": c.token_ids, "peak_rss_mb": _rss_mb()}
     # prefix cache: a prompt sharing all but its last 32 tokens with one served before
     miss, hit = job["prefix_pair"]
     res["ttft_ms_prefix_miss"] = engine.generate(miss, max_tokens=1, temperature=0).usage.ttft_ms
@@ -96,7 +98,8 @@ def run_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     prefill_s = time.perf_counter() - p0
     res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": len(prompt) / prefill_s,
                            "ttft_ms": (t_first - t0) * 1e3,
-                           "decode_tok_s": (gen - 1) / (t_end - t_first), "tokens": tokens}
+                           "decode_tok_s": (gen - 1) / (t_end - t_first), "tokens": tokens,
+                           "peak_rss_mb": _rss_mb()}
 
     def first_token_ms(ids: list[int]) -> float:
         t = time.perf_counter()
@@ -147,7 +150,7 @@ def run_transformers(job: dict[str, Any]) -> dict[str, Any]:
         t_end = time.perf_counter()
     return {"load_s": load_s, "prefill_tok_s": len(prompt) / (t_first - t0),
             "ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (gen - 1) / (t_end - t_first),
-            "tokens": tokens}
+            "tokens": tokens, "peak_rss_mb": _rss_mb()}
 
 
 RUNNERS = {"llama_engine": run_ours, "llama_cpp": run_llama_cpp, "transformers": run_transformers}
@@ -158,7 +161,7 @@ def _worker(args: argparse.Namespace) -> None:
         job = json.load(f)
     try:
         res = RUNNERS[args.worker](job)
-        res["peak_rss_mb"] = _rss_mb()
+        res["peak_rss_mb_all"] = _rss_mb()  # after the concurrency runs too
     except Exception as e:  # reported, not raised: one missing peer must not hide the others
         res = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(res))
@@ -167,9 +170,9 @@ def _worker(args: argparse.Namespace) -> None:
 def _ratio(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float] | None:
     if "error" in ours or "error" in peer:
         return None
-    keys = ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb"]
+    keys = ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "peak_rss_mb_all"]
     keys += sorted(k for k in ours if k.startswith(("aggregate_", "ttft_ms_prefix")) and k in peer)
-    return {k: round(ours[k] / peer[k], 3) for k in keys}
+    return {k: round(ours[k] / peer[k], 3) for k in keys if k in ours and k in peer}
 
 
 def _agreeing(a: list[int] | None, b: list[int] | None) -> int | None:

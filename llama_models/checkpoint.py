@@ -7,6 +7,7 @@ Every way a file can be wrong becomes a `WeightLoadError` that names the file an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ import numpy as np
 
 from llama_engine.errors import ModelNotFoundError, WeightLoadError
 
-__all__ = ["Checkpoint", "RawTensor", "read_checkpoint", "read_gguf", "read_hf_dir"]
+__all__ = ["Checkpoint", "RawTensor", "read_checkpoint", "read_gguf", "read_hf_dir",
+           "release_pages"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -82,6 +84,31 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if p.is_dir():
         return read_hf_dir(p)
     return read_gguf(p)
+
+
+def release_pages(data: Any) -> None:
+    """Drop a memory-mapped tensor's pages from this process's resident set once a backend has
+    made its own copy (they are re-read from the page cache if touched again). Without this, a
+    loaded model counts twice in RSS: the file's pages and the backend's weights."""
+    import mmap
+
+    if not isinstance(data, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    root = data
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not isinstance(root, np.memmap):
+        return  # not file-backed
+    mm: mmap.mmap = root.base
+    # np.memmap maps from an allocation-granularity boundary at or before its offset
+    mm_start = root.__array_interface__["data"][0] - root.offset % mmap.ALLOCATIONGRANULARITY
+    start = data.__array_interface__["data"][0] - mm_start
+    page = mmap.PAGESIZE
+    lo = (start + page - 1) // page * page  # only whole pages inside the tensor
+    hi = (start + data.nbytes) // page * page
+    if hi > lo:
+        with contextlib.suppress(OSError, ValueError):  # advice only: nothing depends on it
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def read_gguf(path: Path) -> Checkpoint:

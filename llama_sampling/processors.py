@@ -158,7 +158,9 @@ def top_p(p: float) -> LogitsProcessor:
         if vals.size <= 1:
             return logits
         neg_logp = logsumexp(vals) - vals  # float32: numpy's float64 exp is several times slower
-        keep = prefix_by_key(neg_logp, np.exp(-neg_logp), p)
+        # rank by max - logit, not by -log p: subtracting the log-sum-exp can round two
+        # different logits to one key and then keep the smaller of the two
+        keep = prefix_by_key(vals.max() - vals, np.exp(-neg_logp), p)
         return keep_only(logits, keep if ids is None else ids[keep])
 
     return apply

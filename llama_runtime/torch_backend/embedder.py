@@ -27,7 +27,8 @@ from llama_runtime.backends import pick_device
 from llama_runtime.torch_backend.ops import TorchOps
 from llama_tokenizer import Tokenizer
 
-__all__ = ["CausalBatch", "FairLock", "TorchEmbedder", "check_texts", "decoder_embeddings"]
+__all__ = ["COMPUTE_LOCK", "CausalBatch", "FairLock", "TorchEmbedder", "check_texts",
+           "decoder_embeddings"]
 
 DEFAULT_BATCH_SIZE = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,7 +95,7 @@ class TorchEmbedder:
             prepared = {name: raw.data.to(device=self.device, dtype=self.dtype).contiguous()
                         for name, raw in files.weights.items()}
         self._model = files.build(prepared, TorchOps(self.device, self.dtype))
-        self._lock = threading.Lock()
+        self._lock = COMPUTE_LOCK
 
     def __repr__(self) -> str:
         return (f"TorchEmbedder({self.name!r}, dim={self.dim}, device={self.device}, "
@@ -182,6 +183,13 @@ class FairLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
+
+
+COMPUTE_LOCK = FairLock()
+"""Held by every forward in the process: each engine's scheduler steps and every embedding
+batch. One forward already uses every core (OpenMP teams that spin-wait at each barrier); two at
+once oversubscribe the cores and every barrier then waits out a time slice, which slowed decode
+about 100x in a measurement here. Taking turns loses nothing: each forward is compute-bound."""
 
 
 class CausalBatch:

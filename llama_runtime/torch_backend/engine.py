@@ -35,14 +35,15 @@ from llama_engine import (
     Usage,
 )
 from llama_kv import PagedKVCache, kv_budget_blocks, kv_bytes_per_block
-from llama_models import ModelFiles, RawTensor, open_model
+from llama_models import RawTensor, open_model
+from llama_models.checkpoint import release_pages
 from llama_models.dequant import dequantize
 from llama_runtime.backends import physical_cores, pick_device
 from llama_runtime.generation import Generation
 from llama_runtime.scheduler import Request, Scheduler
 from llama_runtime.torch_backend.embedder import (
+    COMPUTE_LOCK,
     DEFAULT_BATCH_SIZE,
-    FairLock,
     TorchEmbedder,
     check_options,
     check_texts,
@@ -112,7 +113,7 @@ class TorchEngine(LlamaEngine):
         self._sessions: dict[str, Session] = {}
         self._handle: ModelHandle | None = None
         self._tokenizer: Tokenizer | None = None
-        self._files: ModelFiles | None = None
+        self._weight_paths: dict[str, str] | None = None
         self._model: Any = None
         self._ctx = 0
         # embeddings: the encoder (loaded on first use unless load_embed_model ran), or
@@ -120,7 +121,7 @@ class TorchEngine(LlamaEngine):
         self._embed_model = embed_model
         self._embedder: TorchEmbedder | None = None
         self._embed_load_lock = threading.Lock()
-        self._forward_lock = FairLock()
+        self._forward_lock = COMPUTE_LOCK  # shared by every engine: see its docstring
         """Held by every forward of the generating model: the scheduler's steps and decoder
         embeddings, so the two never run at once."""
 
@@ -187,7 +188,10 @@ class TorchEngine(LlamaEngine):
             for s in list(self._sessions.values()):
                 s.closed, s.backend_state = True, None
             self._sessions.clear()
-            self._files, self._tokenizer, self._ctx = files, tokenizer, ctx
+            # the file's tensors are not kept: only how each one is held
+            self._weight_paths = {name: weight_path(raw, quantized)
+                                  for name, raw in files.weights.items()}
+            self._tokenizer, self._ctx = tokenizer, ctx
             self._model = files.build(prepared, ops)
             self._fused = self._fused_decoder(self._model, device, dtype)
             self._device, self._dtype = device, dtype
@@ -247,10 +251,9 @@ class TorchEngine(LlamaEngine):
     def weight_paths(self) -> dict[str, str]:
         """How each weight tensor is held: kept quantized (multiplied by the compiled kernel) or
         dequantized to the compute dtype."""
-        if self._files is None:
+        if self._weight_paths is None:
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
-        return {name: weight_path(raw, self._quantized)
-                for name, raw in self._files.weights.items()}
+        return dict(self._weight_paths)
 
     @staticmethod
     def _prepare_weights(weights: dict[str, RawTensor], device: torch.device,
@@ -260,6 +263,7 @@ class TorchEngine(LlamaEngine):
             for name, raw in weights.items():
                 if weight_path(raw, quantized) == KEPT_QUANTIZED:
                     out[name] = repack(raw)
+                    release_pages(raw.data)
                     bar.update(1)
                     continue
                 if isinstance(raw.data, torch.Tensor):
@@ -267,6 +271,7 @@ class TorchEngine(LlamaEngine):
                 else:
                     data = torch.from_numpy(np.array(raw.data, copy=True)).to(device)
                     w = dequantize(data, raw.qtype, raw.shape).to(dtype)
+                    release_pages(raw.data)
                 out[name] = w.contiguous()
                 bar.update(1)
         return out

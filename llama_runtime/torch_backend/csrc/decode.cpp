@@ -152,34 +152,44 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
   const int64_t max_blocks = block_tables.size(1);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t group = hq / hkv;
-  at::parallel_for(0, B * hq, 1, [&](int64_t u0, int64_t u1) {
+  // Work units: one query head each while there are few sequences (spreads a single sequence
+  // over the cores), else every query head of one KV head, which then reads its rows once.
+  const int64_t per_unit = B * hkv >= 2 * at::get_num_threads() ? group : 1;
+  at::parallel_for(0, B * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores;
+    thread_local std::vector<const float*> krows, vrows;
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / hq, h = u % hq, kvh = h / group, len = ctx_lens[b];
+      const int64_t b = u * per_unit / hq, h0 = u * per_unit % hq, kvh = h0 / group;
+      const int64_t len = ctx_lens[b];
       const int64_t* table = tables + b * max_blocks;
-      const float* q = q_.data() + (b * hq + h) * hd;
-      grow(scores, len);
-      float mx = -INFINITY;
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t slot = table[p / block_size] * block_size + p % block_size;
-        const float s = dot_f32(q, kl + slot * kv_row + kvh * hd, hd) * scale;
-        scores[p] = s;
-        mx = std::max(mx, s);
+      grow(scores, per_unit * len);
+      if (static_cast<int64_t>(krows.size()) < len) {
+        krows.resize(len);
+        vrows.resize(len);
       }
-      for (int64_t p = 0; p < len; ++p) scores[p] -= mx;
-      exp_inplace(scores.data(), len);
-      float total = 0.f;
-      for (int64_t p = 0; p < len; ++p) total += scores[p];
-      float* out = att_.data() + (b * hq + h) * hd;
-      std::fill_n(out, hd, 0.f);
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t slot = table[p / block_size] * block_size + p % block_size;
-        const float* v = vl + slot * kv_row + kvh * hd;
-        const float w = scores[p];
-        for (int64_t i = 0; i < hd; ++i) out[i] += w * v[i];
+      // this KV head's row of each position, read in place through the block table
+      for (int64_t p = 0, blk = 0; p < len; ++blk) {
+        const int64_t base = table[blk] * block_size;
+        for (int64_t o = 0; o < block_size && p < len; ++o, ++p) {
+          const int64_t at = (base + o) * kv_row + kvh * hd;
+          krows[p] = kl + at;
+          vrows[p] = vl + at;
+        }
       }
-      const float inv = 1.f / total;
-      for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
+      dot_rows(q_.data() + (b * hq + h0) * hd, per_unit, krows.data(), len, hd, scale,
+               scores.data());
+      for (int64_t g = 0; g < per_unit; ++g) {
+        float* s = scores.data() + g * len;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < len; ++p) mx = std::max(mx, s[p]);
+        for (int64_t p = 0; p < len; ++p) s[p] -= mx;
+        exp_inplace(s, len);
+        float total = 0.f;
+        for (int64_t p = 0; p < len; ++p) total += s[p];
+        const float inv = 1.f / total;
+        for (int64_t p = 0; p < len; ++p) s[p] *= inv;
+        weighted_sum_rows(s, vrows.data(), len, hd, att_.data() + (b * hq + h0 + g) * hd);
+      }
     }
   });
 }

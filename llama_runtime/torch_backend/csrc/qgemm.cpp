@@ -358,4 +358,57 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return r;
 }
 
+void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
+              float scale, float* out) {
+  int64_t p = 0;
+#if LE_AVX2
+  if (d % 8 == 0) {
+    // eight rows at a time: eight partial vectors, then one horizontal reduction for all
+    for (; p + 8 <= n; p += 8) {
+      for (int64_t g = 0; g < nq; ++g) {
+        const float* qg = q + g * d;
+        __m256 acc[8];
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) {
+          const __m256 qv = _mm256_loadu_ps(qg + i);
+          for (int r = 0; r < 8; ++r)
+            acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[p + r] + i), acc[r]);
+        }
+        const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+        const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+        const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                          _mm256_permute2f128_ps(h0123, h4567, 0x31));
+        _mm256_storeu_ps(out + g * n + p, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+      }
+    }
+  }
+#endif
+  for (; p < n; ++p)
+    for (int64_t g = 0; g < nq; ++g) out[g * n + p] = dot_f32(q + g * d, rows[p], d) * scale;
+}
+
+void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
+                       float* out) {
+#if LE_AVX2
+  if (d % 8 == 0) {
+    for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 64 floats (8 registers) at a time
+      const int nv = static_cast<int>(std::min<int64_t>(64, d - d0) / 8);
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t p = 0; p < n; ++p) {
+        const __m256 wp = _mm256_broadcast_ss(w + p);
+        const float* v = rows[p] + d0;
+        for (int i = 0; i < nv; ++i) acc[i] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(v + 8 * i), acc[i]);
+      }
+      for (int i = 0; i < nv; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+    }
+    return;
+  }
+#endif
+  std::fill_n(out, d, 0.f);
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t i = 0; i < d; ++i) out[i] += w[p] * rows[p][i];
+}
+
 }  // namespace llama_engine

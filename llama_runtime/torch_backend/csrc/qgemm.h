@@ -51,5 +51,12 @@ inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }
 // Vectorised helpers of the decode step.
 void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp
 float dot_f32(const float* a, const float* b, int64_t n);
+// out[g * n + p] = scale * (q[g] . rows[p]) for g < nq, p < n; vectors of d floats, the nq
+// query vectors contiguous in q. Each row is read once for all nq queries.
+void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
+              float scale, float* out);
+// out = sum_p w[p] * rows[p] (d floats, overwritten).
+void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
+                       float* out);
 
 }  // namespace llama_engine
