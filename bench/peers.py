@@ -11,7 +11,8 @@ Each engine runs in its own child process, one after another (so they never shar
 each peak RSS is its own), on the same prompt token ids, the same thread count, greedy decoding
 of exactly --gen-tokens new tokens (end-of-sequence ignored). Prints one JSON object: every
 engine's figures and our ratios to each peer (>1 is better for us on tok/s; <1 is better for us
-on TTFT and RSS). peak_rss_mb is the peak after loading and serving the single request;
+on TTFT and RSS). decode_tok_s is the median of --repeats runs (this machine's run-to-run spread
+is about 15%). peak_rss_mb is the peak after loading and serving the single request;
 peak_rss_mb_all the peak at the end, after the concurrency runs (ours then holds N sessions' KV
 at once, llama.cpp one). Needs the `bench` extra: pip install -e '.[bench]'.
 """
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,9 +49,13 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     engine.generate(prompt[:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
     c = engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True)
     u = c.usage
+    decode = [u.decode_tok_s] + [  # repeats reuse the prompt's cached blocks: decode only
+        engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True).usage.decode_tok_s
+        for _ in range(job["repeats"] - 1)]
     res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": u.prefill_tok_s,
-                           "ttft_ms": u.ttft_ms, "decode_tok_s": u.decode_tok_s,
-                           "tokens": c.token_ids, "peak_rss_mb": _rss_mb()}
+                           "ttft_ms": u.ttft_ms, "decode_tok_s": statistics.median(decode),
+                           "decode_tok_s_runs": decode, "tokens": c.token_ids,
+                           "peak_rss_mb": _rss_mb()}
     # prefix cache: a prompt sharing all but its last 32 tokens with one served before
     miss, hit = job["prefix_pair"]
     res["ttft_ms_prefix_miss"] = engine.generate(miss, max_tokens=1, temperature=0).usage.ttft_ms
@@ -80,25 +86,30 @@ def run_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
                 n_threads_batch=threads, n_batch=512, verbose=False)
     load_s = time.perf_counter() - t0
     llm.eval(prompt[:16])  # warm-up
-    llm.reset()
-    t0 = time.perf_counter()
-    tokens: list[int] = []
-    t_first = 0.0
-    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-        if not tokens:
-            t_first = time.perf_counter()
-        tokens.append(int(tok))
-        if len(tokens) == gen:
-            break
-    t_end = time.perf_counter()
+
+    def one_request() -> tuple[list[int], float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        tokens: list[int] = []
+        t_first = 0.0
+        for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            if not tokens:
+                t_first = time.perf_counter()
+            tokens.append(int(tok))
+            if len(tokens) == gen:
+                break
+        return tokens, (t_first - t0) * 1e3, (gen - 1) / (time.perf_counter() - t_first)
+
+    tokens, ttft_ms, first_decode = one_request()
+    decode = [first_decode] + [one_request()[2] for _ in range(job["repeats"] - 1)]
     # prefill alone, from an empty cache
     llm.reset()
     p0 = time.perf_counter()
     llm.eval(prompt)
     prefill_s = time.perf_counter() - p0
     res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": len(prompt) / prefill_s,
-                           "ttft_ms": (t_first - t0) * 1e3,
-                           "decode_tok_s": (gen - 1) / (t_end - t_first), "tokens": tokens,
+                           "ttft_ms": ttft_ms, "decode_tok_s": statistics.median(decode),
+                           "decode_tok_s_runs": decode, "tokens": tokens,
                            "peak_rss_mb": _rss_mb()}
 
     def first_token_ms(ids: list[int]) -> float:
@@ -191,6 +202,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16],
                     help="aggregate tok/s with N requests at once (llama.cpp: one after another)")
     ap.add_argument("--only", nargs="*", choices=ENGINES, default=list(ENGINES))
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="single-request decode runs per engine (the median is reported)")
     ap.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
                     help="our decode kernel (create_engine's decode option)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -217,7 +230,7 @@ def main() -> None:
     miss = make_prompt(t, args.prompt_tokens, variant=1000)  # type: ignore[arg-type]
     hit = miss[:-32] + make_prompt(t, 32, variant=1001)  # type: ignore[arg-type]
     job = {"path": path, "prompt": prompt, "gen": args.gen_tokens, "threads": args.threads,
-           "decode": args.decode,
+           "decode": args.decode, "repeats": max(1, args.repeats),
            "prefix_pair": [miss, hit],
            "concurrent": {n: [make_prompt(t, args.prompt_tokens, variant=100 * n + i)  # type: ignore[arg-type]
                               for i in range(n)] for n in args.concurrency}}

@@ -113,12 +113,12 @@ class QWeight:
             rows = torch.arange(n)
         nb = k // 32
         g, lane = rows // GROUP, rows % GROUP
-        d = self.d.view(-1, nb, GROUP)[g, :, lane]  # [R, nb]
+        d = self.d.view(-1, nb, GROUP)[g, :, lane].float()  # [R, nb]
         if self.kind == "q8":
             q = self.qs.view(-1, nb, GROUP, 32)[g, :, lane].float()
             w = q * d[..., None]
         else:
-            m = self.m.view(-1, nb, GROUP)[g, :, lane]  # type: ignore[union-attr]
+            m = self.m.view(-1, nb, GROUP)[g, :, lane].float()  # type: ignore[union-attr]
             b = self.qs.view(-1, nb, GROUP, 16)[g, :, lane]
             q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()
             w = q * d[..., None] + m[..., None]
@@ -161,16 +161,19 @@ def repack(raw: RawTensor) -> QWeight:
     nb = k // 32
     data = np.asarray(raw.data).reshape(n, nb, -1)
     m: np.ndarray | None = None
+    # scales stay float16 where the file has them so (exact, and 4 bytes a block fewer to read)
     if raw.qtype == Q8_0:  # d f16, 32 x int8
-        d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
         qs = data[..., 2:34].copy().view(np.int8)
     elif raw.qtype == Q4_1:  # d f16, m f16, 16 bytes of nibbles
-        d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        m = data[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
+        m = data[..., 2:4].copy().view(np.float16)[..., 0]
         qs = data[..., 4:20]
-    elif raw.qtype == Q4_0:  # d f16, 16 bytes of nibbles; w = d * (q - 8)
-        d = data[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        m = -8.0 * d
+    elif raw.qtype == Q4_0:  # d f16, 16 bytes of nibbles; w = d * (q - 8), -8d exact in f16
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
+        m = (d.astype(np.float32) * -8.0).astype(np.float16)
+        if not np.array_equal(m.astype(np.float32), d.astype(np.float32) * -8.0):
+            d, m = d.astype(np.float32), d.astype(np.float32) * -8.0  # overflowed: keep float32
         qs = data[..., 2:18]
     elif raw.qtype == Q4_K:
         d, m, qs = _split_q4_k(np.asarray(raw.data).reshape(n, k // 256, 144))

@@ -57,21 +57,22 @@ Linear Linear::from(const std::vector<at::Tensor>& parts, int64_t rows) {
   l.qs = parts[0].contiguous();
   l.d = parts[1].contiguous();
   const bool q4 = l.qs.scalar_type() == at::kByte;
+  const bool f16 = l.d.scalar_type() == at::kHalf;
   TORCH_CHECK(q4 == (parts.size() == 3), "q4 weights (uint8) need d and m; q8 (int8) only d");
   l.N = rows;
   l.K = q4 ? l.qs.size(1) * 2 : l.qs.size(1);
   const int64_t padded = l.qs.size(0);
   TORCH_CHECK(padded % GROUP == 0 && rows <= padded && rows > padded - GROUP,
               "quantized rows are padded to a multiple of 4");
-  TORCH_CHECK(l.K % QK == 0 && l.d.scalar_type() == at::kFloat &&
+  TORCH_CHECK(l.K % QK == 0 && (f16 || l.d.scalar_type() == at::kFloat) &&
                   l.d.numel() == padded * l.K / QK,
               "malformed quantized weight");
   if (q4) {
     l.m = parts[2].contiguous();
-    TORCH_CHECK(l.m.scalar_type() == at::kFloat && l.m.numel() == l.d.numel(), "malformed m");
+    TORCH_CHECK(l.m.scalar_type() == l.d.scalar_type() && l.m.numel() == l.d.numel(),
+                "malformed m");
   }
-  l.mat = QMat{q4, l.qs.data_ptr(), l.d.data_ptr<float>(), q4 ? l.m.data_ptr<float>() : nullptr,
-               l.N, l.K};
+  l.mat = QMat{q4, l.qs.data_ptr(), l.d.data_ptr(), q4 ? l.m.data_ptr() : nullptr, l.N, l.K, f16};
   return l;
 }
 

@@ -17,17 +17,21 @@ namespace {
 le::QMat as_qmat(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor* m,
                  int64_t N) {
   const bool q4 = m != nullptr;
-  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == torch::kFloat,
-              "malformed quantized weight");
+  const bool f16 = d.scalar_type() == torch::kHalf;
+  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() &&
+                  (f16 || d.scalar_type() == torch::kFloat),
+              "malformed quantized weight: scales must be contiguous float32 or float16");
   TORCH_CHECK(q4 ? qs.scalar_type() == torch::kByte : qs.scalar_type() == torch::kChar,
               "q4 weights are uint8, q8 weights int8");
   const int64_t rows = qs.size(0), K = q4 ? qs.size(1) * 2 : qs.size(1);
   TORCH_CHECK(rows % le::GROUP == 0 && N <= rows && N > rows - le::GROUP,
               "a quantized weight holds its rows padded to a multiple of 4");
   TORCH_CHECK(d.numel() == rows * K / le::QK, "scales do not match the weight's shape");
-  if (q4) TORCH_CHECK(m->is_contiguous() && m->numel() == d.numel(), "malformed offsets");
-  return le::QMat{q4, qs.data_ptr(), d.data_ptr<float>(), q4 ? m->data_ptr<float>() : nullptr,
-                  N, K};
+  if (q4)
+    TORCH_CHECK(m->is_contiguous() && m->numel() == d.numel() &&
+                    m->scalar_type() == d.scalar_type(),
+                "malformed offsets");
+  return le::QMat{q4, qs.data_ptr(), d.data_ptr(), q4 ? m->data_ptr() : nullptr, N, K, f16};
 }
 
 torch::Tensor checked_x(const torch::Tensor& x, const le::QMat& w) {

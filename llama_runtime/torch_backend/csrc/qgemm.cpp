@@ -9,10 +9,12 @@
 // activation block is loaded once per tile.
 #include "qgemm.h"
 
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LE_AVX2 1
 #endif
@@ -49,6 +51,43 @@ void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
 namespace {
 
 constexpr int64_t kPanelRows = 8;  // from this many activation rows on, widen weights once
+
+inline float scale_at(const QMat& w, const void* a, int64_t i) {
+  if (!w.f16) return static_cast<const float*>(a)[i];
+  return c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(a)[i]);
+}
+
+// One group's scales and offsets as float32: the weight's own arrays, or float16 ones widened
+// into a per-thread buffer (a few hundred values a group, against its K * 4 weights).
+struct Scales {
+  const float* d;
+  const float* m;
+};
+inline Scales group_scales(const QMat& w, int64_t g) {
+  const int64_t n = (w.K / QK) * GROUP, at = g * n;
+  if (!w.f16)
+    return {static_cast<const float*>(w.d) + at,
+            w.q4 ? static_cast<const float*>(w.m) + at : nullptr};
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < 2 * n) buf.resize(2 * n);
+  const uint16_t* d16 = static_cast<const uint16_t*>(w.d) + at;
+  const uint16_t* m16 = w.q4 ? static_cast<const uint16_t*>(w.m) + at : nullptr;
+  int64_t i = 0;
+#if LE_AVX2
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(buf.data() + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d16 + i))));
+    if (m16)
+      _mm256_storeu_ps(buf.data() + n + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                               reinterpret_cast<const __m128i*>(m16 + i))));
+  }
+#endif
+  for (; i < n; ++i) {
+    buf[i] = c10::detail::fp16_ieee_to_fp32_value(d16[i]);
+    if (m16) buf[n + i] = c10::detail::fp16_ieee_to_fp32_value(m16[i]);
+  }
+  return {buf.data(), m16 ? buf.data() + n : nullptr};
+}
 
 #if LE_AVX2
 inline float hsum(__m256 v) {
@@ -92,7 +131,8 @@ inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float
   const int64_t K = w.K, nb = K / QK;
   const int64_t bytes = w.q4 ? 16 : 32;  // per row-block
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
-  const float* wd = w.d + g * nb * GROUP;
+  const Scales sc = group_scales(w, g);
+  const float* wd = sc.d;
   __m256 acc[GROUP][T];
   for (int r = 0; r < GROUP; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -131,7 +171,7 @@ inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float
   for (int t = 0; t < T; ++t) {
     float offs[GROUP] = {0.f, 0.f, 0.f, 0.f};
     if (w.q4) {  // the offset term: sum_j m[j] * s[j], four rows at once
-      const float* wm = w.m + g * nb * GROUP;
+      const float* wm = sc.m;
       const float* xs = a.s.data() + (b0 + t) * nb;
       __m128 macc = _mm_setzero_ps();
       for (int64_t j = 0; j < nb; ++j)
@@ -157,8 +197,9 @@ inline void group_f32(const QMat& w, const float* x, int64_t g, int64_t b0, floa
   const int64_t K = w.K, nb = K / QK;
   const int64_t bytes = w.q4 ? 16 : 32;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
-  const float* wd = w.d + g * nb * GROUP;
-  const float* wm = w.q4 ? w.m + g * nb * GROUP : nullptr;
+  const Scales sc = group_scales(w, g);
+  const float* wd = sc.d;
+  const float* wm = sc.m;
   __m256 acc[GROUP][T];
   for (int r = 0; r < GROUP; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -193,14 +234,15 @@ inline void widen_group(const QMat& w, int64_t g, float* panel) {
   const int64_t K = w.K, nb = K / QK;
   const int64_t bytes = w.q4 ? 16 : 32;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
-  const float* wd = w.d + g * nb * GROUP;
+  const Scales sc = group_scales(w, g);
+  const float* wd = sc.d;
   for (int64_t j = 0; j < nb; ++j)
     for (int r = 0; r < GROUP; ++r) {
       __m256 wv[4];
       const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
       const uint8_t* blk = wq + (j * GROUP + r) * bytes;
       if (w.q4) {
-        widen_q4(blk, dw, _mm256_broadcast_ss(w.m + g * nb * GROUP + j * GROUP + r), wv);
+        widen_q4(blk, dw, _mm256_broadcast_ss(sc.m + j * GROUP + r), wv);
       } else {
         for (int i = 0; i < 4; ++i) {
           const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * i));
@@ -238,9 +280,9 @@ inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t g, 
   if (w.q4) {
     const uint8_t byte = static_cast<const uint8_t*>(w.qs)[at * 16 + (i % 16)];
     const int q = i < 16 ? (byte & 0x0F) : (byte >> 4);
-    return w.d[at] * static_cast<float>(q) + w.m[at];
+    return scale_at(w, w.d, at) * static_cast<float>(q) + scale_at(w, w.m, at);
   }
-  return w.d[at] * static_cast<float>(static_cast<const int8_t*>(w.qs)[at * 32 + i]);
+  return scale_at(w, w.d, at) * static_cast<float>(static_cast<const int8_t*>(w.qs)[at * 32 + i]);
 }
 
 [[maybe_unused]] void rows_i8_scalar(const QMat& w, const QActs& a, float* out, int64_t ldo,
@@ -257,12 +299,12 @@ inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t g, 
         if (w.q4) {
           const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + at * 16;
           for (int i = 0; i < 16; ++i) isum += (blk[i] & 0x0F) * xq[i] + (blk[i] >> 4) * xq[i + 16];
-          acc += w.m[at] * a.s[b * nb + j];
+          acc += scale_at(w, w.m, at) * a.s[b * nb + j];
         } else {
           const int8_t* q = static_cast<const int8_t*>(w.qs) + at * 32;
           for (int i = 0; i < QK; ++i) isum += q[i] * xq[i];
         }
-        acc += w.d[at] * a.d[b * nb + j] * static_cast<float>(isum);
+        acc += scale_at(w, w.d, at) * a.d[b * nb + j] * static_cast<float>(isum);
       }
       out[b * ldo + n] = acc;
     }
@@ -321,15 +363,17 @@ void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1) {
     for (int64_t j = 0; j < nb; ++j) {
       float* ob = out + (n - g0 * GROUP) * K + j * QK;
       const int64_t at = ((n / GROUP) * nb + j) * GROUP + n % GROUP;
+      const float dj = scale_at(w, w.d, at);
       if (w.q4) {
         const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + at * 16;
+        const float mj = scale_at(w, w.m, at);
         for (int k = 0; k < 16; ++k) {
-          ob[k] = w.d[at] * static_cast<float>(blk[k] & 0x0F) + w.m[at];
-          ob[k + 16] = w.d[at] * static_cast<float>(blk[k] >> 4) + w.m[at];
+          ob[k] = dj * static_cast<float>(blk[k] & 0x0F) + mj;
+          ob[k + 16] = dj * static_cast<float>(blk[k] >> 4) + mj;
         }
       } else {
         const int8_t* q = static_cast<const int8_t*>(w.qs) + at * 32;
-        for (int k = 0; k < QK; ++k) ob[k] = w.d[at] * static_cast<float>(q[k]);
+        for (int k = 0; k < QK; ++k) ob[k] = dj * static_cast<float>(q[k]);
       }
     }
 }

@@ -25,14 +25,17 @@ struct QActs {
 // groups of four (G = ceil(N / 4) groups; the last one zero-padded), so a tile of four output
 // rows reads its weights as one sequential stream:
 //   q4: qs uint8 [G, K/32, 4, 16] (a block: low nibble of byte i = element i, high = i + 16),
-//       d, m float32 [G, K/32, 4]: w = d * q + m            (GGUF Q4_0, Q4_1, Q4_K)
-//   q8: qs int8 [G, K/32, 4, 32], d float32 [G, K/32, 4]: w = d * q   (GGUF Q8_0)
+//       d, m [G, K/32, 4]: w = d * q + m            (GGUF Q4_0, Q4_1, Q4_K)
+//   q8: qs int8 [G, K/32, 4, 32], d [G, K/32, 4]: w = d * q   (GGUF Q8_0)
+// Scales and offsets are float16 where that holds them exactly (the GGUF's own f16 values) and
+// float32 otherwise (Q4_K's products of two scales): 20 bytes per 32 Q4 weights, as in the file.
 struct QMat {
   bool q4;
   const void* qs;
-  const float* d;
-  const float* m;  // q4 only
+  const void* d;  // float32, or float16 when f16
+  const void* m;  // q4 only; same type as d
   int64_t N, K;
+  bool f16 = false;
 };
 constexpr int GROUP = 4;
 
