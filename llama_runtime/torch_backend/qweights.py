@@ -1,10 +1,11 @@
 """Weights kept quantized in memory, and the compiled kernels that multiply them.
 
-GGUF Q4_0, Q4_1 and Q8_0 tensors are repacked at load (no requantization: the same values) into
-`QWeight`s in the kernels' row-interleaved layout (csrc/qgemm.h). csrc/qgemm.cpp multiplies them
+GGUF Q4_0, Q4_1, Q8_0 and Q4_K tensors are repacked at load (no requantization: the same values)
+into `QWeight`s in the kernels' row-interleaved layout (csrc/qgemm.h). csrc/qgemm.cpp multiplies them
 directly, two ways:
 - exact: weights widened to float in registers (for many rows, once per 4-row panel) and
-  multiplied with float activations: dequantize-then-matmul's arithmetic up to summation order.
+  multiplied with float activations: dequantize-then-matmul's arithmetic up to summation order
+  (and one FMA rounding in d * q + m).
   Prompts always take this path.
 - int8: activations quantized per 32-block to 8 bits and dot products on integers (llama.cpp's CPU
   scheme); the fused decode step uses it by default (see fused.py).

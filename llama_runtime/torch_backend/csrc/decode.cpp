@@ -90,13 +90,26 @@ DecodeModel::DecodeModel(std::vector<int64_t> dims, double eps, std::vector<at::
   vocab_ = dims[6];
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * n_layers_ + 1, "2 norms a layer + 1");
   TORCH_CHECK(static_cast<int64_t>(linears.size()) == 7 * n_layers_ + 1, "7 linears a layer + 1");
-  TORCH_CHECK(n_heads_ % n_kv_heads_ == 0 && head_dim_ % 2 == 0, "bad head layout");
+  TORCH_CHECK(n_kv_heads_ > 0 && n_heads_ % n_kv_heads_ == 0 && head_dim_ % 2 == 0,
+              "bad head layout");
   for (auto& n : norms) {
     norms_.push_back(n.contiguous().to(at::kFloat));
     TORCH_CHECK(norms_.back().numel() == dim_, "a norm weight has ", n.numel(), " elements");
   }
   TORCH_CHECK(rows.size() == linears.size(), "one row count per linear");
   for (size_t i = 0; i < linears.size(); ++i) linears_.push_back(Linear::from(linears[i], rows[i]));
+  // every product writes into buffers sized from dims: refuse any other shape
+  const int64_t q = n_heads_ * head_dim_, kv = n_kv_heads_ * head_dim_;
+  const int64_t want[7][2] = {{q, dim_}, {kv, dim_}, {kv, dim_}, {dim_, q},
+                              {ffn_dim_, dim_}, {ffn_dim_, dim_}, {dim_, ffn_dim_}};
+  for (int64_t l = 0; l < n_layers_; ++l)
+    for (int i = 0; i < 7; ++i) {
+      const Linear& w = linears_[7 * l + i];
+      TORCH_CHECK(w.N == want[i][0] && w.K == want[i][1], "layer ", l, " weight ", i, " is [",
+                  w.N, ", ", w.K, "], expected [", want[i][0], ", ", want[i][1], "]");
+    }
+  TORCH_CHECK(linears_.back().N == vocab_ && linears_.back().K == dim_,
+              "the output projection must be [vocab, dim]");
 }
 
 void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B,
@@ -227,13 +240,22 @@ at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const a
                   k_cache.size(0) == n_layers_ && k_cache.size(2) == n_kv_heads_ &&
                   k_cache.size(3) == hd && v_cache.sizes() == k_cache.sizes(),
               "the KV cache must be float32 [layers, slots, kv_heads, head_dim]");
-  const int64_t n_slots = k_cache.size(1);
+  TORCH_CHECK(block_size > 0 && write_slots.is_contiguous() && ctx_lens.is_contiguous(),
+              "block_size > 0; contiguous slots and lengths");
+  const int64_t n_slots = k_cache.size(1), n_blocks = n_slots / block_size;
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   const int64_t* ws = write_slots.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] >= 1 && (lens[b] + block_size - 1) / block_size <= block_tables.size(1),
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // attention reads through these: check them all
+    const int64_t used = (lens[b] + block_size - 1) / block_size;
+    TORCH_CHECK(lens[b] >= 1 && used <= block_tables.size(1),
                 "context length beyond the block table");
-    TORCH_CHECK(ws[b] >= 0 && ws[b] < n_slots, "write slot out of range");
+    const int64_t* table = tables + b * block_tables.size(1);
+    for (int64_t i = 0; i < used; ++i)
+      TORCH_CHECK(table[i] >= 0 && table[i] < n_blocks, "block id out of range");
+    TORCH_CHECK(ws[b] == table[(lens[b] - 1) / block_size] * block_size +
+                             (lens[b] - 1) % block_size,
+                "the new token's slot must be its position's slot in the block table");
   }
   grow(x_, B * D);
   grow(h_, B * std::max(D, ffn_dim_));

@@ -64,7 +64,9 @@ class DecodeModel {
   float eps_;
   std::vector<at::Tensor> norms_;
   std::vector<Linear> linears_;
-  // work buffers, grown to the largest batch seen and reused (no allocation per step)
+  // work buffers, grown to the largest batch seen and reused (a step allocates only its logits
+  // and a few small job lists). Not thread-safe: one step at a time per DecodeModel (the engine
+  // serialises every forward).
   std::vector<float> x_, h_, q_, k_, v_, att_, tmp_, gate_, up_;
   QActs acts_;
   bool profiling_ = false;

@@ -39,7 +39,8 @@ void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
     int sum = 0;
     int8_t* qb = q.data() + i * QK;
     for (int k = 0; k < QK; ++k) {
-      const int v = static_cast<int>(std::nearbyint(xb[k] * inv));
+      const float f = xb[k] * inv;  // clamped, so inf or NaN inputs cannot overflow the cast
+      const int v = std::isnan(f) ? 0 : static_cast<int>(std::nearbyint(std::clamp(f, -127.f, 127.f)));
       qb[k] = static_cast<int8_t>(v);
       sum += v;
     }
@@ -101,7 +102,8 @@ inline float hsum(__m256 v) {
 inline __m256i expand_nibbles(const uint8_t* p) {  // 16 bytes -> 32 u8: low nibbles, then high
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, mask)),
+                                 _mm_and_si128(_mm_srli_epi16(b, 4), mask), 1);
 }
 
 inline __m256 exp256(__m256 x) {  // Cephes' expf: range reduction to [-ln2/2, ln2/2], degree 6

@@ -28,7 +28,8 @@ struct QActs {
 //       d, m [G, K/32, 4]: w = d * q + m            (GGUF Q4_0, Q4_1, Q4_K)
 //   q8: qs int8 [G, K/32, 4, 32], d [G, K/32, 4]: w = d * q   (GGUF Q8_0)
 // Scales and offsets are float16 where that holds them exactly (the GGUF's own f16 values) and
-// float32 otherwise (Q4_K's products of two scales): 20 bytes per 32 Q4 weights, as in the file.
+// float32 otherwise (Q4_K's products of two scales): per 32 weights, Q4_1 20 bytes (as in the
+// file), Q4_0 20 (the file's 18 plus the offset -8d), Q8_0 34, Q4_K 24.
 struct QMat {
   bool q4;
   const void* qs;
@@ -43,8 +44,8 @@ constexpr int GROUP = 4;
 // int8 activations (llama.cpp's scheme, ~0.5% relative error per product):
 void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
                     int64_t g1);
-// float activations, weights widened to float in registers: dequantize-then-matmul's arithmetic
-// up to summation order.
+// float activations, weights widened to float in registers (d * q + m in one FMA):
+// dequantize-then-matmul's arithmetic up to summation order and that one rounding.
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1);
 // The weight rows n < N of groups [g0, g1) as float32 into out [rows, K] (row-major, in order).
@@ -52,7 +53,7 @@ void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1);
 inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }
 
 // Vectorised helpers of the decode step.
-void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp
+void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp in [-87, 88]; 0 below, inf above
 float dot_f32(const float* a, const float* b, int64_t n);
 // out[g * n + p] = scale * (q[g] . rows[p]) for g < nq, p < n; vectors of d floats, the nq
 // query vectors contiguous in q. Each row is read once for all nq queries.
