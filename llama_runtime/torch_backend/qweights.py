@@ -1,8 +1,8 @@
 """Weights kept quantized in memory, and the compiled kernels that multiply them.
 
 GGUF Q4_0, Q4_1, Q8_0 and Q4_K tensors are repacked at load (no requantization: the same values)
-into `QWeight`s in the kernels' row-interleaved layout (csrc/qgemm.h). csrc/qgemm.cpp multiplies them
-directly, two ways:
+into `QWeight`s in the kernels' row-interleaved layout (csrc/qgemm.h). csrc/qgemm.cpp multiplies
+them directly, two ways:
 - exact: weights widened to float in registers (for many rows, once per 4-row panel) and
   multiplied with float activations: dequantize-then-matmul's arithmetic up to summation order
   (and one FMA rounding in d * q + m).
