@@ -18,8 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llama_engine.errors import ConfigError, UnsupportedArchitectureError, WeightLoadError
-from llama_models.checkpoint import Checkpoint, RawTensor, read_hf_dir
+from llama_engine.errors import ConfigError, UnsupportedArchitectureError
+from llama_models.checkpoint import (
+    Checkpoint,
+    RawTensor,
+    check_tensors,
+    read_hf_dir,
+    rename_hf_tensors,
+)
 from llama_models.ops import POOLING_MODES, Ops
 from llama_models.registry import resolve_model_path
 
@@ -235,38 +241,9 @@ def _json(file: Path) -> Any:
 
 def load_weights(ckpt: Checkpoint, cfg: BertConfig) -> dict[str, RawTensor]:
     """The checkpoint's tensors under GGUF names, every name and shape checked."""
-    named: dict[str, RawTensor] = {}
-    for name, t in ckpt.tensors.items():
-        if _HF_IGNORED.fullmatch(name):
-            continue
-        new = _rename(name)
-        if new is None:
-            raise WeightLoadError(
-                f"{ckpt.path} holds an unexpected tensor {name!r} for a BERT model; is the "
-                "model_type in config.json right?")
-        named[new] = RawTensor(new, t.qtype, t.shape, t.data)
-    expected = cfg.expected_shapes()
-    missing = sorted(set(expected) - set(named))
-    if missing:
-        raise WeightLoadError(
-            f"{ckpt.path} is missing {len(missing)} tensor(s), e.g. {missing[:3]}; the file is "
-            "incomplete or not a BERT model")
-    extra = sorted(set(named) - set(expected))
-    if extra:
-        raise WeightLoadError(f"{ckpt.path} has unexpected tensors {extra[:3]}")
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise WeightLoadError(
-                f"{ckpt.path}: tensor {name} has shape {named[name].shape}, expected {shape} "
-                "from config.json; the file is inconsistent")
+    named = rename_hf_tensors(ckpt, WEIGHT_MAP, _HF_IGNORED, "a BERT model")
+    check_tensors(ckpt.path, named, cfg.expected_shapes(), "a BERT model")
     return named
-
-
-def _rename(name: str) -> str | None:
-    for pattern, repl in WEIGHT_MAP.items():
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None
 
 
 @dataclass(kw_only=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ import numpy as np
 
 from llama_engine.errors import ModelNotFoundError, WeightLoadError
 
-__all__ = ["Checkpoint", "RawTensor", "read_checkpoint", "read_gguf", "read_hf_dir",
-           "release_pages"]
+__all__ = ["Checkpoint", "RawTensor", "check_tensors", "read_checkpoint", "read_gguf",
+           "read_hf_dir", "release_pages", "rename_hf_tensors"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -84,6 +85,44 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if p.is_dir():
         return read_hf_dir(p)
     return read_gguf(p)
+
+
+def rename_hf_tensors(ckpt: Checkpoint, weight_map: Mapping[str, str], ignored: re.Pattern[str],
+                      family: str) -> dict[str, RawTensor]:
+    """An HF checkpoint's tensors under GGUF names: each name matches one `weight_map` pattern
+    (regex -> replacement) or `ignored`; anything else is refused."""
+    named: dict[str, RawTensor] = {}
+    for name, t in ckpt.tensors.items():
+        if ignored.fullmatch(name):
+            continue
+        new = next((re.sub(p, repl, name) for p, repl in weight_map.items()
+                    if re.fullmatch(p, name)), None)
+        if new is None:
+            raise WeightLoadError(
+                f"{ckpt.path} holds an unexpected tensor {name!r} for {family}; is the "
+                "model_type in config.json right?")
+        named[new] = RawTensor(new, t.qtype, t.shape, t.data)
+    return named
+
+
+def check_tensors(path: Path, named: Mapping[str, RawTensor],
+                  expected: Mapping[str, tuple[int, ...]], family: str, *,
+                  optional: frozenset[str] = frozenset(), shapes_from: str = "config.json",
+                  order: Any = None) -> None:
+    """Every expected tensor present with its shape, and nothing else but `optional` ones."""
+    missing = sorted(set(expected) - set(named), key=order)
+    if missing:
+        raise WeightLoadError(
+            f"{path} is missing {len(missing)} tensor(s), e.g. {missing[:3]}; the file is "
+            f"incomplete or not {family}")
+    extra = sorted(set(named) - set(expected) - optional, key=order)
+    if extra:
+        raise WeightLoadError(f"{path} has unexpected tensors {extra[:3]}")
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise WeightLoadError(
+                f"{path}: tensor {name} has shape {named[name].shape}, expected {shape} "
+                f"from {shapes_from}; the file is inconsistent")
 
 
 def release_pages(data: Any) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from llama_engine.errors import ConfigError, WeightLoadError
-from llama_models.checkpoint import Checkpoint, RawTensor
+from llama_engine.errors import ConfigError
+from llama_models.checkpoint import Checkpoint, RawTensor, check_tensors, rename_hf_tensors
 from llama_models.ops import Ops, RopeSpec
 
 __all__ = ["WEIGHT_MAP", "LlamaConfig", "LlamaModel", "load_weights"]
@@ -181,45 +181,18 @@ def rope_spec(cfg: LlamaConfig, ckpt: Checkpoint) -> RopeSpec:
 def load_weights(ckpt: Checkpoint, cfg: LlamaConfig) -> dict[str, RawTensor]:
     """The checkpoint's tensors under GGUF names, shape-checked, Q/K rows in HF order."""
     if ckpt.format == "hf":
-        named: dict[str, RawTensor] = {}
-        for name, t in ckpt.tensors.items():
-            if _HF_IGNORED.match(name):
-                continue
-            new = _rename(name)
-            if new is None:
-                raise WeightLoadError(
-                    f"{ckpt.path} holds an unexpected tensor {name!r} for a Llama model; is the "
-                    "model_type in config.json right?")
-            named[new] = RawTensor(new, t.qtype, t.shape, t.data)
+        named = rename_hf_tensors(ckpt, WEIGHT_MAP, _HF_IGNORED, "a Llama-family model")
     else:
         named = {n: t for n, t in ckpt.tensors.items() if n != "rope_freqs.weight"}
-    expected = cfg.expected_shapes()
-    missing = sorted(set(expected) - set(named), key=_natural)
-    if missing:
-        raise WeightLoadError(
-            f"{ckpt.path} is missing {len(missing)} tensor(s), e.g. {missing[:3]}; the file is "
-            "incomplete or not a Llama-family model")
-    extra = sorted(set(named) - set(expected) - {"output.weight"}, key=_natural)
-    if extra:
-        raise WeightLoadError(f"{ckpt.path} has unexpected tensors {extra[:3]}")
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            raise WeightLoadError(
-                f"{ckpt.path}: tensor {name} has shape {named[name].shape}, expected {shape} "
-                "from the model's configuration; the file is inconsistent")
+    check_tensors(ckpt.path, named, cfg.expected_shapes(), "a Llama-family model",
+                  optional=frozenset({"output.weight"}), shapes_from="the model's configuration",
+                  order=_natural)
     if ckpt.format == "gguf":
         for i in range(cfg.n_layers):
             for key, heads in (("attn_q", cfg.n_heads), ("attn_k", cfg.n_kv_heads)):
                 name = f"blk.{i}.{key}.weight"
                 named[name] = _unpermute_rows(named[name], heads)
     return named
-
-
-def _rename(name: str) -> str | None:
-    for pattern, repl in WEIGHT_MAP.items():
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None
 
 
 def _natural(s: str) -> list[Any]:
