@@ -488,25 +488,26 @@ class TorchEngine(LlamaEngine):
                   seqs: list[SeqStep]) -> np.ndarray:
         with torch.inference_mode():
             fused = self._fused
-            if fused is None or not any(s.decoding for s in seqs):
+            if fused is None:
                 return self._forward(tokens, positions, seqs).numpy()
-            # generated tokens take the fused step; prompt chunks the op-by-op forward
+            # Generated tokens take the decode kernel (int8 by default); prompt chunks the exact
+            # one, which is also the faster of the two for many rows.
             starts = np.cumsum([0] + [s.n_new for s in seqs])
             dec = [i for i, s in enumerate(seqs) if s.decoding]
             rest = [i for i, s in enumerate(seqs) if not s.decoding]
-            dec_logits = fused.step([tokens[starts[i]] for i in dec],
-                                    [positions[starts[i]] for i in dec],
-                                    [seqs[i] for i in dec], self._store).numpy()
-            if not rest:
-                return dec_logits
-            rest_logits = self._forward(
-                [t for i in rest for t in tokens[starts[i]:starts[i + 1]]],
-                [p for i in rest for p in positions[starts[i]:starts[i + 1]]],
-                [seqs[i] for i in rest]).numpy()
-            row = {i: dec_logits[k] for k, i in enumerate(dec)}
-            wanted = [i for i in rest if seqs[i].want_logits]
-            row.update({i: rest_logits[k] for k, i in enumerate(wanted)})
-            return np.stack([row[i] for i, s in enumerate(seqs) if s.want_logits])
+            parts: dict[int, np.ndarray] = {}
+            for group, int8 in ((dec, None), (rest, False)):
+                if not group:
+                    continue
+                logits = fused.step(
+                    [t for i in group for t in tokens[starts[i]:starts[i + 1]]],
+                    [p for i in group for p in positions[starts[i]:starts[i + 1]]],
+                    [seqs[i] for i in group], self._store, int8=int8).numpy()
+                wanted = [i for i in group if seqs[i].want_logits]
+                parts.update(zip(wanted, logits, strict=True))
+            if len(parts) == 0:
+                return np.zeros((0, self.model.vocab_size), dtype=np.float32)
+            return np.stack([parts[i] for i, s in enumerate(seqs) if s.want_logits])
 
     def _forward(self, tokens: list[int], positions: list[int],
                  seqs: list[SeqStep]) -> torch.Tensor:

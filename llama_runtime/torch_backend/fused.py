@@ -1,4 +1,4 @@
-"""The fused decode step: every decoding sequence of a scheduler step in one native call.
+"""The fused step: a scheduler step's generated tokens, or its prompt chunks, in one native call.
 
 Decode on a CPU is a few small matrix products per layer; run op by op from Python, the fixed
 cost of ~20 torch calls a layer (and gathering each sequence's K/V by slot before attention)
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from llama_models.llama import LlamaConfig, LlamaModel
@@ -67,19 +68,29 @@ class FusedDecoder:
         return None
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
-             store: PagedKVStore) -> torch.Tensor:
-        """Logits [len(seqs), vocab] for sequences that each add one token."""
+             store: PagedKVStore, *, int8: bool | None = None) -> torch.Tensor:
+        """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
+        sequence's new tokens, in order: one for a generated token, a chunk for a prompt).
+        int8 overrides the kernel chosen at construction (prompts take the exact one)."""
         bs = store.block_size
+        n_new = np.array([s.n_new for s in seqs])
+        seq_of_row = np.repeat(np.arange(len(seqs)), n_new)
         ids = torch.tensor(tokens, dtype=torch.long)
         x = self._model.ops.embedding(self._model.embed, ids).contiguous()
-        angles = torch.tensor(positions, dtype=torch.float32)[:, None] * self._inv_freq[None, :]
-        tables: list[list[int]] = [[slot // bs for slot in s.context_slots[::bs]] for s in seqs]
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(seqs), width), dtype=torch.long)
+        pos = np.asarray(positions, dtype=np.int64)
+        angles = torch.from_numpy(pos.astype(np.float32))[:, None] * self._inv_freq[None, :]
+        tables = [np.asarray(s.context_slots[::bs], dtype=np.int64) // bs for s in seqs]
+        table = np.zeros((len(seqs), max(len(t) for t in tables)), dtype=np.int64)
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        lens = torch.tensor([len(s.context_slots) for s in seqs], dtype=torch.long)
-        write = torch.tensor([s.write_slots[0] for s in seqs], dtype=torch.long)
-        out: Any = self._native.step(x, angles.cos(), angles.sin(), write, table, lens, store.k,
-                                     store.v, bs, self._int8)
+            table[i, : len(t)] = t
+        write = np.fromiter((x for s in seqs for x in s.write_slots), dtype=np.int64,
+                            count=len(tokens))
+        ends = np.cumsum(n_new) - 1
+        logit_rows = ends[[s.want_logits for s in seqs]]
+        out: Any = self._native.step(
+            x, angles.cos(), angles.sin(), torch.from_numpy(write),
+            torch.from_numpy(np.ascontiguousarray(table[seq_of_row])),
+            torch.from_numpy(pos + 1), store.k, store.v, bs,
+            torch.from_numpy(np.ascontiguousarray(logit_rows, dtype=np.int64)),
+            self._int8 if int8 is None else int8)
         return out

@@ -1,7 +1,9 @@
-// The fused decode step. Every decoding sequence of a scheduler step contributes one row; the
+// The fused step. Every new token of a scheduler step is one row (a generated token, or one
+// of a prompt chunk's tokens: each row attends to its own sequence up to its position); the
 // whole forward (norms, quantized products, RoPE, the KV write, attention read in place from
 // the paged cache, the MLP, the output projection) runs here with the work buffers reused
-// between steps. Per layer there are five parallel regions (QKV, attention, O, gate+up, down)
+// between steps. Per layer there are five parallel regions over the matrix products (QKV, O,
+// gate+up, down) and attention, plus row-parallel elementwise work for prompt-sized batches,
 // over torch's intra-op thread pool, and no Python.
 #include "decode.h"
 
@@ -19,12 +21,44 @@ void grow(std::vector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
-void rms_norm(const float* x, const float* w, float eps, int64_t B, int64_t D, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * D;
-    const float inv = 1.f / std::sqrt(dot_f32(xb, xb, D) / static_cast<float>(D) + eps);
-    for (int64_t i = 0; i < D; ++i) out[b * D + i] = xb[i] * inv * w[i];
+// Elementwise work is split over the threads only for prompt-sized batches (a decode step's
+// few rows are cheaper than waking the team).
+constexpr int64_t kSerialRows = 16;
+constexpr int64_t kTileRows = 16;  // prompt rows that attend together (see attention)
+constexpr int64_t kVChunk = 64;    // V rows summed per pass over a tile's queries
+template <class F>
+void over_rows(int64_t B, F&& f) {
+  if (B < kSerialRows) {
+    f(0, B);
+    return;
   }
+  at::parallel_for(0, B, 4, f);
+}
+
+void rms_norm(const float* x, const float* w, float eps, int64_t B, int64_t D, float* out) {
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = x + b * D;
+      const float inv = 1.f / std::sqrt(dot_f32(xb, xb, D) / static_cast<float>(D) + eps);
+      for (int64_t i = 0; i < D; ++i) out[b * D + i] = xb[i] * inv * w[i];
+    }
+  });
+}
+
+void add_into(float* x, const float* y, int64_t B, int64_t D) {
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * D; i < b1 * D; ++i) x[i] += y[i];
+  });
+}
+
+// g = silu(g) * up = g / (1 + exp(-g)) * up, with scratch for the exponentials.
+void silu_mul(float* g, const float* up, float* scratch, int64_t B, int64_t F) {
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t i0 = b0 * F, n = (b1 - b0) * F;
+    for (int64_t i = i0; i < i0 + n; ++i) scratch[i] = -g[i];
+    exp_inplace(scratch + i0, n);
+    for (int64_t i = i0; i < i0 + n; ++i) g[i] = g[i] / (1.f + scratch[i]) * up[i];
+  });
 }
 
 // HF-order RoPE on heads of one row: pairs (i, i + half) rotate by the position's angle i.
@@ -156,27 +190,50 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
   const int64_t kv_row = hkv * hd;
   float* kl = k_cache + layer * n_slots * kv_row;
   float* vl = v_cache + layer * n_slots * kv_row;
-  for (int64_t b = 0; b < B; ++b) {
-    rope(q_.data() + b * hq * hd, hq, hd, cos + b * half, sin + b * half);
-    rope(k_.data() + b * kv_row, hkv, hd, cos + b * half, sin + b * half);
-    std::copy_n(k_.data() + b * kv_row, kv_row, kl + write_slots[b] * kv_row);
-    std::copy_n(v_.data() + b * kv_row, kv_row, vl + write_slots[b] * kv_row);
-  }
+  // every row's K/V is written before any row attends: a prompt row reads the rows before it
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      rope(q_.data() + b * hq * hd, hq, hd, cos + b * half, sin + b * half);
+      rope(k_.data() + b * kv_row, hkv, hd, cos + b * half, sin + b * half);
+      std::copy_n(k_.data() + b * kv_row, kv_row, kl + write_slots[b] * kv_row);
+      std::copy_n(v_.data() + b * kv_row, kv_row, vl + write_slots[b] * kv_row);
+    }
+  });
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t max_blocks = block_tables.size(1);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t group = hq / hkv;
-  // Work units: one query head each while there are few sequences (spreads a single sequence
+  // Tiles: runs of up to kTileRows consecutive rows of one prompt chunk (same block table,
+  // positions one apart), which then read each K/V row once for all their queries. A decode
+  // row is a tile of its own.
+  tiles_.clear();
+  for (int64_t b = 0; b < B; ++b) {
+    const bool joins = b > 0 && tiles_.back().second - tiles_.back().first < kTileRows &&
+                       ctx_lens[b] == ctx_lens[b - 1] + 1 &&
+                       std::equal(tables + b * max_blocks, tables + (b + 1) * max_blocks,
+                                  tables + (b - 1) * max_blocks);
+    if (joins)
+      tiles_.back().second = b + 1;
+    else
+      tiles_.emplace_back(b, b + 1);
+  }
+  const int64_t n_tiles = static_cast<int64_t>(tiles_.size());
+  // Work units: one query head of a tile while there are few tiles (spreads a single sequence
   // over the cores), else every query head of one KV head, which then reads its rows once.
-  const int64_t per_unit = B * hkv >= 2 * at::get_num_threads() ? group : 1;
-  at::parallel_for(0, B * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> scores;
+  const int64_t per_unit = n_tiles * hkv >= 2 * at::get_num_threads() ? group : 1;
+  at::parallel_for(0, n_tiles * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
+    thread_local std::vector<float> scores, qs;
     thread_local std::vector<const float*> krows, vrows;
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u * per_unit / hq, h0 = u * per_unit % hq, kvh = h0 / group;
-      const int64_t len = ctx_lens[b];
-      const int64_t* table = tables + b * max_blocks;
-      grow(scores, per_unit * len);
+      // Later tiles of a prompt attend to more positions: units alternate between the two
+      // ends of the tile list, so each thread's contiguous range gets an even share of work.
+      const int64_t i = u * per_unit / hq;
+      const auto [r0, r1] = tiles_[i % 2 == 0 ? i / 2 : n_tiles - 1 - i / 2];
+      const int64_t h0 = u * per_unit % hq, kvh = h0 / group, R = r1 - r0;
+      const int64_t len = ctx_lens[r1 - 1], nq = R * per_unit;
+      const int64_t* table = tables + r0 * max_blocks;
+      grow(scores, nq * len);
+      grow(qs, nq * hd);
       if (static_cast<int64_t>(krows.size()) < len) {
         krows.resize(len);
         vrows.resize(len);
@@ -190,19 +247,36 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
           vrows[p] = vl + at;
         }
       }
-      dot_rows(q_.data() + (b * hq + h0) * hd, per_unit, krows.data(), len, hd, scale,
-               scores.data());
-      for (int64_t g = 0; g < per_unit; ++g) {
-        float* s = scores.data() + g * len;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < len; ++p) mx = std::max(mx, s[p]);
-        for (int64_t p = 0; p < len; ++p) s[p] -= mx;
-        exp_inplace(s, len);
-        float total = 0.f;
-        for (int64_t p = 0; p < len; ++p) total += s[p];
-        const float inv = 1.f / total;
-        for (int64_t p = 0; p < len; ++p) s[p] *= inv;
-        weighted_sum_rows(s, vrows.data(), len, hd, att_.data() + (b * hq + h0 + g) * hd);
+      for (int64_t r = 0; r < R; ++r)  // the tile's queries, contiguous: [R][per_unit][hd]
+        std::copy_n(q_.data() + ((r0 + r) * hq + h0) * hd, per_unit * hd,
+                    qs.data() + r * per_unit * hd);
+      dot_rows(qs.data(), nq, krows.data(), len, hd, scale, scores.data());
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t n = ctx_lens[r0 + r];  // causal: this row sees positions < n
+        for (int64_t g = 0; g < per_unit; ++g) {
+          float* sc = scores.data() + (r * per_unit + g) * len;
+          float mx = -INFINITY;
+          for (int64_t p = 0; p < n; ++p) mx = std::max(mx, sc[p]);
+          for (int64_t p = 0; p < n; ++p) sc[p] -= mx;
+          exp_inplace(sc, n);
+          float total = 0.f;
+          for (int64_t p = 0; p < n; ++p) total += sc[p];
+          const float inv = 1.f / total;
+          for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
+          std::fill_n(att_.data() + ((r0 + r) * hq + h0 + g) * hd, hd, 0.f);
+        }
+      }
+      // weighted sums of V, a chunk of positions at a time so each chunk stays in L1 for
+      // every query of the tile
+      for (int64_t p0 = 0; p0 < len; p0 += kVChunk) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t n = std::min(ctx_lens[r0 + r], p0 + kVChunk) - p0;
+          if (n <= 0) continue;
+          for (int64_t g = 0; g < per_unit; ++g)
+            weighted_sum_rows(scores.data() + (r * per_unit + g) * len + p0,
+                              vrows.data() + p0, n, hd,
+                              att_.data() + ((r0 + r) * hq + h0 + g) * hd, true);
+        }
       }
     }
   });
@@ -225,7 +299,8 @@ void DecodeModel::lap(const char* phase) {
 at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                              const at::Tensor& write_slots, const at::Tensor& block_tables,
                              const at::Tensor& ctx_lens, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache, int64_t block_size, bool int8_acts) {
+                             const at::Tensor& v_cache, int64_t block_size,
+                             const at::Tensor& logit_rows, bool int8_acts) {
   const int64_t B = x.size(0), D = dim_, hd = head_dim_;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == D && x.scalar_type() == at::kFloat, "x: [B, dim] f32");
   TORCH_CHECK(x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "contiguous");
@@ -242,6 +317,12 @@ at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const a
               "the KV cache must be float32 [layers, slots, kv_heads, head_dim]");
   TORCH_CHECK(block_size > 0 && write_slots.is_contiguous() && ctx_lens.is_contiguous(),
               "block_size > 0; contiguous slots and lengths");
+  TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.is_contiguous() &&
+                  logit_rows.dim() == 1 && logit_rows.numel() <= B,
+              "logit_rows: int64 [R <= B]");
+  const int64_t* rows = logit_rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < logit_rows.numel(); ++r)
+    TORCH_CHECK(rows[r] >= 0 && rows[r] < B, "logit row out of range");
   const int64_t n_slots = k_cache.size(1), n_blocks = n_slots / block_size;
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   const int64_t* ws = write_slots.data_ptr<int64_t>();
@@ -285,25 +366,24 @@ at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const a
     lap("rope, kv write, attention");
     linears({{&w[3], tmp_.data()}}, att_.data(), B, int8_acts);
     lap("output projection (attn)");
-    for (int64_t i = 0; i < B * D; ++i) x_[i] += tmp_[i];
+    add_into(x_.data(), tmp_.data(), B, D);
     rms_norm(x_.data(), norms_[2 * l + 1].data_ptr<float>(), eps_, B, D, h_.data());
     lap("norms, residuals, silu");
     linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), B, int8_acts);
     lap("gate, up projections");
-    float* g = gate_.data();
-    const int64_t n = B * ffn_dim_;
-    for (int64_t i = 0; i < n; ++i) h_[i] = -g[i];
-    exp_inplace(h_.data(), n);  // silu(g) = g / (1 + exp(-g))
-    for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + h_[i]) * up_[i];
+    silu_mul(gate_.data(), up_.data(), h_.data(), B, ffn_dim_);
     lap("norms, residuals, silu");
-    linears({{&w[6], tmp_.data()}}, g, B, int8_acts);
+    linears({{&w[6], tmp_.data()}}, gate_.data(), B, int8_acts);
     lap("down projection");
-    for (int64_t i = 0; i < B * D; ++i) x_[i] += tmp_[i];
+    add_into(x_.data(), tmp_.data(), B, D);
   }
-  rms_norm(x_.data(), norms_.back().data_ptr<float>(), eps_, B, D, h_.data());
-  at::Tensor logits = at::empty({B, vocab_}, at::kFloat);
+  // only the rows whose next token is wanted go through the output norm and projection
+  const int64_t R = logit_rows.numel();
+  for (int64_t r = 0; r < R; ++r) std::copy_n(x_.data() + rows[r] * D, D, tmp_.data() + r * D);
+  rms_norm(tmp_.data(), norms_.back().data_ptr<float>(), eps_, R, D, h_.data());
+  at::Tensor logits = at::empty({R, vocab_}, at::kFloat);
   lap("norms, residuals, silu");
-  linears({{&linears_.back(), logits.data_ptr<float>()}}, h_.data(), B, int8_acts);
+  if (R > 0) linears({{&linears_.back(), logits.data_ptr<float>()}}, h_.data(), R, int8_acts);
   lap("lm head (vocab projection)");
   return logits;
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "qgemm.h"
@@ -35,14 +36,17 @@ class DecodeModel {
 
   // x: [B, dim] embeddings of the new tokens; cos, sin: [B, head_dim / 2] at their positions;
   // write_slots: [B] cache slot of each new token; block_tables: [B, max_blocks] block ids of
-  // each sequence (positions p live at slot block_tables[b][p / block_size] * block_size +
-  // p % block_size); ctx_lens: [B] context length including the new token; k_cache, v_cache:
-  // [n_layers, slots, n_kv_heads, head_dim]. Returns logits [B, vocab_size]. int8_acts picks
-  // the int8-activation kernels (llama.cpp's scheme) over the exact float ones.
+  // each row's sequence (positions p live at slot block_tables[b][p / block_size] * block_size
+  // + p % block_size); ctx_lens: [B] context length of each row, its own token included (rows
+  // of one prompt chunk share a table and attend causally, as every row's K/V is written
+  // before any row attends); k_cache, v_cache: [n_layers, slots, n_kv_heads, head_dim];
+  // logit_rows: [R] the rows whose logits are wanted. Returns logits [R, vocab_size]. int8_acts
+  // picks the int8-activation kernels (llama.cpp's scheme) over the exact float ones.
   at::Tensor step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                   const at::Tensor& write_slots, const at::Tensor& block_tables,
                   const at::Tensor& ctx_lens, const at::Tensor& k_cache,
-                  const at::Tensor& v_cache, int64_t block_size, bool int8_acts);
+                  const at::Tensor& v_cache, int64_t block_size, const at::Tensor& logit_rows,
+                  bool int8_acts);
 
   // Per-phase wall time of the steps run while profiling is on (for docs/performance.md):
   // phase name -> microseconds, summed over steps, plus "steps".
@@ -68,6 +72,7 @@ class DecodeModel {
   // and a few small job lists). Not thread-safe: one step at a time per DecodeModel (the engine
   // serialises every forward).
   std::vector<float> x_, h_, q_, k_, v_, att_, tmp_, gate_, up_;
+  std::vector<std::pair<int64_t, int64_t>> tiles_;  // attention's row tiles [first, end)
   QActs acts_;
   bool profiling_ = false;
   std::map<std::string, double> profile_;

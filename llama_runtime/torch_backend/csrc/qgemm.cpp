@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -52,6 +53,7 @@ void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
 namespace {
 
 constexpr int64_t kPanelRows = 8;  // from this many activation rows on, widen weights once
+constexpr int64_t kPanelBytes = 192 * 1024;  // widened weights per pass (stay in L2)
 
 inline float scale_at(const QMat& w, const void* a, int64_t i) {
   if (!w.f16) return static_cast<const float*>(a)[i];
@@ -331,14 +333,26 @@ void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t
                    int64_t g0, int64_t g1) {
 #if LE_AVX2
   if (B >= kPanelRows) {  // widen each group once, then stream every row past it
-    thread_local std::vector<float> panel;
-    if (static_cast<int64_t>(panel.size()) < GROUP * w.K) panel.resize(GROUP * w.K);
-    for (int64_t g = g0; g < g1; ++g) {
-      widen_group(w, g, panel.data());
-      const int64_t rows = std::min<int64_t>(GROUP, w.N - g * GROUP);
+    // Groups are widened a chunk at a time into a buffer that stays in L2; then each tile of
+    // three activation rows (in L1) runs past every panel of the chunk, writing its outputs
+    // contiguously.
+    const int64_t per = GROUP * w.K;
+    const int64_t chunk = std::max<int64_t>(1, kPanelBytes / (4 * per));
+    thread_local std::vector<float> panels;
+    if (static_cast<int64_t>(panels.size()) < chunk * per) panels.resize(chunk * per);
+    for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+      const int64_t c1 = std::min(g1, c0 + chunk);
+      for (int64_t g = c0; g < c1; ++g) widen_group(w, g, panels.data() + (g - c0) * per);
+      auto run = [&](auto tile, int64_t b0) {
+        constexpr int T = decltype(tile)::value;
+        for (int64_t g = c0; g < c1; ++g)
+          panel_f32<T>(panels.data() + (g - c0) * per, w.K, x, g, b0,
+                       std::min<int64_t>(GROUP, w.N - g * GROUP), out, ldo);
+      };
       int64_t b0 = 0;
-      for (; b0 + 2 <= B; b0 += 2) panel_f32<2>(panel.data(), w.K, x, g, b0, rows, out, ldo);
-      if (b0 < B) panel_f32<1>(panel.data(), w.K, x, g, b0, rows, out, ldo);
+      for (; b0 + 3 <= B; b0 += 3) run(std::integral_constant<int, 3>{}, b0);
+      if (B - b0 == 2) run(std::integral_constant<int, 2>{}, b0);
+      if (B - b0 == 1) run(std::integral_constant<int, 1>{}, b0);
     }
     return;
   }
@@ -404,44 +418,63 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return r;
 }
 
+#if LE_AVX2
+namespace {
+// out[g * ldo + r] = scale * (q[g] . rows[r]) for 8 rows: eight partial vectors, then one
+// horizontal reduction for all eight.
+inline void dot8(const float* q, int64_t nq, const float* const* rows, int64_t d, float scale,
+                 float* out, int64_t ldo) {
+  for (int64_t g = 0; g < nq; ++g) {
+    const float* qg = q + g * d;
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(qg + i);
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[r] + i), acc[r]);
+    }
+    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                      _mm256_permute2f128_ps(h0123, h4567, 0x31));
+    _mm256_storeu_ps(out + g * ldo, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+  }
+}
+}  // namespace
+#endif
+
 void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
               float scale, float* out) {
-  int64_t p = 0;
 #if LE_AVX2
   if (d % 8 == 0) {
-    // eight rows at a time: eight partial vectors, then one horizontal reduction for all
-    for (; p + 8 <= n; p += 8) {
-      for (int64_t g = 0; g < nq; ++g) {
-        const float* qg = q + g * d;
-        __m256 acc[8];
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d; i += 8) {
-          const __m256 qv = _mm256_loadu_ps(qg + i);
-          for (int r = 0; r < 8; ++r)
-            acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[p + r] + i), acc[r]);
-        }
-        const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-        const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-        const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
-        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
-                                          _mm256_permute2f128_ps(h0123, h4567, 0x31));
-        _mm256_storeu_ps(out + g * n + p, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
-      }
+    int64_t p = 0;
+    for (; p + 8 <= n; p += 8) dot8(q, nq, rows + p, d, scale, out + p, n);
+    if (p < n) {
+      // The last rows take the same path (padded with a repeat of the first), so a row's score
+      // does not depend on how many rows came with it.
+      const float* tail[8];
+      for (int r = 0; r < 8; ++r) tail[r] = rows[p + std::min<int64_t>(r, n - 1 - p)];
+      thread_local std::vector<float> buf;
+      if (static_cast<int64_t>(buf.size()) < nq * 8) buf.resize(nq * 8);
+      dot8(q, nq, tail, d, scale, buf.data(), 8);
+      for (int64_t g = 0; g < nq; ++g) std::copy_n(buf.data() + g * 8, n - p, out + g * n + p);
     }
+    return;
   }
 #endif
-  for (; p < n; ++p)
+  for (int64_t p = 0; p < n; ++p)
     for (int64_t g = 0; g < nq; ++g) out[g * n + p] = dot_f32(q + g * d, rows[p], d) * scale;
 }
 
 void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
-                       float* out) {
+                       float* out, bool accumulate) {
 #if LE_AVX2
   if (d % 8 == 0) {
     for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 64 floats (8 registers) at a time
       const int nv = static_cast<int>(std::min<int64_t>(64, d - d0) / 8);
       __m256 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int i = 0; i < 8; ++i)
+        acc[i] = accumulate && i < nv ? _mm256_loadu_ps(out + d0 + 8 * i) : _mm256_setzero_ps();
       for (int64_t p = 0; p < n; ++p) {
         const __m256 wp = _mm256_broadcast_ss(w + p);
         const float* v = rows[p] + d0;
@@ -452,7 +485,7 @@ void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int6
     return;
   }
 #endif
-  std::fill_n(out, d, 0.f);
+  if (!accumulate) std::fill_n(out, d, 0.f);
   for (int64_t p = 0; p < n; ++p)
     for (int64_t i = 0; i < d; ++i) out[i] += w[p] * rows[p][i];
 }

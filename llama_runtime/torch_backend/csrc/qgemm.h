@@ -56,11 +56,12 @@ inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }
 void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp in [-87, 88]; 0 below, inf above
 float dot_f32(const float* a, const float* b, int64_t n);
 // out[g * n + p] = scale * (q[g] . rows[p]) for g < nq, p < n; vectors of d floats, the nq
-// query vectors contiguous in q. Each row is read once for all nq queries.
+// query vectors contiguous in q. Each row is read once for all nq queries, and each score is
+// computed the same way whatever n is (a prompt row's attention does not depend on its tile).
 void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
               float scale, float* out);
-// out = sum_p w[p] * rows[p] (d floats, overwritten).
+// out = sum_p w[p] * rows[p] (d floats), overwriting out or (accumulate) adding to it.
 void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
-                       float* out);
+                       float* out, bool accumulate = false);
 
 }  // namespace llama_engine
