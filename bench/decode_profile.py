@@ -45,11 +45,21 @@ def main() -> None:
     run_step = engine._run_step
     forward = engine._forward
 
+    native = engine._fused._native if args.decode != "torch" else None
+
     def timed_step(*a: Any) -> Any:
+        nonlocal profiled
+        decoding = all(s.decoding for s in a[2])
+        before = dict(native.profile()) if native is not None and decoding else {}
         t0 = time.perf_counter()
         out = run_step(*a)
-        if all(s.decoding for s in a[2]):
+        if decoding:  # prompt chunks run through the same native step: count decode steps only
             step_times.append(time.perf_counter() - t0)
+            if native is not None:
+                for k, v in native.profile().items():
+                    if k != "steps":
+                        per_op[k] += v - before.get(k, 0.0)
+                profiled += 1
         return out
 
     def profiled_forward(tokens: list[int], positions: list[int], seqs: Any) -> Any:
@@ -69,7 +79,7 @@ def main() -> None:
     if args.decode == "torch":
         engine._forward = profiled_forward
     else:
-        engine._fused._native.set_profiling(True)
+        native.set_profiling(True)
 
     def one(p: list[int]) -> None:
         engine.generate(p, params=params)
@@ -80,13 +90,8 @@ def main() -> None:
     for w in workers:
         w.join()
 
-    if args.decode == "torch":
-        steps = max(profiled, 1)
-        ops = {k: v / steps for k, v in per_op.items()}
-    else:
-        prof = dict(engine._fused._native.profile())
-        steps = max(int(prof.pop("steps", 1)), 1)
-        ops = {k: v / steps for k, v in prof.items()}
+    steps = max(profiled, 1)
+    ops = {k: v / steps for k, v in per_op.items()}
     total = sum(ops.values())
     step_us = sorted(step_times)[len(step_times) // 2] * 1e6 if step_times else None
     print(json.dumps({

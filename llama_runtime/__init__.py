@@ -10,7 +10,7 @@ from llama_runtime.backends import available_backends, pick_backend
 __all__ = ["available_backends", "create_engine"]
 
 _ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk", "kv_memory", "kv_block_size",
-                   "max_batch", "kv_policy", "weights", "decode"}
+                   "max_batch", "kv_policy", "weights", "decode", "kv_dtype"}
 _SPEC_OPTIONS = {"context_length", "dtype"}
 
 
@@ -44,7 +44,10 @@ def create_engine(
     "auto" = "int8" on a CPU in float32, else "torch"; "int8": one native call per step with
     activations quantized to 8 bits per 32-block, llama.cpp's CPU scheme, ~0.5% relative error
     per product; "exact": the same native step with float activations, the reference's
-    arithmetic up to summation order; "torch": op by op in torch, the reference path).
+    arithmetic up to summation order; "torch": op by op in torch, the reference path),
+    kv_dtype (the KV cache's dtype: "auto" = "float16" beside the int8 decode on a CPU, as
+    llama.cpp keeps it, else the compute dtype; or "float32", "float16", "bfloat16"). Prompts
+    always take the exact kernels on the CPU (for many rows they are also the faster ones).
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:

@@ -28,6 +28,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
                    help="decode kernel: int8 (the CPU default, llama.cpp's scheme), exact "
                         "(float activations), torch (op by op)")
+    p.add_argument("--kv-dtype", default="auto",
+                   choices=["auto", "float32", "float16", "bfloat16"],
+                   help="KV cache dtype (auto: float16 beside int8 decode on a CPU, else the "
+                        "compute dtype)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -85,7 +89,7 @@ def _create(args: argparse.Namespace, progress: bool = True) -> Any:
     if args.context_length is not None:
         opts["context_length"] = args.context_length
     return create_engine(args.model, backend=args.backend, device=args.device,
-                         decode=args.decode, **opts)
+                         decode=args.decode, kv_dtype=args.kv_dtype, **opts)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -82,7 +82,7 @@ class TorchEngine(LlamaEngine):
                  progress: bool = True, prefill_chunk: int = 512, kv_memory: int | str = "auto",
                  kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait",
                  weights: str = "auto", embed_model: str | None = None,
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", kv_dtype: str = "auto") -> None:
         if weights not in ("auto", "dequant", "quantized"):
             raise InvalidParamsError(
                 f"weights must be 'auto', 'dequant' or 'quantized', got {weights!r}")
@@ -91,6 +91,10 @@ class TorchEngine(LlamaEngine):
             raise InvalidParamsError(
                 f"decode must be 'auto', 'int8', 'exact' or 'torch', got {decode!r}")
         self._decode_mode = decode
+        if kv_dtype not in ("auto", *_DTYPES):
+            raise InvalidParamsError(
+                f"kv_dtype must be 'auto' or one of {', '.join(_DTYPES)}, got {kv_dtype!r}")
+        self._kv_dtype_name = kv_dtype
         self._fused: FusedDecoder | None = None
         if kv_policy not in ("wait", "fail"):
             raise InvalidParamsError(f"kv_policy must be 'wait' or 'fail', got {kv_policy!r}")
@@ -174,9 +178,10 @@ class TorchEngine(LlamaEngine):
         self._quantized = quantized
         prepared = self._prepare_weights(files.weights, device, dtype, bar, quantized)
         ops = TorchOps(device, dtype)
+        kv_dtype = self._kv_dtype(device, dtype, quantized)
         per_block = kv_bytes_per_block(
             n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+            dtype_bytes=torch.empty((), dtype=kv_dtype).element_size(),
             block_size=self._kv_block_size)
         num_blocks = kv_budget_blocks(self._kv_memory, bytes_per_block=per_block,
                                       available_bytes=_available_memory(device))
@@ -193,13 +198,13 @@ class TorchEngine(LlamaEngine):
                                   for name, raw in files.weights.items()}
             self._tokenizer, self._ctx = tokenizer, ctx
             self._model = files.build(prepared, ops)
-            self._fused = self._fused_decoder(self._model, device, dtype)
+            self._fused = self._fused_decoder(self._model, device, dtype, kv_dtype)
             self._device, self._dtype = device, dtype
             self._fingerprint = _fingerprint(ckpt, cfg, dtype_name)
             self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
                                        hash_namespace=self._fingerprint)
             self._store = PagedKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
-                                       self._kv_block_size, device, dtype)
+                                       self._kv_block_size, device, kv_dtype)
             # The scheduler reaches the engine through weak references, so an engine nobody
             # holds is collected (and its finalizer below stops the thread).
             self._scheduler = Scheduler(
@@ -218,14 +223,26 @@ class TorchEngine(LlamaEngine):
                 device=str(device), dtype=dtype_name)
         return self._handle
 
-    def _fused_decoder(self, model: Any, device: torch.device,
-                       dtype: torch.dtype) -> FusedDecoder | None:
-        """The native decode step for `decode` ("auto": int8 where it can run), or None for the
+    def _kv_dtype(self, device: torch.device, dtype: torch.dtype,
+                  quantized: bool) -> torch.dtype:
+        """The KV cache's dtype: kv_dtype, or for "auto" float16 beside the int8 decode kernels
+        on the CPU (llama.cpp's default too: half the bytes attention reads per token, at
+        float16's ~0.05% rounding), else the compute dtype."""
+        if self._kv_dtype_name != "auto":
+            return _DTYPES[self._kv_dtype_name]
+        int8_decode = self._decode_mode in ("auto", "int8") and quantized
+        if int8_decode and device.type == "cpu" and dtype == torch.float32:
+            return torch.float16
+        return dtype
+
+    def _fused_decoder(self, model: Any, device: torch.device, dtype: torch.dtype,
+                       kv_dtype: torch.dtype) -> FusedDecoder | None:
+        """The native step for `decode` ("auto": int8 where it can run), or None for the
         op-by-op torch path."""
         mode = self._decode_mode
         if mode == "torch":
             return None
-        why = FusedDecoder.supports(model, device, dtype)
+        why = FusedDecoder.supports(model, device, dtype, kv_dtype)
         if why is None:
             try:
                 kernels()
@@ -454,6 +471,7 @@ class TorchEngine(LlamaEngine):
                 **kv,
                 "kv_block_tokens": self._cache.block_size,
                 "kv_bytes_total": self._store.nbytes,
+                "kv_dtype": str(self._store.k.dtype).removeprefix("torch."),
                 "sessions_active": len(self._sessions),
                 "requests_running": sched.running(),
                 "requests_waiting": sched.waiting(),

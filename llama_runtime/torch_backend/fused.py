@@ -58,10 +58,13 @@ class FusedDecoder:
         self._inv_freq = torch.tensor(model.rope.inv_freq(), dtype=torch.float32)
 
     @staticmethod
-    def supports(model: LlamaModel, device: torch.device, dtype: torch.dtype) -> str | None:
+    def supports(model: LlamaModel, device: torch.device, dtype: torch.dtype,
+                 kv_dtype: torch.dtype) -> str | None:
         """None when the fused step can run this model here, else why not."""
         if device.type != "cpu" or dtype != torch.float32:
             return "the fused decode step runs on the CPU in float32"
+        if kv_dtype not in (torch.float32, torch.float16):
+            return "the fused decode step keeps the KV cache in float32 or float16"
         rope: RopeSpec = model.rope
         if rope.rotary_dim != rope.head_dim:
             return "the fused decode step rotates whole heads (partial RoPE is not supported)"

@@ -120,15 +120,15 @@ class StepBatch:
         out = torch.empty_like(q)
         if self.decode_rows is not None:
             qd = q.index_select(0, self.decode_rows)[:, :, None, :]  # [B, Hq, 1, D]
-            kd = kc[self.decode_idx].transpose(1, 2)  # [B, Hkv, W, D]
-            vd = vc[self.decode_idx].transpose(1, 2)
+            kd = kc[self.decode_idx].transpose(1, 2).to(q.dtype)  # [B, Hkv, W, D]
+            vd = vc[self.decode_idx].transpose(1, 2).to(q.dtype)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
         for r0, r1, ctx, mask in self.prefills:
             qp = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
-            kp = kc[ctx].transpose(0, 1)[None]
-            vp = vc[ctx].transpose(0, 1)[None]
+            kp = kc[ctx].transpose(0, 1)[None].to(q.dtype)
+            vp = vc[ctx].transpose(0, 1)[None].to(q.dtype)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale,
                                                 enable_gqa=True)
             out[r0:r1] = op[0].transpose(0, 1)

@@ -182,21 +182,22 @@ void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t 
   }
 }
 
+template <class T>
 void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const float* sin,
                             const int64_t* write_slots, const at::Tensor& block_tables,
-                            const int64_t* ctx_lens, float* k_cache, float* v_cache,
-                            int64_t n_slots, int64_t block_size) {
+                            const int64_t* ctx_lens, T* k_cache, T* v_cache, int64_t n_slots,
+                            int64_t block_size) {
   const int64_t hd = head_dim_, half = hd / 2, hq = n_heads_, hkv = n_kv_heads_;
   const int64_t kv_row = hkv * hd;
-  float* kl = k_cache + layer * n_slots * kv_row;
-  float* vl = v_cache + layer * n_slots * kv_row;
+  T* kl = k_cache + layer * n_slots * kv_row;
+  T* vl = v_cache + layer * n_slots * kv_row;
   // every row's K/V is written before any row attends: a prompt row reads the rows before it
   over_rows(B, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       rope(q_.data() + b * hq * hd, hq, hd, cos + b * half, sin + b * half);
       rope(k_.data() + b * kv_row, hkv, hd, cos + b * half, sin + b * half);
-      std::copy_n(k_.data() + b * kv_row, kv_row, kl + write_slots[b] * kv_row);
-      std::copy_n(v_.data() + b * kv_row, kv_row, vl + write_slots[b] * kv_row);
+      to_half(k_.data() + b * kv_row, kv_row, kl + write_slots[b] * kv_row);  // or copy
+      to_half(v_.data() + b * kv_row, kv_row, vl + write_slots[b] * kv_row);
     }
   });
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -223,7 +224,7 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
   const int64_t per_unit = n_tiles * hkv >= 2 * at::get_num_threads() ? group : 1;
   at::parallel_for(0, n_tiles * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores, qs;
-    thread_local std::vector<const float*> krows, vrows;
+    thread_local std::vector<const T*> krows, vrows;
     for (int64_t u = u0; u < u1; ++u) {
       // Later tiles of a prompt attend to more positions: units alternate between the two
       // ends of the tile list, so each thread's contiguous range gets an even share of work.
@@ -310,11 +311,13 @@ at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const a
                   block_tables.size(0) == B && ctx_lens.numel() == B &&
                   write_slots.numel() == B,
               "slots, tables and lengths: int64, one row per sequence");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+  const bool half_kv = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK((half_kv || k_cache.scalar_type() == at::kFloat) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.dim() == 4 &&
                   k_cache.size(0) == n_layers_ && k_cache.size(2) == n_kv_heads_ &&
                   k_cache.size(3) == hd && v_cache.sizes() == k_cache.sizes(),
-              "the KV cache must be float32 [layers, slots, kv_heads, head_dim]");
+              "the KV cache must be float32 or float16 [layers, slots, kv_heads, head_dim]");
   TORCH_CHECK(block_size > 0 && write_slots.is_contiguous() && ctx_lens.is_contiguous(),
               "block_size > 0; contiguous slots and lengths");
   TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.is_contiguous() &&
@@ -352,8 +355,6 @@ at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const a
     profile_["steps"] += 1;
   }
   std::copy_n(x.data_ptr<float>(), B * D, x_.data());
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   for (int64_t l = 0; l < n_layers_; ++l) {
     const Linear* w = linears_.data() + 7 * l;
     rms_norm(x_.data(), norms_[2 * l].data_ptr<float>(), eps_, B, D, h_.data());
@@ -361,8 +362,13 @@ at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const a
     linears({{&w[0], q_.data()}, {&w[1], k_.data()}, {&w[2], v_.data()}}, h_.data(), B,
             int8_acts);
     lap("qkv projections");
-    attention(l, B, cos.data_ptr<float>(), sin.data_ptr<float>(), ws, block_tables, lens, kc,
-              vc, n_slots, block_size);
+    if (half_kv)
+      attention(l, B, cos.data_ptr<float>(), sin.data_ptr<float>(), ws, block_tables, lens,
+                static_cast<half_t*>(k_cache.data_ptr()), static_cast<half_t*>(v_cache.data_ptr()),
+                n_slots, block_size);
+    else
+      attention(l, B, cos.data_ptr<float>(), sin.data_ptr<float>(), ws, block_tables, lens,
+                k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), n_slots, block_size);
     lap("rope, kv write, attention");
     linears({{&w[3], tmp_.data()}}, att_.data(), B, int8_acts);
     lap("output projection (attn)");

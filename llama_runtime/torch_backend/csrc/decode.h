@@ -39,7 +39,8 @@ class DecodeModel {
   // each row's sequence (positions p live at slot block_tables[b][p / block_size] * block_size
   // + p % block_size); ctx_lens: [B] context length of each row, its own token included (rows
   // of one prompt chunk share a table and attend causally, as every row's K/V is written
-  // before any row attends); k_cache, v_cache: [n_layers, slots, n_kv_heads, head_dim];
+  // before any row attends); k_cache, v_cache: [n_layers, slots, n_kv_heads, head_dim], float32
+  // or float16 (K/V rounded to it as they are written, widened as they are read);
   // logit_rows: [R] the rows whose logits are wanted. Returns logits [R, vocab_size]. int8_acts
   // picks the int8-activation kernels (llama.cpp's scheme) over the exact float ones.
   at::Tensor step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -59,9 +60,10 @@ class DecodeModel {
     float* out;
   };
   void linears(const std::vector<Job>& jobs, const float* x, int64_t B, bool int8_acts);
+  template <class T>  // T: float, or half_t for a float16 cache
   void attention(int64_t layer, int64_t B, const float* cos, const float* sin,
                  const int64_t* write_slots, const at::Tensor& block_tables,
-                 const int64_t* ctx_lens, float* k_cache, float* v_cache, int64_t n_slots,
+                 const int64_t* ctx_lens, T* k_cache, T* v_cache, int64_t n_slots,
                  int64_t block_size);
 
   int64_t dim_, n_layers_, n_heads_, n_kv_heads_, head_dim_, ffn_dim_, vocab_;

@@ -418,11 +418,21 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return r;
 }
 
-#if LE_AVX2
 namespace {
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(half_t x) { return c10::detail::fp16_ieee_to_fp32_value(x); }
+
+#if LE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // out[g * ldo + r] = scale * (q[g] . rows[r]) for 8 rows: eight partial vectors, then one
 // horizontal reduction for all eight.
-inline void dot8(const float* q, int64_t nq, const float* const* rows, int64_t d, float scale,
+template <class T>
+inline void dot8(const float* q, int64_t nq, const T* const* rows, int64_t d, float scale,
                  float* out, int64_t ldo) {
   for (int64_t g = 0; g < nq; ++g) {
     const float* qg = q + g * d;
@@ -430,7 +440,7 @@ inline void dot8(const float* q, int64_t nq, const float* const* rows, int64_t d
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) {
       const __m256 qv = _mm256_loadu_ps(qg + i);
-      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[r] + i), acc[r]);
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load8(rows[r] + i), acc[r]);
     }
     const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
     const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
@@ -440,11 +450,11 @@ inline void dot8(const float* q, int64_t nq, const float* const* rows, int64_t d
     _mm256_storeu_ps(out + g * ldo, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
   }
 }
-}  // namespace
 #endif
 
-void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
-              float scale, float* out) {
+template <class T>
+void dot_rows_t(const float* q, int64_t nq, const T* const* rows, int64_t n, int64_t d,
+                float scale, float* out) {
 #if LE_AVX2
   if (d % 8 == 0) {
     int64_t p = 0;
@@ -452,7 +462,7 @@ void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, i
     if (p < n) {
       // The last rows take the same path (padded with a repeat of the first), so a row's score
       // does not depend on how many rows came with it.
-      const float* tail[8];
+      const T* tail[8];
       for (int r = 0; r < 8; ++r) tail[r] = rows[p + std::min<int64_t>(r, n - 1 - p)];
       thread_local std::vector<float> buf;
       if (static_cast<int64_t>(buf.size()) < nq * 8) buf.resize(nq * 8);
@@ -463,11 +473,16 @@ void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, i
   }
 #endif
   for (int64_t p = 0; p < n; ++p)
-    for (int64_t g = 0; g < nq; ++g) out[g * n + p] = dot_f32(q + g * d, rows[p], d) * scale;
+    for (int64_t g = 0; g < nq; ++g) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < d; ++i) acc += q[g * d + i] * to_f32(rows[p][i]);
+      out[g * n + p] = acc * scale;
+    }
 }
 
-void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
-                       float* out, bool accumulate) {
+template <class T>
+void weighted_sum_rows_t(const float* w, const T* const* rows, int64_t n, int64_t d, float* out,
+                         bool accumulate) {
 #if LE_AVX2
   if (d % 8 == 0) {
     for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 64 floats (8 registers) at a time
@@ -477,8 +492,8 @@ void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int6
         acc[i] = accumulate && i < nv ? _mm256_loadu_ps(out + d0 + 8 * i) : _mm256_setzero_ps();
       for (int64_t p = 0; p < n; ++p) {
         const __m256 wp = _mm256_broadcast_ss(w + p);
-        const float* v = rows[p] + d0;
-        for (int i = 0; i < nv; ++i) acc[i] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        const T* v = rows[p] + d0;
+        for (int i = 0; i < nv; ++i) acc[i] = _mm256_fmadd_ps(wp, load8(v + 8 * i), acc[i]);
       }
       for (int i = 0; i < nv; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
     }
@@ -487,7 +502,36 @@ void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int6
 #endif
   if (!accumulate) std::fill_n(out, d, 0.f);
   for (int64_t p = 0; p < n; ++p)
-    for (int64_t i = 0; i < d; ++i) out[i] += w[p] * rows[p][i];
+    for (int64_t i = 0; i < d; ++i) out[i] += w[p] * to_f32(rows[p][i]);
+}
+
+}  // namespace
+
+void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
+              float scale, float* out) {
+  dot_rows_t(q, nq, rows, n, d, scale, out);
+}
+void dot_rows(const float* q, int64_t nq, const half_t* const* rows, int64_t n, int64_t d,
+              float scale, float* out) {
+  dot_rows_t(q, nq, rows, n, d, scale, out);
+}
+void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
+                       float* out, bool accumulate) {
+  weighted_sum_rows_t(w, rows, n, d, out, accumulate);
+}
+void weighted_sum_rows(const float* w, const half_t* const* rows, int64_t n, int64_t d,
+                       float* out, bool accumulate) {
+  weighted_sum_rows_t(w, rows, n, d, out, accumulate);
+}
+
+void to_half(const float* x, int64_t n, half_t* out) {
+  int64_t i = 0;
+#if LE_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) out[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
 }
 
 }  // namespace llama_engine

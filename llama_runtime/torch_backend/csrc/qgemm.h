@@ -2,6 +2,7 @@
 // entry points and the fused decode step (decode.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -63,5 +64,15 @@ void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, i
 // out = sum_p w[p] * rows[p] (d floats), overwriting out or (accumulate) adding to it.
 void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
                        float* out, bool accumulate = false);
+
+// The same over float16 rows (a float16 KV cache), widened to float32 as they are read.
+using half_t = uint16_t;  // IEEE float16 bits
+void dot_rows(const float* q, int64_t nq, const half_t* const* rows, int64_t n, int64_t d,
+              float scale, float* out);
+void weighted_sum_rows(const float* w, const half_t* const* rows, int64_t n, int64_t d,
+                       float* out, bool accumulate = false);
+// out[i] = x[i] rounded to float16 (nearest even), for writing the KV cache.
+void to_half(const float* x, int64_t n, half_t* out);
+inline void to_half(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
 
 }  // namespace llama_engine
