@@ -273,10 +273,9 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
         for (int64_t r = 0; r < R; ++r) {
           const int64_t n = std::min(ctx_lens[r0 + r], p0 + kVChunk) - p0;
           if (n <= 0) continue;
-          for (int64_t g = 0; g < per_unit; ++g)
-            weighted_sum_rows(scores.data() + (r * per_unit + g) * len + p0,
-                              vrows.data() + p0, n, hd,
-                              att_.data() + ((r0 + r) * hq + h0 + g) * hd, true);
+          weighted_sum_rows(scores.data() + r * per_unit * len + p0, per_unit, len,
+                            vrows.data() + p0, n, hd, att_.data() + ((r0 + r) * hq + h0) * hd,
+                            hd, true);
         }
       }
     }

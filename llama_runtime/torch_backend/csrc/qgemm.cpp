@@ -429,26 +429,73 @@ inline __m256 load8(const half_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// out[g * ldo + r] = scale * (q[g] . rows[r]) for 8 rows: eight partial vectors, then one
-// horizontal reduction for all eight.
+constexpr int64_t kAhead = 8;  // rows fetched ahead of use in the attention loops
 template <class T>
-inline void dot8(const float* q, int64_t nq, const T* const* rows, int64_t d, float scale,
-                 float* out, int64_t ldo) {
-  for (int64_t g = 0; g < nq; ++g) {
-    const float* qg = q + g * d;
-    __m256 acc[8];
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(qg + i);
-      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load8(rows[r] + i), acc[r]);
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Scores of NQ queries against 4 rows: NQ * 4 accumulators of eight lanes, each reduced in the
+// same fixed order ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), so a score is the same bits whatever
+// query and row groups it was computed in. out[g * ldo + r].
+template <int NQ, class T>
+inline void dot_q_r4(const float* q, const T* const* rows, int64_t d, float scale, float* out,
+                     int64_t ldo) {
+  __m256 acc[NQ][4];
+  for (int g = 0; g < NQ; ++g)
+    for (int r = 0; r < 4; ++r) acc[g][r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < d; i += 8) {
+    __m256 qv[NQ];
+    for (int g = 0; g < NQ; ++g) qv[g] = _mm256_loadu_ps(q + g * d + i);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 rv = load8(rows[r] + i);
+      for (int g = 0; g < NQ; ++g) acc[g][r] = _mm256_fmadd_ps(qv[g], rv, acc[g][r]);
     }
-    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
-                                      _mm256_permute2f128_ps(h0123, h4567, 0x31));
-    _mm256_storeu_ps(out + g * ldo, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
   }
+  const __m128 sc = _mm_set1_ps(scale);
+  for (int g = 0; g < NQ; ++g) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]),
+                                    _mm256_hadd_ps(acc[g][2], acc[g][3]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out + g * ldo, _mm_mul_ps(sums, sc));
+  }
+}
+
+// All nq queries against 4 rows, three queries at a time.
+template <class T>
+inline void dot_r4(const float* q, int64_t nq, const T* const* rows, int64_t d, float scale,
+                   float* out, int64_t ldo) {
+  int64_t g = 0;
+  for (; g + 3 <= nq; g += 3) dot_q_r4<3>(q + g * d, rows, d, scale, out + g * ldo, ldo);
+  if (nq - g == 2) dot_q_r4<2>(q + g * d, rows, d, scale, out + g * ldo, ldo);
+  if (nq - g == 1) dot_q_r4<1>(q + g * d, rows, d, scale, out + g * ldo, ldo);
+}
+
+// out[g] (+)= sum_p w[g * ldw + p] * rows[p][d0, d0 + 32) for NQ queries: each row chunk is
+// loaded once for all of them; `ahead` elements of the row kAhead on are prefetched. Every
+// output element is one FMA chain over p in order, so the
+// result does not depend on the grouping.
+template <int NQ, class T>
+inline void wsum_q_d32(const float* w, int64_t ldw, const T* const* rows, int64_t n, int64_t d0,
+                       float* out, int64_t ldo, bool accumulate, int64_t ahead) {
+  __m256 acc[NQ][4];
+  for (int g = 0; g < NQ; ++g)
+    for (int i = 0; i < 4; ++i)
+      acc[g][i] = accumulate ? _mm256_loadu_ps(out + g * ldo + d0 + 8 * i) : _mm256_setzero_ps();
+  for (int64_t p = 0; p < n; ++p) {
+    if (ahead > 0 && p + kAhead < n) prefetch_row(rows[p + kAhead], ahead);
+    __m256 wp[NQ];
+    for (int g = 0; g < NQ; ++g) wp[g] = _mm256_broadcast_ss(w + g * ldw + p);
+    const T* v = rows[p] + d0;
+    for (int i = 0; i < 4; ++i) {
+      const __m256 vv = load8(v + 8 * i);
+      for (int g = 0; g < NQ; ++g) acc[g][i] = _mm256_fmadd_ps(wp[g], vv, acc[g][i]);
+    }
+  }
+  for (int g = 0; g < NQ; ++g)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + g * ldo + d0 + 8 * i, acc[g][i]);
 }
 #endif
 
@@ -458,16 +505,21 @@ void dot_rows_t(const float* q, int64_t nq, const T* const* rows, int64_t n, int
 #if LE_AVX2
   if (d % 8 == 0) {
     int64_t p = 0;
-    for (; p + 8 <= n; p += 8) dot8(q, nq, rows + p, d, scale, out + p, n);
+    for (; p + 4 <= n; p += 4) {
+      // rows are scattered over the paged cache (a block's rows are a stride apart): fetch
+      // ahead what the hardware prefetcher cannot guess
+      for (int64_t r = p + kAhead; r < std::min(n, p + kAhead + 4); ++r) prefetch_row(rows[r], d);
+      dot_r4(q, nq, rows + p, d, scale, out + p, n);
+    }
     if (p < n) {
       // The last rows take the same path (padded with a repeat of the first), so a row's score
       // does not depend on how many rows came with it.
-      const T* tail[8];
-      for (int r = 0; r < 8; ++r) tail[r] = rows[p + std::min<int64_t>(r, n - 1 - p)];
+      const T* tail[4];
+      for (int r = 0; r < 4; ++r) tail[r] = rows[p + std::min<int64_t>(r, n - 1 - p)];
       thread_local std::vector<float> buf;
-      if (static_cast<int64_t>(buf.size()) < nq * 8) buf.resize(nq * 8);
-      dot8(q, nq, tail, d, scale, buf.data(), 8);
-      for (int64_t g = 0; g < nq; ++g) std::copy_n(buf.data() + g * 8, n - p, out + g * n + p);
+      if (static_cast<int64_t>(buf.size()) < nq * 4) buf.resize(nq * 4);
+      dot_r4(q, nq, tail, d, scale, buf.data(), 4);
+      for (int64_t g = 0; g < nq; ++g) std::copy_n(buf.data() + g * 4, n - p, out + g * n + p);
     }
     return;
   }
@@ -481,28 +533,29 @@ void dot_rows_t(const float* q, int64_t nq, const T* const* rows, int64_t n, int
 }
 
 template <class T>
-void weighted_sum_rows_t(const float* w, const T* const* rows, int64_t n, int64_t d, float* out,
-                         bool accumulate) {
+void weighted_sum_rows_t(const float* w, int64_t nq, int64_t ldw, const T* const* rows,
+                         int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate) {
 #if LE_AVX2
-  if (d % 8 == 0) {
-    for (int64_t d0 = 0; d0 < d; d0 += 64) {  // 64 floats (8 registers) at a time
-      const int nv = static_cast<int>(std::min<int64_t>(64, d - d0) / 8);
-      __m256 acc[8];
-      for (int i = 0; i < 8; ++i)
-        acc[i] = accumulate && i < nv ? _mm256_loadu_ps(out + d0 + 8 * i) : _mm256_setzero_ps();
-      for (int64_t p = 0; p < n; ++p) {
-        const __m256 wp = _mm256_broadcast_ss(w + p);
-        const T* v = rows[p] + d0;
-        for (int i = 0; i < nv; ++i) acc[i] = _mm256_fmadd_ps(wp, load8(v + 8 * i), acc[i]);
-      }
-      for (int i = 0; i < nv; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+  if (d % 32 == 0) {
+    for (int64_t d0 = 0; d0 < d; d0 += 32) {
+      int64_t g = 0;
+      int64_t ahead = d0 == 0 ? d : 0;  // the first pass fetches whole rows
+      for (; g + 3 <= nq; g += 3, ahead = 0)
+        wsum_q_d32<3>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
+      if (nq - g == 2)
+        wsum_q_d32<2>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
+      if (nq - g == 1)
+        wsum_q_d32<1>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
     }
     return;
   }
 #endif
-  if (!accumulate) std::fill_n(out, d, 0.f);
-  for (int64_t p = 0; p < n; ++p)
-    for (int64_t i = 0; i < d; ++i) out[i] += w[p] * to_f32(rows[p][i]);
+  for (int64_t g = 0; g < nq; ++g) {
+    float* o = out + g * ldo;
+    if (!accumulate) std::fill_n(o, d, 0.f);
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t i = 0; i < d; ++i) o[i] += w[g * ldw + p] * to_f32(rows[p][i]);
+  }
 }
 
 }  // namespace
@@ -515,13 +568,13 @@ void dot_rows(const float* q, int64_t nq, const half_t* const* rows, int64_t n, 
               float scale, float* out) {
   dot_rows_t(q, nq, rows, n, d, scale, out);
 }
-void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
-                       float* out, bool accumulate) {
-  weighted_sum_rows_t(w, rows, n, d, out, accumulate);
+void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const float* const* rows,
+                       int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate) {
+  weighted_sum_rows_t(w, nq, ldw, rows, n, d, out, ldo, accumulate);
 }
-void weighted_sum_rows(const float* w, const half_t* const* rows, int64_t n, int64_t d,
-                       float* out, bool accumulate) {
-  weighted_sum_rows_t(w, rows, n, d, out, accumulate);
+void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const half_t* const* rows,
+                       int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate) {
+  weighted_sum_rows_t(w, nq, ldw, rows, n, d, out, ldo, accumulate);
 }
 
 void to_half(const float* x, int64_t n, half_t* out) {

@@ -61,16 +61,17 @@ float dot_f32(const float* a, const float* b, int64_t n);
 // computed the same way whatever n is (a prompt row's attention does not depend on its tile).
 void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
               float scale, float* out);
-// out = sum_p w[p] * rows[p] (d floats), overwriting out or (accumulate) adding to it.
-void weighted_sum_rows(const float* w, const float* const* rows, int64_t n, int64_t d,
-                       float* out, bool accumulate = false);
+// out[g * ldo + i] (+)= sum_p w[g * ldw + p] * rows[p][i] for g < nq, i < d: overwriting out or
+// (accumulate) adding to it. Each row is read once for all nq weight vectors.
+void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const float* const* rows,
+                       int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate);
 
 // The same over float16 rows (a float16 KV cache), widened to float32 as they are read.
 using half_t = uint16_t;  // IEEE float16 bits
 void dot_rows(const float* q, int64_t nq, const half_t* const* rows, int64_t n, int64_t d,
               float scale, float* out);
-void weighted_sum_rows(const float* w, const half_t* const* rows, int64_t n, int64_t d,
-                       float* out, bool accumulate = false);
+void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const half_t* const* rows,
+                       int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate);
 // out[i] = x[i] rounded to float16 (nearest even), for writing the KV cache.
 void to_half(const float* x, int64_t n, half_t* out);
 inline void to_half(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
