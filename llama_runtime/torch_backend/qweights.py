@@ -15,6 +15,7 @@ torch's extension builder (cached by torch).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -63,8 +64,12 @@ def kernels() -> Any:
             flags = ["-O3", "-fopenmp"]
             if {"avx2", "fma", "f16c"} <= _cpu_flags():
                 flags += ["-mavx2", "-mfma", "-mf16c"]
+            csrc = Path(__file__).parent / "csrc"
+            # torch rebuilds when a source or a flag changes, not a header: name the headers'
+            # contents in a flag
+            headers = b"".join(p.read_bytes() for p in sorted(csrc.glob("*.h")))
+            flags.append(f"-DLE_HEADERS={hashlib.sha256(headers).hexdigest()[:16]}")
             try:
-                csrc = Path(__file__).parent / "csrc"
                 _ext = load(name="llama_engine_kernels",
                             sources=[str(csrc / f) for f in _SOURCES],
                             extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)

@@ -4,14 +4,14 @@
 // the paged cache, the MLP, the output projection) runs here with the work buffers reused
 // between steps. Per layer there are five parallel regions over the matrix products (QKV, O,
 // gate+up, down) and attention, plus row-parallel elementwise work for prompt-sized batches,
-// over torch's intra-op thread pool, and no Python.
+// over OpenMP (parallel.h), and no Python.
 #include "decode.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+
+#include "parallel.h"
 
 namespace llama_engine {
 
@@ -32,7 +32,7 @@ void over_rows(int64_t B, F&& f) {
     f(0, B);
     return;
   }
-  at::parallel_for(0, B, 4, f);
+  parallel_for(0, B, 4, f);
 }
 
 void rms_norm(const float* x, const float* w, float eps, int64_t B, int64_t D, float* out) {
@@ -74,120 +74,72 @@ void rope(float* v, int64_t heads, int64_t hd, const float* cos, const float* si
   }
 }
 
-}  // namespace
-
-Linear Linear::from(const std::vector<at::Tensor>& parts, int64_t rows) {
-  Linear l;
-  if (parts.size() == 1) {
-    l.dense = parts[0].contiguous();
-    TORCH_CHECK(l.dense.dim() == 2 && l.dense.scalar_type() == at::kFloat,
-                "a dense weight must be float32 [N, K]");
-    l.N = l.dense.size(0);
-    l.K = l.dense.size(1);
-    return l;
-  }
-  TORCH_CHECK(parts.size() == 2 || parts.size() == 3, "a weight is [dense], [qs, d] or [qs, d, m]");
-  l.quantized = true;
-  l.qs = parts[0].contiguous();
-  l.d = parts[1].contiguous();
-  const bool q4 = l.qs.scalar_type() == at::kByte;
-  const bool f16 = l.d.scalar_type() == at::kHalf;
-  TORCH_CHECK(q4 == (parts.size() == 3), "q4 weights (uint8) need d and m; q8 (int8) only d");
-  l.N = rows;
-  l.K = q4 ? l.qs.size(1) * 2 : l.qs.size(1);
-  const int64_t padded = l.qs.size(0);
-  TORCH_CHECK(padded % GROUP == 0 && rows <= padded && rows > padded - GROUP,
-              "quantized rows are padded to a multiple of 4");
-  TORCH_CHECK(l.K % QK == 0 && (f16 || l.d.scalar_type() == at::kFloat) &&
-                  l.d.numel() == padded * l.K / QK,
-              "malformed quantized weight");
-  if (q4) {
-    l.m = parts[2].contiguous();
-    TORCH_CHECK(l.m.scalar_type() == l.d.scalar_type() && l.m.numel() == l.d.numel(),
-                "malformed m");
-  }
-  l.mat = QMat{q4, l.qs.data_ptr(), l.d.data_ptr(), q4 ? l.m.data_ptr() : nullptr, l.N, l.K, f16};
-  return l;
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
 }
 
-DecodeModel::DecodeModel(std::vector<int64_t> dims, double eps, std::vector<at::Tensor> norms,
-                         std::vector<std::vector<at::Tensor>> linears,
-                         std::vector<int64_t> rows)
-    : eps_(static_cast<float>(eps)) {
-  TORCH_CHECK(dims.size() == 7, "dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn, vocab");
-  dim_ = dims[0];
-  n_layers_ = dims[1];
-  n_heads_ = dims[2];
-  n_kv_heads_ = dims[3];
-  head_dim_ = dims[4];
-  ffn_dim_ = dims[5];
-  vocab_ = dims[6];
-  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * n_layers_ + 1, "2 norms a layer + 1");
-  TORCH_CHECK(static_cast<int64_t>(linears.size()) == 7 * n_layers_ + 1, "7 linears a layer + 1");
-  TORCH_CHECK(n_kv_heads_ > 0 && n_heads_ % n_kv_heads_ == 0 && head_dim_ % 2 == 0,
-              "bad head layout");
-  for (auto& n : norms) {
-    norms_.push_back(n.contiguous().to(at::kFloat));
-    TORCH_CHECK(norms_.back().numel() == dim_, "a norm weight has ", n.numel(), " elements");
-  }
-  TORCH_CHECK(rows.size() == linears.size(), "one row count per linear");
-  for (size_t i = 0; i < linears.size(); ++i) linears_.push_back(Linear::from(linears[i], rows[i]));
+}  // namespace
+
+DecodeModel::DecodeModel(const ModelDims& dims, float eps, const std::vector<const float*>& norms,
+                         std::vector<QMat> linears)
+    : d_(dims), eps_(eps), linears_(std::move(linears)) {
+  const int64_t L = d_.n_layers;
+  require(static_cast<int64_t>(norms.size()) == 2 * L + 1, "2 norms a layer + 1");
+  require(static_cast<int64_t>(linears_.size()) == 7 * L + 1, "7 linears a layer + 1");
+  require(d_.n_kv_heads > 0 && d_.n_heads % d_.n_kv_heads == 0 && d_.head_dim % 2 == 0 &&
+              d_.dim % QK == 0 && d_.ffn_dim % QK == 0 && d_.n_heads * d_.head_dim % QK == 0,
+          "bad head layout or dims not a multiple of 32");
+  for (const float* n : norms) norms_.emplace_back(n, n + d_.dim);
   // every product writes into buffers sized from dims: refuse any other shape
-  const int64_t q = n_heads_ * head_dim_, kv = n_kv_heads_ * head_dim_;
-  const int64_t want[7][2] = {{q, dim_}, {kv, dim_}, {kv, dim_}, {dim_, q},
-                              {ffn_dim_, dim_}, {ffn_dim_, dim_}, {dim_, ffn_dim_}};
-  for (int64_t l = 0; l < n_layers_; ++l)
+  const int64_t q = d_.n_heads * d_.head_dim, kv = d_.n_kv_heads * d_.head_dim, D = d_.dim;
+  const int64_t want[7][2] = {{q, D}, {kv, D}, {kv, D}, {D, q},
+                              {d_.ffn_dim, D}, {d_.ffn_dim, D}, {D, d_.ffn_dim}};
+  for (int64_t l = 0; l < L; ++l)
     for (int i = 0; i < 7; ++i) {
-      const Linear& w = linears_[7 * l + i];
-      TORCH_CHECK(w.N == want[i][0] && w.K == want[i][1], "layer ", l, " weight ", i, " is [",
-                  w.N, ", ", w.K, "], expected [", want[i][0], ", ", want[i][1], "]");
+      const QMat& w = linears_[7 * l + i];
+      require(w.N == want[i][0] && w.K == want[i][1],
+              "layer " + std::to_string(l) + " weight " + std::to_string(i) + " is [" +
+                  std::to_string(w.N) + ", " + std::to_string(w.K) + "], expected [" +
+                  std::to_string(want[i][0]) + ", " + std::to_string(want[i][1]) + "]");
     }
-  TORCH_CHECK(linears_.back().N == vocab_ && linears_.back().K == dim_,
-              "the output projection must be [vocab, dim]");
+  require(linears_.back().N == d_.vocab && linears_.back().K == D,
+          "the output projection must be [vocab, dim]");
 }
 
 void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B,
                           bool int8_acts) {
   const int64_t K = jobs.front().w->K;
-  bool any_quantized = false;
-  for (const Job& j : jobs) any_quantized |= j.w->quantized;
-  if (any_quantized && int8_acts) acts_.quantize(x, B, K);
-  // The quantized jobs share one parallel region over their row groups, matrix after matrix.
+  bool any_int8 = false;
+  for (const Job& j : jobs) any_int8 |= int8_acts && !j.w->dense;
+  if (any_int8) acts_.quantize(x, B, K);
+  // The jobs share one parallel region over their row groups, matrix after matrix. Dense
+  // weights (types not kept quantized) take the exact float kernel.
   std::vector<int64_t> first_group;
   int64_t groups = 0;
   for (const Job& j : jobs) {
     first_group.push_back(groups);
-    if (j.w->quantized) groups += qmat_groups(j.w->mat);
+    groups += qmat_groups(*j.w);
   }
-  if (groups > 0) {
-    at::parallel_for(0, groups, 2, [&](int64_t u0, int64_t u1) {
-      for (size_t i = 0; i < jobs.size(); ++i) {
-        const Linear& w = *jobs[i].w;
-        if (!w.quantized) continue;
-        const int64_t g0 = std::max(u0, first_group[i]) - first_group[i];
-        const int64_t g1 = std::min(u1, first_group[i] + qmat_groups(w.mat)) - first_group[i];
-        if (g0 >= g1) continue;
-        if (int8_acts)
-          qmat_rows_int8(w.mat, acts_, jobs[i].out, w.N, g0, g1);
-        else
-          qmat_rows_f32(w.mat, x, B, jobs[i].out, w.N, g0, g1);
-      }
-    });
-  }
-  for (const Job& j : jobs) {
-    if (j.w->quantized) continue;
-    at::Tensor xt = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
-    at::Tensor out = at::from_blob(j.out, {B, j.w->N}, at::kFloat);
-    at::mm_out(out, xt, j.w->dense.t());
-  }
+  parallel_for(0, groups, 2, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const QMat& w = *jobs[i].w;
+      const int64_t g0 = std::max(u0, first_group[i]) - first_group[i];
+      const int64_t g1 = std::min(u1, first_group[i] + qmat_groups(w)) - first_group[i];
+      if (g0 >= g1) continue;
+      if (int8_acts && !w.dense)
+        qmat_rows_int8(w, acts_, jobs[i].out, w.N, g0, g1);
+      else
+        qmat_rows_f32(w, x, B, jobs[i].out, w.N, g0, g1);
+    }
+  });
 }
 
 template <class T>
-void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const float* sin,
-                            const int64_t* write_slots, const at::Tensor& block_tables,
-                            const int64_t* ctx_lens, T* k_cache, T* v_cache, int64_t n_slots,
-                            int64_t block_size) {
-  const int64_t hd = head_dim_, half = hd / 2, hq = n_heads_, hkv = n_kv_heads_;
+void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_cache) {
+  const int64_t B = a.B, block_size = a.block_size, n_slots = a.n_slots;
+  const float *cos = a.cos, *sin = a.sin;
+  const int64_t *write_slots = a.write_slots, *ctx_lens = a.ctx_lens;
+  const int64_t hd = d_.head_dim, half = hd / 2, hq = d_.n_heads, hkv = d_.n_kv_heads;
   const int64_t kv_row = hkv * hd;
   T* kl = k_cache + layer * n_slots * kv_row;
   T* vl = v_cache + layer * n_slots * kv_row;
@@ -200,8 +152,8 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
       to_half(v_.data() + b * kv_row, kv_row, vl + write_slots[b] * kv_row);
     }
   });
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t max_blocks = block_tables.size(1);
+  const int64_t* tables = a.block_tables;
+  const int64_t max_blocks = a.max_blocks;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t group = hq / hkv;
   // Tiles: runs of up to kTileRows consecutive rows of one prompt chunk (same block table,
@@ -221,8 +173,8 @@ void DecodeModel::attention(int64_t layer, int64_t B, const float* cos, const fl
   const int64_t n_tiles = static_cast<int64_t>(tiles_.size());
   // Work units: one query head of a tile while there are few tiles (spreads a single sequence
   // over the cores), else every query head of one KV head, which then reads its rows once.
-  const int64_t per_unit = n_tiles * hkv >= 2 * at::get_num_threads() ? group : 1;
-  at::parallel_for(0, n_tiles * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t per_unit = n_tiles * hkv >= 2 * max_threads() ? group : 1;
+  parallel_for(0, n_tiles * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores, qs;
     thread_local std::vector<const T*> krows, vrows;
     for (int64_t u = u0; u < u1; ++u) {
@@ -287,8 +239,6 @@ void DecodeModel::set_profiling(bool on) {
   profile_.clear();
 }
 
-std::map<std::string, double> DecodeModel::profile() const { return profile_; }
-
 void DecodeModel::lap(const char* phase) {
   if (!profiling_) return;
   const auto now = std::chrono::steady_clock::now();
@@ -296,101 +246,78 @@ void DecodeModel::lap(const char* phase) {
   mark_ = now;
 }
 
-at::Tensor DecodeModel::step(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                             const at::Tensor& write_slots, const at::Tensor& block_tables,
-                             const at::Tensor& ctx_lens, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache, int64_t block_size,
-                             const at::Tensor& logit_rows, bool int8_acts) {
-  const int64_t B = x.size(0), D = dim_, hd = head_dim_;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == D && x.scalar_type() == at::kFloat, "x: [B, dim] f32");
-  TORCH_CHECK(x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "contiguous");
-  TORCH_CHECK(cos.size(0) == B && cos.size(1) == hd / 2 && sin.sizes() == cos.sizes(), "cos/sin");
-  TORCH_CHECK(write_slots.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong &&
-                  block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
-                  block_tables.size(0) == B && ctx_lens.numel() == B &&
-                  write_slots.numel() == B,
-              "slots, tables and lengths: int64, one row per sequence");
-  const bool half_kv = k_cache.scalar_type() == at::kHalf;
-  TORCH_CHECK((half_kv || k_cache.scalar_type() == at::kFloat) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.dim() == 4 &&
-                  k_cache.size(0) == n_layers_ && k_cache.size(2) == n_kv_heads_ &&
-                  k_cache.size(3) == hd && v_cache.sizes() == k_cache.sizes(),
-              "the KV cache must be float32 or float16 [layers, slots, kv_heads, head_dim]");
-  TORCH_CHECK(block_size > 0 && write_slots.is_contiguous() && ctx_lens.is_contiguous(),
-              "block_size > 0; contiguous slots and lengths");
-  TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.is_contiguous() &&
-                  logit_rows.dim() == 1 && logit_rows.numel() <= B,
-              "logit_rows: int64 [R <= B]");
-  const int64_t* rows = logit_rows.data_ptr<int64_t>();
-  for (int64_t r = 0; r < logit_rows.numel(); ++r)
-    TORCH_CHECK(rows[r] >= 0 && rows[r] < B, "logit row out of range");
-  const int64_t n_slots = k_cache.size(1), n_blocks = n_slots / block_size;
-  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
-  const int64_t* ws = write_slots.data_ptr<int64_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
+void DecodeModel::check(const StepArgs& a) const {
+  const int64_t B = a.B, bs = a.block_size;
+  require(B >= 1 && a.x && a.cos && a.sin && a.write_slots && a.block_tables && a.ctx_lens &&
+              a.k_cache && a.v_cache && (a.R == 0 || (a.logit_rows && a.logits)),
+          "a step needs at least one row and every buffer");
+  require(bs > 0 && a.n_slots > 0 && a.n_slots % bs == 0 && a.max_blocks > 0,
+          "block_size and the cache's slots must be positive, slots a multiple of block_size");
+  require(a.R >= 0 && a.R <= B, "logit_rows: at most one per row");
+  for (int64_t r = 0; r < a.R; ++r)
+    require(a.logit_rows[r] >= 0 && a.logit_rows[r] < B, "logit row out of range");
+  const int64_t n_blocks = a.n_slots / bs;
   for (int64_t b = 0; b < B; ++b) {  // attention reads through these: check them all
-    const int64_t used = (lens[b] + block_size - 1) / block_size;
-    TORCH_CHECK(lens[b] >= 1 && used <= block_tables.size(1),
-                "context length beyond the block table");
-    const int64_t* table = tables + b * block_tables.size(1);
+    const int64_t len = a.ctx_lens[b], used = (len + bs - 1) / bs;
+    require(len >= 1 && used <= a.max_blocks, "context length beyond the block table");
+    const int64_t* table = a.block_tables + b * a.max_blocks;
     for (int64_t i = 0; i < used; ++i)
-      TORCH_CHECK(table[i] >= 0 && table[i] < n_blocks, "block id out of range");
-    TORCH_CHECK(ws[b] == table[(lens[b] - 1) / block_size] * block_size +
-                             (lens[b] - 1) % block_size,
-                "the new token's slot must be its position's slot in the block table");
+      require(table[i] >= 0 && table[i] < n_blocks, "block id out of range");
+    require(a.write_slots[b] == table[(len - 1) / bs] * bs + (len - 1) % bs,
+            "the new token's slot must be its position's slot in the block table");
   }
+}
+
+void DecodeModel::step(const StepArgs& a) {
+  check(a);
+  const int64_t B = a.B, D = d_.dim, hd = d_.head_dim, F = d_.ffn_dim;
   grow(x_, B * D);
-  grow(h_, B * std::max(D, ffn_dim_));
-  grow(q_, B * n_heads_ * hd);
-  grow(att_, B * n_heads_ * hd);
-  grow(k_, B * n_kv_heads_ * hd);
-  grow(v_, B * n_kv_heads_ * hd);
+  grow(h_, B * std::max(D, F));
+  grow(q_, B * d_.n_heads * hd);
+  grow(att_, B * d_.n_heads * hd);
+  grow(k_, B * d_.n_kv_heads * hd);
+  grow(v_, B * d_.n_kv_heads * hd);
   grow(tmp_, B * D);
-  grow(gate_, B * ffn_dim_);
-  grow(up_, B * ffn_dim_);
+  grow(gate_, B * F);
+  grow(up_, B * F);
   if (profiling_) {
     mark_ = std::chrono::steady_clock::now();
     profile_["steps"] += 1;
   }
-  std::copy_n(x.data_ptr<float>(), B * D, x_.data());
-  for (int64_t l = 0; l < n_layers_; ++l) {
-    const Linear* w = linears_.data() + 7 * l;
-    rms_norm(x_.data(), norms_[2 * l].data_ptr<float>(), eps_, B, D, h_.data());
+  std::copy_n(a.x, B * D, x_.data());
+  for (int64_t l = 0; l < d_.n_layers; ++l) {
+    const QMat* w = linears_.data() + 7 * l;
+    rms_norm(x_.data(), norms_[2 * l].data(), eps_, B, D, h_.data());
     lap("norms, residuals, silu");
     linears({{&w[0], q_.data()}, {&w[1], k_.data()}, {&w[2], v_.data()}}, h_.data(), B,
-            int8_acts);
+            a.int8_acts);
     lap("qkv projections");
-    if (half_kv)
-      attention(l, B, cos.data_ptr<float>(), sin.data_ptr<float>(), ws, block_tables, lens,
-                static_cast<half_t*>(k_cache.data_ptr()), static_cast<half_t*>(v_cache.data_ptr()),
-                n_slots, block_size);
+    if (a.half_kv)
+      attention(a, l, static_cast<half_t*>(a.k_cache), static_cast<half_t*>(a.v_cache));
     else
-      attention(l, B, cos.data_ptr<float>(), sin.data_ptr<float>(), ws, block_tables, lens,
-                k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), n_slots, block_size);
+      attention(a, l, static_cast<float*>(a.k_cache), static_cast<float*>(a.v_cache));
     lap("rope, kv write, attention");
-    linears({{&w[3], tmp_.data()}}, att_.data(), B, int8_acts);
+    linears({{&w[3], tmp_.data()}}, att_.data(), B, a.int8_acts);
     lap("output projection (attn)");
     add_into(x_.data(), tmp_.data(), B, D);
-    rms_norm(x_.data(), norms_[2 * l + 1].data_ptr<float>(), eps_, B, D, h_.data());
+    rms_norm(x_.data(), norms_[2 * l + 1].data(), eps_, B, D, h_.data());
     lap("norms, residuals, silu");
-    linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), B, int8_acts);
+    linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), B, a.int8_acts);
     lap("gate, up projections");
-    silu_mul(gate_.data(), up_.data(), h_.data(), B, ffn_dim_);
+    silu_mul(gate_.data(), up_.data(), h_.data(), B, F);
     lap("norms, residuals, silu");
-    linears({{&w[6], tmp_.data()}}, gate_.data(), B, int8_acts);
+    linears({{&w[6], tmp_.data()}}, gate_.data(), B, a.int8_acts);
     lap("down projection");
     add_into(x_.data(), tmp_.data(), B, D);
   }
   // only the rows whose next token is wanted go through the output norm and projection
-  const int64_t R = logit_rows.numel();
-  for (int64_t r = 0; r < R; ++r) std::copy_n(x_.data() + rows[r] * D, D, tmp_.data() + r * D);
-  rms_norm(tmp_.data(), norms_.back().data_ptr<float>(), eps_, R, D, h_.data());
-  at::Tensor logits = at::empty({R, vocab_}, at::kFloat);
+  const int64_t R = a.R;
+  for (int64_t r = 0; r < R; ++r)
+    std::copy_n(x_.data() + a.logit_rows[r] * D, D, tmp_.data() + r * D);
+  rms_norm(tmp_.data(), norms_.back().data(), eps_, R, D, h_.data());
   lap("norms, residuals, silu");
-  if (R > 0) linears({{&linears_.back(), logits.data_ptr<float>()}}, h_.data(), R, int8_acts);
+  if (R > 0) linears({{&linears_.back(), a.logits}}, h_.data(), R, a.int8_acts);
   lap("lm head (vocab projection)");
-  return logits;
 }
 
 }  // namespace llama_engine

@@ -1,11 +1,13 @@
 // Python bindings of the CPU kernels: whole-matrix products and dequantization for the
 // torch ops path, and the fused decode step. Every entry point releases the GIL while it
 // computes, so other Python threads (stream consumers, servers) run meanwhile.
-#include <ATen/Parallel.h>
 #include <pybind11/stl.h>
+#include <memory>
+#include <stdexcept>
 #include <torch/extension.h>
 
 #include "decode.h"
+#include "parallel.h"
 #include "qgemm.h"
 
 namespace le = llama_engine;
@@ -48,7 +50,7 @@ torch::Tensor linear(const torch::Tensor& x_, const le::QMat& w, bool int8_acts)
   float* o = out.data_ptr<float>();
   le::QActs acts;
   if (int8_acts) acts.quantize(x.data_ptr<float>(), B, w.K);
-  at::parallel_for(0, le::qmat_groups(w), 4, [&](int64_t g0, int64_t g1) {
+  le::parallel_for(0, le::qmat_groups(w), 4, [&](int64_t g0, int64_t g1) {
     if (int8_acts)
       le::qmat_rows_int8(w, acts, o, w.N, g0, g1);
     else
@@ -60,11 +62,115 @@ torch::Tensor linear(const torch::Tensor& x_, const le::QMat& w, bool int8_acts)
 torch::Tensor dequant(const le::QMat& w) {
   auto out = torch::empty({w.N, w.K}, torch::kFloat);
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, le::qmat_groups(w), 16, [&](int64_t g0, int64_t g1) {
+  le::parallel_for(0, le::qmat_groups(w), 16, [&](int64_t g0, int64_t g1) {
     le::qmat_dequant_rows(w, o + g0 * le::GROUP * w.K, g0, g1);
   });
   return out;
 }
+
+// The weight of one linear: [dense] float32 [N, K], or [qs, d] (q8) / [qs, d, m] (q4).
+le::QMat weight(const std::vector<torch::Tensor>& parts, int64_t rows) {
+  if (parts.size() == 1) {
+    const torch::Tensor& w = parts[0];
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat && w.is_contiguous() &&
+                    w.size(0) == rows,
+                "a dense weight must be a contiguous float32 [N, K] tensor");
+    le::QMat m{false, w.data_ptr(), nullptr, nullptr, w.size(0), w.size(1)};
+    m.dense = true;
+    return m;
+  }
+  TORCH_CHECK(parts.size() == 2 || parts.size() == 3, "a weight is [dense], [qs, d] or [qs, d, m]");
+  return as_qmat(parts[0], parts[1], parts.size() == 3 ? &parts[2] : nullptr, rows);
+}
+
+torch::Tensor i64(const torch::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous() && t.numel() == n, what,
+              ": a contiguous int64 tensor of ", n, " values");
+  return t;
+}
+
+// The fused step over torch tensors: checks the containers (dtypes, shapes, contiguity), keeps
+// the weights alive, and hands plain pointers to llama_engine::DecodeModel.
+class TorchDecodeModel {
+ public:
+  // dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size. norms: attn_norm
+  // and ffn_norm of each layer, then the output norm. linears: q, k, v, o, gate, up, down of
+  // each layer, then the output projection, each in weight()'s form with its real row count.
+  TorchDecodeModel(std::vector<int64_t> dims, double eps, std::vector<torch::Tensor> norms,
+                   std::vector<std::vector<torch::Tensor>> linears, std::vector<int64_t> rows) {
+    TORCH_CHECK(dims.size() == 7, "dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn, vocab");
+    TORCH_CHECK(rows.size() == linears.size(), "one row count per linear");
+    std::vector<const float*> norm_ptrs;
+    for (auto& n : norms) {
+      keep_.push_back(n.contiguous().to(torch::kFloat));
+      TORCH_CHECK(keep_.back().numel() == dims[0], "a norm weight has ", n.numel(), " elements");
+      norm_ptrs.push_back(keep_.back().data_ptr<float>());
+    }
+    std::vector<le::QMat> mats;
+    for (size_t i = 0; i < linears.size(); ++i) {
+      for (auto& t : linears[i]) keep_.push_back(t);
+      mats.push_back(weight(linears[i], rows[i]));
+    }
+    try {
+      model_ = std::make_unique<le::DecodeModel>(
+          le::ModelDims{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]},
+          static_cast<float>(eps), norm_ptrs, std::move(mats));
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK(false, e.what());
+    }
+  }
+
+  // x [B, dim] float32; cos, sin [B, head_dim / 2]; write_slots, ctx_lens [B] int64;
+  // block_tables [B, max_blocks] int64; k_cache, v_cache float32 or float16 [layers, slots,
+  // kv_heads, head_dim]; logit_rows [R] int64. Returns logits [R, vocab].
+  torch::Tensor step(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     const torch::Tensor& write_slots, const torch::Tensor& block_tables,
+                     const torch::Tensor& ctx_lens, const torch::Tensor& k_cache,
+                     const torch::Tensor& v_cache, int64_t block_size,
+                     const torch::Tensor& logit_rows, bool int8_acts) {
+    const le::ModelDims& d = model_->dims();
+    const int64_t B = x.size(0);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == d.dim && x.scalar_type() == torch::kFloat &&
+                    x.is_contiguous(), "x: contiguous float32 [B, dim]");
+    for (const torch::Tensor* t : {&cos, &sin})
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == d.head_dim / 2 &&
+                      t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                  "cos, sin: contiguous float32 [B, head_dim / 2]");
+    TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B, "block_tables: [B, max]");
+    i64(block_tables, block_tables.numel(), "block_tables");
+    i64(write_slots, B, "write_slots");
+    i64(ctx_lens, B, "ctx_lens");
+    TORCH_CHECK(logit_rows.dim() == 1, "logit_rows: [R]");
+    i64(logit_rows, logit_rows.numel(), "logit_rows");
+    const bool half_kv = k_cache.scalar_type() == torch::kHalf;
+    TORCH_CHECK((half_kv || k_cache.scalar_type() == torch::kFloat) &&
+                    v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+                    v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                    k_cache.size(0) == d.n_layers && k_cache.size(2) == d.n_kv_heads &&
+                    k_cache.size(3) == d.head_dim && v_cache.sizes() == k_cache.sizes(),
+                "the KV cache must be float32 or float16 [layers, slots, kv_heads, head_dim]");
+    const int64_t R = logit_rows.numel();
+    torch::Tensor logits = torch::empty({R, d.vocab}, torch::kFloat);
+    le::StepArgs a{x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                   write_slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
+                   block_tables.size(1), ctx_lens.data_ptr<int64_t>(), B, k_cache.data_ptr(),
+                   v_cache.data_ptr(), half_kv, k_cache.size(1), block_size,
+                   logit_rows.data_ptr<int64_t>(), R, int8_acts, logits.data_ptr<float>()};
+    try {
+      model_->step(a);
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK(false, e.what());
+    }
+    return logits;
+  }
+
+  void set_profiling(bool on) { model_->set_profiling(on); }
+  std::map<std::string, double> profile() const { return model_->profile(); }
+
+ private:
+  std::vector<torch::Tensor> keep_;  // the memory the model's pointers borrow
+  std::unique_ptr<le::DecodeModel> model_;
+};
 
 }  // namespace
 
@@ -89,11 +195,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q8_dequant", [](Tensor qs, Tensor d, int64_t n) {
     return dequant(as_qmat(qs, d, nullptr, n));
   }, "q8 weight -> float32 [N, K]", nogil);
-  py::class_<le::DecodeModel>(mod, "DecodeModel")
+  py::class_<TorchDecodeModel>(mod, "DecodeModel")
       .def(py::init<std::vector<int64_t>, double, std::vector<Tensor>,
                     std::vector<std::vector<Tensor>>, std::vector<int64_t>>())
-      .def("step", &le::DecodeModel::step, "one decode step for B sequences -> logits [B, V]",
+      .def("step", &TorchDecodeModel::step, "one fused step over B token rows -> logits [R, V]",
            nogil)
-      .def("set_profiling", &le::DecodeModel::set_profiling, "time each phase of later steps")
-      .def("profile", &le::DecodeModel::profile, "phase -> microseconds over profiled steps");
+      .def("set_profiling", &TorchDecodeModel::set_profiling, "time each phase of later steps")
+      .def("profile", &TorchDecodeModel::profile, "phase -> microseconds over profiled steps");
 }

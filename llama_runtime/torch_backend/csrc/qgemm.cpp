@@ -9,10 +9,9 @@
 // activation block is loaded once per tile.
 #include "qgemm.h"
 
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -57,7 +56,7 @@ constexpr int64_t kPanelBytes = 192 * 1024;  // widened weights per pass (stay i
 
 inline float scale_at(const QMat& w, const void* a, int64_t i) {
   if (!w.f16) return static_cast<const float*>(a)[i];
-  return c10::detail::fp16_ieee_to_fp32_value(static_cast<const uint16_t*>(a)[i]);
+  return half_to_float(static_cast<const uint16_t*>(a)[i]);
 }
 
 // One group's scales and offsets as float32: the weight's own arrays, or float16 ones widened
@@ -86,8 +85,8 @@ inline Scales group_scales(const QMat& w, int64_t g) {
   }
 #endif
   for (; i < n; ++i) {
-    buf[i] = c10::detail::fp16_ieee_to_fp32_value(d16[i]);
-    if (m16) buf[n + i] = c10::detail::fp16_ieee_to_fp32_value(m16[i]);
+    buf[i] = half_to_float(d16[i]);
+    if (m16) buf[n + i] = half_to_float(m16[i]);
   }
   return {buf.data(), m16 ? buf.data() + n : nullptr};
 }
@@ -236,6 +235,16 @@ inline void group_f32(const QMat& w, const float* x, int64_t g, int64_t b0, floa
 // The group's four rows widened to float, [4][K] (the panel of many-row products).
 inline void widen_group(const QMat& w, int64_t g, float* panel) {
   const int64_t K = w.K, nb = K / QK;
+  if (w.dense) {  // the four rows as they are, zeros past the last
+    for (int64_t r = 0; r < GROUP; ++r) {
+      const int64_t n = g * GROUP + r;
+      if (n < w.N)
+        std::copy_n(static_cast<const float*>(w.qs) + n * K, K, panel + r * K);
+      else
+        std::fill_n(panel + r * K, K, 0.f);
+    }
+    return;
+  }
   const int64_t bytes = w.q4 ? 16 : 32;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
   const Scales sc = group_scales(w, g);
@@ -279,6 +288,7 @@ inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t g, 
 #endif  // LE_AVX2
 
 [[maybe_unused]] inline float weight_at(const QMat& w, int64_t n, int64_t k) {
+  if (w.dense) return static_cast<const float*>(w.qs)[n * w.K + k];
   const int64_t nb = w.K / QK, j = k / QK, i = k % QK, g = n / GROUP, r = n % GROUP;
   const int64_t at = (g * nb + j) * GROUP + r;  // the row-block's index
   if (w.q4) {
@@ -332,7 +342,7 @@ void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int6
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1) {
 #if LE_AVX2
-  if (B >= kPanelRows) {  // widen each group once, then stream every row past it
+  if (B >= kPanelRows || w.dense) {  // widen each group once, then stream every row past it
     // Groups are widened a chunk at a time into a buffer that stays in L2; then each tile of
     // three activation rows (in L1) runs past every panel of the chunk, writing its outputs
     // contiguously.
@@ -375,6 +385,11 @@ void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t
 void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1) {
   const int64_t K = w.K, nb = K / QK;
   const int64_t n1 = std::min(w.N, g1 * GROUP);
+  if (w.dense) {
+    std::copy(static_cast<const float*>(w.qs) + g0 * GROUP * K,
+              static_cast<const float*>(w.qs) + n1 * K, out);
+    return;
+  }
   for (int64_t n = g0 * GROUP; n < n1; ++n)
     for (int64_t j = 0; j < nb; ++j) {
       float* ob = out + (n - g0 * GROUP) * K + j * QK;
@@ -393,6 +408,47 @@ void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1) {
       }
     }
 }
+
+#if LE_AVX2
+float half_to_float(half_t h) { return _cvtsh_ss(h); }
+half_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#else
+float half_to_float(half_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf, nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while (!(man & 0x400)) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+half_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return static_cast<half_t>(sign | 0x7C00 | (ax > 0x7F800000u ? 0x200 : 0));
+  if (ax >= 0x477FF000u) return static_cast<half_t>(sign | 0x7C00);  // rounds past 65504: inf
+  if (ax < 0x38800000u) {  // a float16 subnormal (or zero): scale, round to nearest even
+    const float r = std::nearbyint(std::fabs(f) * 16777216.f);  // 2^24 = 1 / smallest subnormal
+    return static_cast<half_t>(sign | static_cast<uint32_t>(r));
+  }
+  const uint32_t m = ax + 0xFFF + ((ax >> 13) & 1) - (112u << 23);  // rebias, round to even
+  return static_cast<half_t>(sign | (m >> 13));
+}
+#endif
 
 void exp_inplace(float* x, int64_t n) {
   int64_t i = 0;
@@ -421,7 +477,7 @@ float dot_f32(const float* a, const float* b, int64_t n) {
 namespace {
 
 inline float to_f32(float x) { return x; }
-inline float to_f32(half_t x) { return c10::detail::fp16_ieee_to_fp32_value(x); }
+inline float to_f32(half_t x) { return half_to_float(x); }
 
 #if LE_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -584,7 +640,7 @@ void to_half(const float* x, int64_t n, half_t* out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 #endif
-  for (; i < n; ++i) out[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
+  for (; i < n; ++i) out[i] = float_to_half(x[i]);
 }
 
 }  // namespace llama_engine

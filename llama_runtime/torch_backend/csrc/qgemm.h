@@ -31,6 +31,8 @@ struct QActs {
 // Scales and offsets are float16 where that holds them exactly (the GGUF's own f16 values) and
 // float32 otherwise (Q4_K's products of two scales): per 32 weights, Q4_1 20 bytes (as in the
 // file), Q4_0 20 (the file's 18 plus the offset -8d), Q8_0 34, Q4_K 24.
+// A weight kept in float32 instead (a type not kept quantized) is `dense`: qs is then the row-major
+// [N, K] float32 matrix itself, d and m are unused, and every product takes the exact panel path.
 struct QMat {
   bool q4;
   const void* qs;
@@ -38,6 +40,7 @@ struct QMat {
   const void* m;  // q4 only; same type as d
   int64_t N, K;
   bool f16 = false;
+  bool dense = false;
 };
 constexpr int GROUP = 4;
 
@@ -53,6 +56,11 @@ void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t
 void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1);
 inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }
 
+// float16 <-> float32, one value (round to nearest even).
+using half_t = uint16_t;  // IEEE float16 bits
+float half_to_float(half_t h);
+half_t float_to_half(float f);
+
 // Vectorised helpers of the decode step.
 void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp in [-87, 88]; 0 below, inf above
 float dot_f32(const float* a, const float* b, int64_t n);
@@ -67,7 +75,6 @@ void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const float* con
                        int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate);
 
 // The same over float16 rows (a float16 KV cache), widened to float32 as they are read.
-using half_t = uint16_t;  // IEEE float16 bits
 void dot_rows(const float* q, int64_t nq, const half_t* const* rows, int64_t n, int64_t d,
               float scale, float* out);
 void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const half_t* const* rows,
