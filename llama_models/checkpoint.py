@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from llama_engine.errors import ModelNotFoundError, WeightLoadError
+from llama_models.gguf_file import read_gguf_file
 
 __all__ = ["Checkpoint", "RawTensor", "check_tensors", "read_checkpoint", "read_gguf",
            "read_hf_dir", "release_pages", "rename_hf_tensors"]
@@ -151,8 +153,6 @@ def release_pages(data: Any) -> None:
 
 
 def read_gguf(path: Path) -> Checkpoint:
-    import gguf
-
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
@@ -160,34 +160,17 @@ def read_gguf(path: Path) -> Checkpoint:
             f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf "
             "model file, or convert the model with llama.cpp's convert_hf_to_gguf.py")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError) as e:
+        metadata, infos = read_gguf_file(path)
+    except (ValueError, IndexError, OSError, KeyError, struct.error) as e:
         raise WeightLoadError(
             f"{path} is a corrupt or truncated GGUF file ({e}); download or copy it again") from e
-    metadata = {k: _field_value(f) for k, f in reader.fields.items()}
-    file_size = path.stat().st_size
-    tensors: dict[str, RawTensor] = {}
-    for t in reader.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > file_size or t.data.nbytes != int(t.n_bytes):
-            raise WeightLoadError(
-                f"{path} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has "
-                f"{file_size}; download or copy the file again")
-        tensors[t.name] = RawTensor(t.name, int(t.tensor_type), shape, t.data)
+    tensors = {t.name: RawTensor(t.name, t.qtype, t.shape, t.data) for t in infos}
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise WeightLoadError(
             f"{path} has no general.architecture key; it is not a model GGUF llama-engine can run")
     return Checkpoint(path=path, format="gguf", architecture=arch, metadata=metadata,
                       tensors=tensors)
-
-
-def _field_value(f: Any) -> Any:
-    try:
-        return f.contents()
-    except Exception:  # a field of a type the reader cannot turn into Python: keep it raw
-        return None
 
 
 def read_hf_dir(path: Path) -> Checkpoint:

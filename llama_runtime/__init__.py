@@ -74,6 +74,11 @@ def create_engine(
 
         engine = TorchEngine(device=device, embed_model=embed_model,
                              **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
+    elif name == "native":
+        from llama_runtime.native.engine import NativeEngine
+
+        engine = NativeEngine(device=device, embed_model=embed_model,
+                              **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
     else:  # pragma: no cover - pick_backend refuses the rest
         raise AssertionError(name)
     if model is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def _torch_info() -> BackendInfo:
     )
 
 
+def _native_info() -> BackendInfo:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    return BackendInfo(
+        name="native", available=compiler is not None, devices=("cpu",), dtypes=("float32",),
+        quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
+        max_batch=32, default_eligible=False,
+        note="CPU without torch: the torch backend's fused native step and kernels, built as a "
+             "plain library (C++ compiler needed) and driven over ctypes; GGUF Llama-family "
+             "models. Not yet the default: the parity suite runs on the torch backend",
+    )
+
+
 def _mlx_info() -> BackendInfo:
     found = importlib.util.find_spec("mlx") is not None
     return BackendInfo(
@@ -71,12 +84,18 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
+_INFOS = {"torch": _torch_info, "native": _native_info, "mlx": _mlx_info}
+
+
 def available_backends() -> list[BackendInfo]:
-    return [_torch_info(), _mlx_info()]
+    return [info() for info in _INFOS.values()]
 
 
 def pick_backend(backend: str) -> str:
-    infos = {b.name: b for b in available_backends()}
+    if backend in _INFOS and backend != "torch":  # answer without importing torch
+        infos = {backend: _INFOS[backend]()}
+    else:
+        infos = {b.name: b for b in available_backends()}
     if backend == "auto":
         for b in infos.values():
             if b.available and b.default_eligible:
@@ -85,7 +104,7 @@ def pick_backend(backend: str) -> str:
     info = infos.get(backend)
     if info is None:
         raise UnsupportedBackendError(
-            f"unknown backend {backend!r}; choose auto, {', '.join(infos)}")
+            f"unknown backend {backend!r}; choose auto, {', '.join(_INFOS)}")
     if not info.available:
         raise UnsupportedBackendError(
             f"backend {backend!r} is not available: {info.note}; use --backend torch or auto")

@@ -20,7 +20,8 @@ EXIT_INTERRUPTED = 130
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="registered model name or path to a .gguf / HF directory")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "mlx"],
+                   help="native: the CPU kernels without torch (GGUF models)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or metal")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores)")
@@ -241,9 +242,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     m = engine.model
     result = {"model": m.name, "backend": m.backend, "device": m.device, "dtype": m.dtype,
               "load_s": round(load_s, 2)}
-    import torch
-
-    result["threads"] = torch.get_num_threads()
+    result["threads"] = engine.threads
     result |= run_bench(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                         concurrency=args.concurrency)
     _print_mapping(result, as_json=args.json)

@@ -40,7 +40,7 @@ from llama_engine import (
 )
 from llama_kv import PagedKVCache
 from llama_runtime.generation import Generation
-from llama_runtime.torch_backend.paged import SeqStep
+from llama_runtime.step import SeqStep
 
 __all__ = ["Request", "Scheduler"]
 

@@ -24,7 +24,8 @@ import torch
 
 from llama_models.llama import LlamaConfig, LlamaModel
 from llama_models.ops import RopeSpec
-from llama_runtime.torch_backend.paged import PagedKVStore, SeqStep
+from llama_runtime.step import SeqStep, rope_tables, row_arrays
+from llama_runtime.torch_backend.paged import PagedKVStore
 from llama_runtime.torch_backend.qweights import QWeight, kernels
 
 __all__ = ["DECODE_KERNELS", "FusedDecoder"]
@@ -55,7 +56,7 @@ class FusedDecoder:
         self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows)
         self._model = model
         self._int8 = int8
-        self._inv_freq = torch.tensor(model.rope.inv_freq(), dtype=torch.float32)
+        self._inv_freq = np.asarray(model.rope.inv_freq(), dtype=np.float32)
 
     @staticmethod
     def supports(model: LlamaModel, device: torch.device, dtype: torch.dtype,
@@ -75,25 +76,13 @@ class FusedDecoder:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order: one for a generated token, a chunk for a prompt).
         int8 overrides the kernel chosen at construction (prompts take the exact one)."""
-        bs = store.block_size
-        n_new = np.array([s.n_new for s in seqs])
-        seq_of_row = np.repeat(np.arange(len(seqs)), n_new)
+        rows = row_arrays(positions, seqs, store.block_size)
         ids = torch.tensor(tokens, dtype=torch.long)
         x = self._model.ops.embedding(self._model.embed, ids).contiguous()
-        pos = np.asarray(positions, dtype=np.int64)
-        angles = torch.from_numpy(pos.astype(np.float32))[:, None] * self._inv_freq[None, :]
-        tables = [np.asarray(s.context_slots[::bs], dtype=np.int64) // bs for s in seqs]
-        table = np.zeros((len(seqs), max(len(t) for t in tables)), dtype=np.int64)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = t
-        write = np.fromiter((x for s in seqs for x in s.write_slots), dtype=np.int64,
-                            count=len(tokens))
-        ends = np.cumsum(n_new) - 1
-        logit_rows = ends[[s.want_logits for s in seqs]]
+        cos, sin = rope_tables(rows.positions, self._inv_freq)
         out: Any = self._native.step(
-            x, angles.cos(), angles.sin(), torch.from_numpy(write),
-            torch.from_numpy(np.ascontiguousarray(table[seq_of_row])),
-            torch.from_numpy(pos + 1), store.k, store.v, bs,
-            torch.from_numpy(np.ascontiguousarray(logit_rows, dtype=np.int64)),
+            x, torch.from_numpy(cos), torch.from_numpy(sin), torch.from_numpy(rows.write_slots),
+            torch.from_numpy(rows.block_tables), torch.from_numpy(rows.ctx_lens), store.k,
+            store.v, store.block_size, torch.from_numpy(rows.logit_rows),
             self._int8 if int8 is None else int8)
         return out

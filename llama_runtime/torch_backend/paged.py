@@ -14,10 +14,12 @@ a chunk get one causal call each.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from llama_runtime.step import SeqStep
 
 __all__ = ["PagedKVStore", "SeqStep", "StepBatch"]
 
@@ -44,30 +46,20 @@ class PagedKVStore:
             self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
             self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
 
-    def read(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [layers, len(slots), kv_heads, head_dim] at these slots (session save)."""
+    @property
+    def dtype_name(self) -> str:
+        return str(self.k.dtype).removeprefix("torch.")
+
+    def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """K, V [layers, len(slots), kv_heads, head_dim] at these slots, as float32 numpy
+        arrays (session save)."""
         idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        return self.k[:, idx], self.v[:, idx]
+        return self.k[:, idx].float().cpu().numpy(), self.v[:, idx].float().cpu().numpy()
 
-    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
         idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        self.k[:, idx] = k.to(self.k.dtype)
-        self.v[:, idx] = v.to(self.v.dtype)
-
-
-@dataclass(frozen=True, slots=True)
-class SeqStep:
-    """One sequence's share of a step: `n_new` tokens at positions start..start+n_new-1."""
-
-    start: int
-    n_new: int
-    write_slots: list[int]
-    """Slot of each new token."""
-    context_slots: list[int]
-    """Slots of positions 0..start+n_new-1 (the new tokens' own slots last)."""
-    want_logits: bool
-    decoding: bool = False
-    """A generated token (not part of a prompt): the fused decode step may serve it."""
+        self.k[:, idx] = torch.from_numpy(np.ascontiguousarray(k)).to(self.device, self.k.dtype)
+        self.v[:, idx] = torch.from_numpy(np.ascontiguousarray(v)).to(self.device, self.v.dtype)
 
 
 class StepBatch:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llama_runtime.torch_backend.paged import PagedKVStore, SeqStep, StepBatch
+from llama_runtime.step import SeqStep
+from llama_runtime.torch_backend.paged import PagedKVStore, StepBatch
 
 L, HQ, HKV, D, BS = 2, 6, 2, 8, 4
 

@@ -1,0 +1,575 @@
+"""`BatchedEngine`: sessions, the scheduler, token streams and the paged KV cache's
+bookkeeping, for any backend. A backend subclass loads a model (`_load`, which ends in
+`_install`) and computes steps (`_run_step`); everything a caller sees between load and step is
+here, so every backend behaves the same. No torch here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from llama_engine import (
+    ChatMessage,
+    ContextOverflowError,
+    InvalidParamsError,
+    InvalidTokenError,
+    LlamaEngine,
+    ModelHandle,
+    ModelSpec,
+    PrefillResult,
+    SamplingParams,
+    Session,
+    SessionError,
+    StreamChunk,
+    TokenStream,
+    UnsupportedBackendError,
+    Usage,
+)
+from llama_kv import PagedKVCache, kv_budget_blocks, kv_bytes_per_block
+from llama_models import ModelFiles, open_model
+from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_options, check_texts
+from llama_runtime.generation import Generation
+from llama_runtime.scheduler import Request, Scheduler
+from llama_runtime.step import SeqStep
+from llama_tokenizer import Tokenizer
+
+__all__ = ["AUTO_KV_CAP_BYTES", "DECODER", "DEFAULT_EMBED_MODEL", "BatchedEngine", "KVStore",
+           "fingerprint", "host_available_memory"]
+
+log = logging.getLogger(__name__)
+
+SESSION_FORMAT = "llama-engine-session/2"
+AUTO_KV_CAP_BYTES = 4 * 2**30  # kv_memory="auto" never takes more than this
+DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+DECODER = "decoder"
+"""embed_model value: embed with the generating model's mean-pooled hidden states."""
+
+
+class KVStore(Protocol):
+    """Where a backend keeps K/V, addressed by the flat slots llama_kv hands out."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def dtype_name(self) -> str: ...
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None: ...
+
+    def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """K, V [layers, len(slots), kv_heads, head_dim] as float32 numpy arrays."""
+        ...
+
+    def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None: ...
+
+
+@dataclass(slots=True)
+class _SessionState:
+    logits: np.ndarray | None = None
+    """Next-token logits after session.tokens, when `logits_len == len(session.tokens)`."""
+    logits_len: int = -1
+
+
+class BatchedEngine(LlamaEngine):
+    """One model, many sessions. Forward passes are serialised by the process-wide compute
+    lock and run on the scheduler's thread, so sessions may be driven from any number of
+    threads and asyncio tasks; batching them into one forward per step is the scheduler's job."""
+
+    backend = "?"
+    """The backend's name in ModelHandle.backend."""
+
+    def __init__(self, *, progress: bool = True, prefill_chunk: int = 512,
+                 kv_memory: int | str = "auto", kv_block_size: int = 16, max_batch: int = 32,
+                 kv_policy: str = "wait", embed_model: str | None = None) -> None:
+        if kv_policy not in ("wait", "fail"):
+            raise InvalidParamsError(f"kv_policy must be 'wait' or 'fail', got {kv_policy!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidParamsError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if prefill_chunk < 1:
+            raise InvalidParamsError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self._kv_memory, self._kv_block_size = kv_memory, kv_block_size
+        self._max_batch, self._kv_policy = max_batch, kv_policy
+        self._prefill_chunk = prefill_chunk
+        self._progress = progress
+        self._scheduler: Scheduler | None = None
+        self._lock = threading.RLock()
+        self._sessions: dict[str, Session] = {}
+        self._handle: ModelHandle | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._weight_paths: dict[str, str] | None = None
+        self._ctx = 0
+        self._fingerprint = ""
+        self._store: Any = None
+        # embeddings: the encoder (loaded on first use unless load_embed_model ran), or
+        # embed_model=DECODER for mean-pooled states of the generating model
+        self._embed_model = embed_model
+        self._embedder: Any = None
+        self._embed_load_lock = threading.Lock()
+        self._forward_lock = COMPUTE_LOCK  # shared by every engine: see its docstring
+        """Held by every forward of the generating model: the scheduler's steps and decoder
+        embeddings, so the two never run at once."""
+
+    @property
+    @abstractmethod
+    def threads(self) -> int:
+        """CPU threads a forward uses."""
+
+    @staticmethod
+    def check_threads(threads: int | None) -> None:
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InvalidParamsError(f"threads must be a positive integer, got {threads!r}")
+
+    # -- loading (the backend) ------------------------------------------------------------------
+    def load_model(self, spec: ModelSpec) -> ModelHandle:
+        # One bar for the whole load, shown only if it takes over a second: reading the file
+        # (metadata, tokenizer) is its first step, then one step per weight tensor.
+        bar = tqdm(total=1, desc=f"loading {spec.model}", unit="step", delay=1.0,
+                   disable=not self._progress, file=sys.stderr, leave=False)
+        with bar:
+            return self._load(spec, bar)
+
+    @abstractmethod
+    def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
+        """Read and prepare the model, then `_install` it."""
+
+    @abstractmethod
+    def _run_step(self, tokens: list[int], positions: list[int],
+                  seqs: list[SeqStep]) -> np.ndarray:
+        """Logits [sequences wanting them, vocab] after one forward (the scheduler's thread)."""
+
+    def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
+        raise UnsupportedBackendError(
+            f"embed_model='decoder' is not supported by the {self.backend} backend; use an "
+            "embedding model (the default all-minilm-l6-v2) or backend='torch'")
+
+    def _make_embedder(self, model: str) -> Any:
+        """The sentence encoder `embed` runs (torch, imported only now)."""
+        from llama_runtime.torch_backend.embedder import TorchEmbedder
+
+        return TorchEmbedder(model, device=self._embed_device())
+
+    def _embed_device(self) -> str:
+        return "cpu"
+
+    @staticmethod
+    def context_length(spec: ModelSpec, trained: int) -> int:
+        if spec.context_length is None:
+            return trained
+        if spec.context_length > trained:
+            raise InvalidParamsError(
+                f"context_length={spec.context_length} exceeds the model's trained context "
+                f"of {trained}; pass at most {trained}")
+        return spec.context_length
+
+    def _open(self, spec: ModelSpec, bar: tqdm) -> tuple[ModelFiles, Tokenizer, int]:
+        """The model's files, tokenizer and context length (the bar's first step)."""
+        files = open_model(spec.model)
+        ckpt = files.checkpoint
+        if ckpt.format == "gguf":
+            tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
+        else:
+            tokenizer = Tokenizer.from_hf_dir(ckpt.path)
+        ctx = self.context_length(spec, files.config.context_length)
+        bar.total = 1 + len(files.weights)
+        bar.update(1)
+        return files, tokenizer, ctx
+
+    def _kv_blocks(self, cfg: Any, dtype_bytes: int, available_bytes: int) -> int:
+        """KV blocks the kv_memory budget buys ("auto": capped at AUTO_KV_CAP_BYTES)."""
+        per_block = kv_bytes_per_block(
+            n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            dtype_bytes=dtype_bytes, block_size=self._kv_block_size)
+        num_blocks = kv_budget_blocks(self._kv_memory, bytes_per_block=per_block,
+                                      available_bytes=available_bytes)
+        if self._kv_memory == "auto":
+            num_blocks = min(num_blocks, AUTO_KV_CAP_BYTES // per_block)
+        return num_blocks
+
+    def _install(self, *, tokenizer: Tokenizer, ctx: int, fingerprint: str, num_blocks: int,
+                 store: Any, weight_paths: dict[str, str], handle: ModelHandle,
+                 activate: Callable[[], None]) -> None:
+        """Make a loaded model current: the old scheduler stopped and its sessions closed,
+        then `activate` (the backend swaps in its model), a fresh KV cache over `store` and a
+        new scheduler."""
+        with self._lock:
+            if self._scheduler is not None:
+                self._scheduler.shutdown()
+            for s in list(self._sessions.values()):
+                s.closed, s.backend_state = True, None
+            self._sessions.clear()
+            activate()
+            self._weight_paths = weight_paths
+            self._tokenizer, self._ctx = tokenizer, ctx
+            self._fingerprint = fingerprint
+            self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
+                                       hash_namespace=fingerprint)
+            self._store = store
+            # The scheduler reaches the engine through weak references, so an engine nobody
+            # holds is collected (and its finalizer below stops the thread).
+            self._scheduler = Scheduler(
+                self._cache, _weakly(self._locked_step), store.copy_blocks,
+                get_logits=_weakly(self._logits_of), set_logits=_weakly(self._set_logits),
+                free_session=_weakly(self._free_session), max_batch=self._max_batch,
+                max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy)
+            # Stop the model thread before the interpreter tears down (a thread still inside
+            # native code at exit aborts the process) or when the engine is dropped.
+            weakref.finalize(self, self._scheduler.shutdown)
+            self._handle = handle
+
+    def close(self) -> None:
+        """Stop the model thread; the engine cannot serve requests afterwards."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+    def __enter__(self) -> BatchedEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def weight_paths(self) -> dict[str, str]:
+        """How each weight tensor is held: kept quantized (multiplied by the compiled kernel) or
+        dequantized to the compute dtype."""
+        if self._weight_paths is None:
+            raise SessionError("no model is loaded; call load_model() or use create_engine()")
+        return dict(self._weight_paths)
+
+    @property
+    def model(self) -> ModelHandle:
+        if self._handle is None:
+            raise SessionError("no model is loaded; call load_model() or use create_engine()")
+        return self._handle
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise SessionError("no model is loaded; call load_model() or use create_engine()")
+        return self._tokenizer
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidParamsError(f"text must be a str, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_special=add_special)
+
+    def detokenize(self, tokens: Sequence[int], *, skip_special: bool = False) -> str:
+        return self.tokenizer.decode(tokens, skip_special=skip_special)
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *,
+                            add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+    def embed(self, texts: Sequence[str], *, truncate: bool = True,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[float]]:
+        """One vector per text: the embedding model's (loaded on first use:
+        `embed_model`, default all-minilm-l6-v2), or with embed_model="decoder" the mean of the
+        generating model's final hidden states, L2-normalized. A text longer than the model
+        reads is cut (truncate=True) or raises ContextOverflowError."""
+        texts = check_texts(texts)
+        check_options(truncate, batch_size)
+        if not texts:
+            return []
+        if self._embed_model == DECODER:
+            return self._decoder_embed(texts, truncate, batch_size).tolist()
+        return self._get_embedder().embed(texts, truncate=truncate, batch_size=batch_size)
+
+    @property
+    def embed_model_name(self) -> str:
+        """What `embed` runs: the embedding model's name, or "decoder:<model>"."""
+        if self._embed_model == DECODER:
+            return f"{DECODER}:{self.model.name}"
+        return self._embed_model or DEFAULT_EMBED_MODEL
+
+    def load_embed_model(self, model: str = DEFAULT_EMBED_MODEL) -> None:
+        """Load the sentence encoder `embed` uses (a registered name or a sentence-transformers
+        / HF BERT directory), replacing any loaded before; "decoder" switches to the
+        generating model's mean-pooled states."""
+        with self._embed_load_lock:
+            if model == DECODER:
+                self.model  # noqa: B018 - raises unless a generating model is loaded
+                self._embedder = None
+            else:
+                self._embedder = self._make_embedder(model)
+            self._embed_model = model
+
+    def _get_embedder(self) -> Any:
+        with self._embed_load_lock:
+            if self._embedder is None:
+                self._embedder = self._make_embedder(self._embed_model or DEFAULT_EMBED_MODEL)
+            return self._embedder
+
+    def _locked_step(self, tokens: list[int], positions: list[int],
+                     seqs: list[SeqStep]) -> np.ndarray:
+        with self._forward_lock:
+            return self._run_step(tokens, positions, seqs)
+
+    def new_session(self) -> Session:
+        sched = self._sched()
+        s = Session()
+        s.backend_state = _SessionState()
+        with sched.lock:
+            self._cache.allocate(s.id)
+            self._sessions[s.id] = s
+        return s
+
+    def close_session(self, session: Session) -> None:
+        sched = self._sched()
+        with sched.lock:
+            if self._sessions.get(session.id) is not session:
+                session.closed = True
+                return
+            session.closed = True
+            if sched.cancel_session(session.id):
+                return  # the scheduler frees it when its request ends, within one step
+            self._free_session(session)
+
+    def save_session(self, session: Session, path: str | os.PathLike[str]) -> None:
+        """Write the session's tokens and K/V (float32) to `path`, with a format version and the
+        model's fingerprint so another model refuses it. Any backend reads it back."""
+        self._state(session)
+        session.acquire()
+        try:
+            with self._sched().lock:
+                tokens = list(session.tokens)
+                slots = self._cache.slot_mapping(session.id, 0, len(tokens))
+            k, v = self._store.read(slots)
+            header = json.dumps({"format": SESSION_FORMAT, "model": self._fingerprint})
+            with open(os.fspath(path), "wb") as f:  # a file object: savez adds no suffix
+                np.savez(f, header=np.array(header), tokens=np.asarray(tokens, dtype=np.int64),
+                         k=k, v=v)
+        finally:
+            session.release()
+
+    def load_session(self, path: str | os.PathLike[str]) -> Session:
+        """A new session holding what `save_session` wrote; it continues exactly where the
+        saved one stopped."""
+        try:
+            with np.load(os.fspath(path), allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                tokens, k, v = data["tokens"], data["k"], data["v"]
+        except FileNotFoundError as e:
+            raise SessionError(f"no saved session at {path}") from e
+        except Exception as e:
+            raise SessionError(
+                f"{path} is not a saved llama-engine session ({e}); save it again with "
+                f"save_session() ({SESSION_FORMAT})") from e
+        if not isinstance(header, dict) or header.get("format") != SESSION_FORMAT:
+            raise SessionError(
+                f"{path} is not a {SESSION_FORMAT} session file; save it again with this version")
+        if header.get("model") != self._fingerprint:
+            raise SessionError(
+                f"{path} was saved from another model ({header.get('model')!r}); load it into an "
+                f"engine running that model (this one runs {self._fingerprint!r})")
+        tokens = [int(t) for t in tokens]
+        s = Session()
+        s.backend_state = _SessionState()
+        with self._sched().lock:
+            blocks = self._cache.import_session(s.id, tokens)
+            bs = self._cache.block_size
+            slots = [blocks[p // bs] * bs + p % bs for p in range(len(tokens))]
+            self._store.write(slots, k, v)
+            s.tokens = tokens
+            self._sessions[s.id] = s
+        return s
+
+    def _free_session(self, session: Session) -> None:
+        """Called with the scheduler lock held."""
+        if self._sessions.pop(session.id, None) is not None:
+            self._cache.free(session.id)
+        session.closed = True
+        session.backend_state = None
+        session.tokens = []
+
+    def stats(self) -> dict[str, Any]:
+        if self._scheduler is None and self._embedder is not None:  # an embeddings-only engine
+            return {"kv_blocks_total": 0, "kv_blocks_free": 0, "kv_blocks_cached": 0,
+                    "kv_blocks_used": 0, "sessions_active": 0, "requests_running": 0,
+                    "requests_waiting": 0}
+        sched = self._sched()
+        with sched.lock:
+            kv = self._cache.stats()
+            return {
+                **kv,
+                "kv_block_tokens": self._cache.block_size,
+                "kv_bytes_total": self._store.nbytes,
+                "kv_dtype": self._store.dtype_name,
+                "sessions_active": len(self._sessions),
+                "requests_running": sched.running(),
+                "requests_waiting": sched.waiting(),
+            }
+
+    def _sched(self) -> Scheduler:
+        if self._scheduler is None:
+            raise SessionError("no model is loaded; call load_model() or use create_engine()")
+        return self._scheduler
+
+    def _state(self, session: Session) -> _SessionState:
+        if session.closed or session.backend_state is None:
+            raise SessionError(
+                f"session {session.id} is closed; create a new one with new_session()")
+        if self._sessions.get(session.id) is not session:
+            raise SessionError(f"session {session.id} does not belong to this engine")
+        return session.backend_state
+
+    def _logits_of(self, session: Session) -> np.ndarray | None:
+        st = session.backend_state
+        if st is None or st.logits_len != len(session.tokens):
+            return None
+        return st.logits
+
+    def _set_logits(self, session: Session, logits: np.ndarray) -> None:
+        st = session.backend_state
+        if st is not None:
+            st.logits, st.logits_len = logits, len(session.tokens)
+
+    def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
+        tokens = list(tokens)
+        if not tokens:
+            raise InvalidParamsError("prefill needs at least one token")
+        vocab = self.model.vocab_size
+        bad = next((t for t in tokens if not isinstance(t, int | np.integer) or not
+                    0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidTokenError(
+                f"token id {bad!r} is outside the vocabulary [0, {vocab}); pass ids from "
+                "tokenize()")
+        if len(tokens) >= self._ctx:
+            raise ContextOverflowError(
+                f"prompt is {len(tokens)} tokens but the context is {self._ctx}; shorten the "
+                "prompt or load the model with a larger context_length=")
+        return [int(t) for t in tokens]
+
+    def prefill(self, session: Session, tokens: Sequence[int]) -> PrefillResult:
+        self._state(session)
+        tokens = self._check_tokens(tokens)
+        session.acquire()
+        try:
+            req = self._sched().submit(Request(session=session, prompt=tokens,
+                                               make_generation=None))
+            while (item := req.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+        finally:
+            session.release()
+        if req.prefill is None:
+            raise SessionError(f"prefill of session {session.id} was cancelled")
+        return req.prefill
+
+    def next_token_logits(self, session: Session) -> np.ndarray:
+        """float32 [vocab]: the model's logits for the token after the session's context (for
+        parity checks and custom samplers)."""
+        logits = self._logits_of(session) if not session.closed else None
+        if logits is None:
+            raise SessionError(f"session {session.id} has no prompt; call prefill() first")
+        return logits.copy()
+
+    def decode(self, session: Session, params: SamplingParams) -> TokenStream:
+        self._state(session)
+        if self._logits_of(session) is None or session.last_prefill is None:
+            raise SessionError(f"session {session.id} has no prompt; call prefill() first")
+        if not isinstance(params, SamplingParams):
+            raise InvalidParamsError(
+                f"params must be a SamplingParams, got {type(params).__name__}")
+        return self._request_stream(session, None, params, own=False)
+
+    def _stream_tokens(self, tokens: list[int], params: SamplingParams,
+                       session: Session | None) -> TokenStream:
+        tokens = self._check_tokens(tokens)
+        if session is None:
+            return self._request_stream(None, tokens, params, own=True)
+        self._state(session)
+        return self._request_stream(session, tokens, params, own=False)
+
+    def _request_stream(self, session: Session | None, prompt: list[int] | None,
+                        params: SamplingParams, *, own: bool) -> TokenStream:
+        if session is not None:
+            session.acquire()  # fail now, in the caller's frame, if it is busy or closed
+            session.release()
+        deadline = None if params.timeout is None else time.perf_counter() + params.timeout
+
+        def make_generation(usage: Usage, started_at: float) -> Generation:
+            assert req_session is not None
+            return Generation(self.tokenizer, params, req_session.tokens, usage=usage,
+                              started_at=started_at, context_length=self._ctx)
+
+        req_session = session
+
+        def steps(cancel: threading.Event) -> Iterator[StreamChunk]:
+            nonlocal req_session
+            s = self.new_session() if own else session
+            assert s is not None
+            req_session = s
+            s.acquire()
+            req = Request(session=s, prompt=prompt, make_generation=make_generation,
+                          own_session=own, deadline=deadline, cancel=cancel)
+            try:
+                self._sched().submit(req)
+                while (item := req.out.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                cancel.set()  # a no-op once the request is over; else the scheduler frees it
+                if not _in_event_loop():  # a sync close() returns with the blocks freed
+                    req.released.wait(timeout=_RELEASE_WAIT_S)
+                s.release()
+
+        return TokenStream(steps)
+
+
+
+_RELEASE_WAIT_S = 10.0
+
+
+def _weakly(method: Any) -> Any:
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        if bound is None:
+            raise SessionError("the engine was closed")
+        return bound(*args, **kwargs)
+
+    return call
+
+
+def fingerprint(ckpt: Any, cfg: Any, dtype: str) -> str:
+    """Names the model a KV cache belongs to: file name and size, configuration, dtype."""
+    import hashlib
+
+    size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.n_params
+    text = f"{ckpt.path.name}:{size}:{cfg!r}:{dtype}"
+    return f"{ckpt.architecture}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def host_available_memory() -> int:
+    """Bytes of host memory available (MemAvailable), for sizing a host KV cache."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

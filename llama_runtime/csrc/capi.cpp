@@ -1,0 +1,110 @@
+// C entry points of the kernels, for a caller without torch (llama_runtime/native, over ctypes):
+// plain pointers in, 0 or -1 out, and the failure's message from le_error(). The caller owns
+// and checks its buffers; these functions check what they can see (dims, block ids, slots).
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "decode.h"
+#include "parallel.h"
+#include "qgemm.h"
+
+namespace le = llama_engine;
+
+extern "C" {
+
+// A weight [n, k]: kind 0 = dense float32 row-major, 1 = q4 (qs, d, m), 2 = q8 (qs, d), in the
+// kernels' layout (qgemm.h); f16: d and m are float16.
+struct le_weight {
+  int32_t kind;
+  int32_t f16;
+  const void* qs;
+  const void* d;
+  const void* m;
+  int64_t n, k;
+};
+
+}  // extern "C"
+
+namespace {
+
+thread_local std::string last_error;
+
+le::QMat to_qmat(const le_weight& w) {
+  le::QMat m{w.kind == 1, w.qs, w.d, w.kind == 1 ? w.m : nullptr, w.n, w.k, w.f16 != 0};
+  m.dense = w.kind == 0;
+  return m;
+}
+
+template <class F>
+int32_t guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown error";
+  }
+  return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* le_error() { return last_error.c_str(); }
+
+void le_set_threads(int32_t n) {
+#ifdef _OPENMP
+  if (n > 0) omp_set_num_threads(n);
+#endif
+  (void)n;
+}
+
+int32_t le_threads() { return le::max_threads(); }
+
+// out [B, n] = x [B, k] @ w.T; int8_acts quantizes x per 32-block first (q4/q8 weights only).
+int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t int8_acts) {
+  return guarded([&] {
+    const le::QMat m = to_qmat(*w);
+    le::QActs acts;
+    const bool i8 = int8_acts != 0 && !m.dense;
+    if (i8) acts.quantize(x, B, m.K);
+    le::parallel_for(0, le::qmat_groups(m), 4, [&](int64_t g0, int64_t g1) {
+      if (i8)
+        le::qmat_rows_int8(m, acts, out, m.N, g0, g1);
+      else
+        le::qmat_rows_f32(m, x, B, out, m.N, g0, g1);
+    });
+  });
+}
+
+// dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab. norms: 2 * n_layers + 1
+// arrays of dim floats (copied); weights: 7 * n_layers + 1 (borrowed: they must outlive the
+// model). Returns the model, or null with le_error() set.
+void* le_model_new(const int64_t* dims, float eps, const float* const* norms, int64_t n_norms,
+                   const le_weight* weights, int64_t n_weights) {
+  le::DecodeModel* model = nullptr;
+  guarded([&] {
+    std::vector<le::QMat> mats;
+    for (int64_t i = 0; i < n_weights; ++i) mats.push_back(to_qmat(weights[i]));
+    model = new le::DecodeModel(
+        le::ModelDims{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]}, eps,
+        std::vector<const float*>(norms, norms + n_norms), std::move(mats));
+  });
+  return model;
+}
+
+void le_model_free(void* model) { delete static_cast<le::DecodeModel*>(model); }
+
+int32_t le_model_step(void* model, const le::StepArgs* args) {
+  return guarded([&] { static_cast<le::DecodeModel*>(model)->step(*args); });
+}
+
+void le_model_set_profiling(void* model, int32_t on) {
+  static_cast<le::DecodeModel*>(model)->set_profiling(on != 0);
+}
+
+}  // extern "C"

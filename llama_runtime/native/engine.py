@@ -1,0 +1,102 @@
+"""`NativeEngine`: the CPU backend without torch. The same fused native step as the torch
+backend's CPU path (csrc/), built as a plain library and driven through ctypes, over numpy
+weights and K/V; only embedding with a sentence encoder imports torch (on first use)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from llama_engine import InvalidParamsError, ModelHandle, ModelSpec, UnsupportedBackendError
+from llama_runtime.backends import physical_cores
+from llama_runtime.batched import BatchedEngine, fingerprint, host_available_memory
+from llama_runtime.native.library import library
+from llama_runtime.native.model import NativeKVStore, NativeModel, unsupported
+from llama_runtime.step import SeqStep, split_by_kernel
+
+__all__ = ["NativeEngine"]
+
+
+class NativeEngine(BatchedEngine):
+    """One GGUF model on the CPU, float32 activations, no torch."""
+
+    backend = "native"
+
+    def __init__(self, *, device: str = "auto", threads: int | None = None,
+                 progress: bool = True, prefill_chunk: int = 512, kv_memory: int | str = "auto",
+                 kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait",
+                 embed_model: str | None = None, decode: str = "auto",
+                 kv_dtype: str = "auto", weights: str = "auto") -> None:
+        super().__init__(progress=progress, prefill_chunk=prefill_chunk, kv_memory=kv_memory,
+                         kv_block_size=kv_block_size, max_batch=max_batch, kv_policy=kv_policy,
+                         embed_model=embed_model)
+        if device not in ("auto", "cpu"):
+            raise UnsupportedBackendError(
+                f"the native backend runs on the CPU, not {device!r}; use backend='torch'")
+        if weights not in ("auto", "quantized"):
+            raise InvalidParamsError(
+                f"weights must be 'auto' or 'quantized' on the native backend, got {weights!r} "
+                "('dequant' needs backend='torch')")
+        if decode not in ("auto", "int8", "exact"):
+            raise InvalidParamsError(
+                f"decode must be 'auto', 'int8' or 'exact' on the native backend, got "
+                f"{decode!r} ('torch' needs backend='torch')")
+        if kv_dtype not in ("auto", "float32", "float16"):
+            raise InvalidParamsError(
+                f"kv_dtype must be 'auto', 'float32' or 'float16' on the native backend, got "
+                f"{kv_dtype!r}")
+        self._int8 = decode != "exact"
+        self._kv_dtype_name = kv_dtype if kv_dtype != "auto" else (
+            "float16" if self._int8 else "float32")
+        self.check_threads(threads)
+        try:
+            library().le_set_threads(threads or physical_cores())
+        except RuntimeError as e:
+            raise UnsupportedBackendError(f"{e}; use backend='torch'") from e
+        self._native: NativeModel | None = None
+
+    @property
+    def threads(self) -> int:
+        return int(library().le_threads())
+
+    def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
+        if spec.device not in ("auto", "cpu"):
+            raise UnsupportedBackendError(
+                f"the native backend runs on the CPU, not {spec.device!r}; use backend='torch'")
+        if spec.dtype not in ("auto", "float32"):
+            raise UnsupportedBackendError(
+                f"the native backend computes in float32, not {spec.dtype}; use "
+                "backend='torch' for other dtypes")
+        files, tokenizer, ctx = self._open(spec, bar)
+        why = unsupported(files)
+        if why is not None:
+            raise UnsupportedBackendError(f"{spec.model}: {why}; use backend='torch'")
+        ckpt, cfg = files.checkpoint, files.config
+        model = NativeModel(files, int8=self._int8, progress=lambda: bar.update(1))
+        kv_bytes = 2 if self._kv_dtype_name == "float16" else 4
+        num_blocks = self._kv_blocks(cfg, kv_bytes, host_available_memory())
+        store = NativeKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
+                              self._kv_block_size, self._kv_dtype_name)
+        handle = ModelHandle(
+            name=spec.model, path=str(ckpt.path), architecture=ckpt.architecture,
+            vocab_size=cfg.vocab_size, context_length=ctx, n_params=ckpt.n_params,
+            quant_types=ckpt.quant_types(), has_chat_template=tokenizer.chat_template
+            is not None, eos_token_ids=tuple(sorted(tokenizer.eog_ids)), backend=self.backend,
+            device="cpu", dtype="float32")
+        self._install(tokenizer=tokenizer, ctx=ctx,
+                      fingerprint=fingerprint(ckpt, cfg, "float32"), num_blocks=num_blocks,
+                      store=store, weight_paths=dict(model.weight_paths), handle=handle,
+                      activate=lambda: setattr(self, "_native", model))
+        return handle
+
+    def _run_step(self, tokens: list[int], positions: list[int],
+                  seqs: list[SeqStep]) -> np.ndarray:
+        native = self._native
+        assert native is not None
+
+        def call(t: list[int], p: list[int], s: list[SeqStep], int8: bool | None) -> Any:
+            return native.step(t, p, s, self._store, int8=int8)
+
+        return split_by_kernel(tokens, positions, seqs, call, self.model.vocab_size)

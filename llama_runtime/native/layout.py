@@ -1,0 +1,89 @@
+"""The kernels' weight layout (csrc/qgemm.h), built with numpy alone: GGUF Q4_0, Q4_1, Q8_0 and
+Q4_K bytes repacked into rows interleaved in groups of four, with no requantization (the same
+values). Both the torch backend (qweights.py) and the torch-free native path use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llama_models.checkpoint import RawTensor
+
+__all__ = ["GROUP", "REPACKABLE", "PackedWeight", "pack"]
+
+Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # gguf.GGMLQuantizationType values
+REPACKABLE = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})
+GROUP = 4
+"""Weight rows interleaved per group (csrc/qgemm.h)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A [N, K] weight in the kernels' layout: q4 (qs uint8 [G*4, K/2], d and m [G*4, K/32]) or
+    q8 (qs int8 [G*4, K], d [G*4, K/32]); scales float16 where the file has them so (exact),
+    float32 otherwise. Rows are zero-padded to a multiple of four."""
+
+    kind: str  # "q4" or "q8"
+    qs: np.ndarray
+    d: np.ndarray
+    m: np.ndarray | None
+    shape: tuple[int, int]
+
+
+def _split_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks [n, k/256, 144] (d f16, dmin f16, 12 bytes of 6-bit scales and mins,
+    128 bytes of nibbles) -> per-32 d, m [n, k/32] and our nibble order [n, k/32, 16]."""
+    from gguf.quants import Q4_K as GGUF_Q4_K
+
+    n, nsb, _ = blocks.shape
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mn = GGUF_Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+    d_sub = (d.reshape(-1, 1) * sc.astype(np.float32)).reshape(n, nsb * 8)
+    m_sub = -(dmin.reshape(-1, 1) * mn.astype(np.float32)).reshape(n, nsb * 8)
+    # 64 elements per 32 bytes: low nibbles are one sub-block, high nibbles the next
+    q = blocks[..., 16:].reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    q = (q & 0x0F).reshape(n, nsb * 8, 32)
+    return d_sub, m_sub, (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def pack(raw: RawTensor) -> PackedWeight:
+    """GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K bytes -> PackedWeight, exactly the stored values (Q4_K's
+    sub-block scales are the float32 products d * scale and -dmin * min that its dequantization
+    computes)."""
+    n, k = raw.shape
+    nb = k // 32
+    data = np.asarray(raw.data).reshape(n, nb, -1)
+    m: np.ndarray | None = None
+    # scales stay float16 where the file has them so (exact, and 4 bytes a block fewer to read)
+    if raw.qtype == Q8_0:  # d f16, 32 x int8
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
+        qs = data[..., 2:34].copy().view(np.int8)
+    elif raw.qtype == Q4_1:  # d f16, m f16, 16 bytes of nibbles
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
+        m = data[..., 2:4].copy().view(np.float16)[..., 0]
+        qs = data[..., 4:20]
+    elif raw.qtype == Q4_0:  # d f16, 16 bytes of nibbles; w = d * (q - 8), -8d exact in f16
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
+        m = (d.astype(np.float32) * -8.0).astype(np.float16)
+        if not np.array_equal(m.astype(np.float32), d.astype(np.float32) * -8.0):
+            d, m = d.astype(np.float32), d.astype(np.float32) * -8.0  # overflowed: keep float32
+        qs = data[..., 2:18]
+    elif raw.qtype == Q4_K:
+        d, m, qs = _split_q4_k(np.asarray(raw.data).reshape(n, k // 256, 144))
+    else:
+        raise ValueError(f"type {raw.qtype} cannot be repacked")
+    kind = "q8" if m is None else "q4"
+
+    def interleave(a: np.ndarray) -> np.ndarray:
+        # [n, nb, ...] rows -> [groups * 4, ...] with group g holding [nb, 4, ...]
+        pad = -n % GROUP
+        if pad:
+            a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), dtype=a.dtype)])
+        g = a.shape[0] // GROUP
+        a = a.reshape(g, GROUP, nb, -1).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(a).reshape(g * GROUP, -1)
+
+    return PackedWeight(kind, interleave(qs), interleave(d[..., None]),
+                        None if m is None else interleave(m[..., None]), (n, k))

@@ -1,0 +1,130 @@
+"""The kernels (csrc/) built as a plain shared library and loaded with ctypes: no torch.
+
+The torch backend builds the same sources into a torch extension (torch_backend/qweights.py);
+this build adds csrc/capi.cpp, a C interface, and links nothing but the C++ runtime and OpenMP.
+It is compiled on first use with the system's C++ compiler into
+~/.cache/llama_engine/native/<hash of the sources and flags>/ (LLAMA_ENGINE_CACHE overrides the
+root), so a changed source is rebuilt and concurrent processes never see a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CSRC", "LeWeight", "StepArgs", "compile_flags", "library"]
+
+CSRC = Path(__file__).parent.parent / "csrc"
+_SOURCES = ("qgemm.cpp", "decode.cpp", "capi.cpp")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compile_flags() -> list[str]:
+    """Optimisation flags for csrc/ on this CPU (OpenMP on: parallel_for is its pragmas)."""
+    flags = ["-O3", "-fopenmp"]
+    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+class LeWeight(ctypes.Structure):
+    """csrc/capi.cpp's le_weight."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("f16", ctypes.c_int32), ("qs", ctypes.c_void_p),
+                ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64)]
+
+
+class StepArgs(ctypes.Structure):
+    """csrc/decode.h's StepArgs."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("write_slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p),
+                ("max_blocks", ctypes.c_int64), ("ctx_lens", ctypes.c_void_p),
+                ("B", ctypes.c_int64), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p), ("half_kv", ctypes.c_bool),
+                ("n_slots", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("logit_rows", ctypes.c_void_p), ("R", ctypes.c_int64),
+                ("int8_acts", ctypes.c_bool), ("logits", ctypes.c_void_p)]
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("LLAMA_ENGINE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "llama_engine"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    flags = [*compile_flags(), "-std=c++17", "-shared", "-fPIC"]
+    digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
+    for f in sorted(CSRC.glob("*")):
+        if f.suffix in (".cpp", ".h"):
+            digest.update(f.name.encode() + f.read_bytes())
+    out_dir = _cache_root() / "native" / digest.hexdigest()[:16]
+    lib = out_dir / "libllama_engine_native.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp_lib = Path(tmp) / lib.name
+        cmd = [compiler, *flags, "-o", str(tmp_lib), *(str(CSRC / s) for s in _SOURCES)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling the kernels failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp_lib, lib)  # atomic: another process sees the whole file or none
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.le_error.restype = ctypes.c_char_p
+    lib.le_set_threads.argtypes = [i32]
+    lib.le_threads.restype = i32
+    lib.le_linear.argtypes = [ctypes.POINTER(LeWeight), p, i64, p, i32]
+    lib.le_linear.restype = i32
+    lib.le_model_new.argtypes = [ctypes.POINTER(i64), ctypes.c_float,
+                                 ctypes.POINTER(ctypes.c_void_p), i64,
+                                 ctypes.POINTER(LeWeight), i64]
+    lib.le_model_new.restype = p
+    lib.le_model_free.argtypes = [p]
+    lib.le_model_step.argtypes = [p, ctypes.POINTER(StepArgs)]
+    lib.le_model_step.restype = i32
+    lib.le_model_set_profiling.argtypes = [p, i32]
+
+
+def library() -> Any:
+    """The loaded library (ctypes releases the GIL around every call), building it on first
+    use; raises RuntimeError when it cannot be built."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                _declare(lib)
+                _lib = lib
+            except (RuntimeError, OSError) as e:
+                _error = str(e)
+        if _lib is None:
+            raise RuntimeError(f"the native kernels could not be built ({_error})")
+        return _lib

@@ -1,0 +1,187 @@
+"""A Llama-family model on the torch-free kernels: weights repacked with numpy, the fused step
+(csrc/decode.cpp) called through ctypes, K/V in numpy arrays. Nothing here imports torch, so a
+process that serves a GGUF model this way carries no torch runtime (whose import alone is
+~220 MB of RSS)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llama_models import ModelFiles, RawTensor
+from llama_models.checkpoint import release_pages
+from llama_runtime.native.layout import REPACKABLE, PackedWeight, pack
+from llama_runtime.native.library import LeWeight, StepArgs, library
+from llama_runtime.step import SeqStep, rope_tables, row_arrays
+
+__all__ = ["NativeKVStore", "NativeModel", "unsupported"]
+
+_LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _dense(raw: RawTensor) -> np.ndarray:
+    """A tensor the kernels do not keep quantized, as float32 (gguf's numpy dequantizers)."""
+    from gguf.quants import dequantize
+
+    data = np.asarray(raw.data)
+    if data.dtype == np.float32:
+        return np.ascontiguousarray(data.reshape(raw.shape))
+    return np.ascontiguousarray(dequantize(data, raw.qtype).reshape(raw.shape), np.float32)
+
+
+def unsupported(files: ModelFiles) -> str | None:
+    """None when this model runs here, else why not."""
+    rope = files.rope
+    if rope.rotary_dim != rope.head_dim:
+        return "partial rotary embeddings are not supported by the native kernels"
+    if files.checkpoint.format != "gguf":
+        return "the native kernels load GGUF files"
+    try:
+        library()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """An array over anonymous memory whose pages are only touched as they are written, in 4 KiB
+    pages: numpy asks for transparent huge pages on large arrays, and then the first K/V write
+    of a block would make 2 MiB resident in each of the layers' regions it touches."""
+    dt = np.dtype(_KV_DTYPES[dtype])
+    buf = mmap.mmap(-1, max(1, int(np.prod(shape)) * dt.itemsize))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dt, count=int(np.prod(shape))).reshape(shape)
+
+
+class NativeKVStore:
+    """K and V of every block: two arrays [layers, num_blocks * block_size, kv_heads, head_dim]
+    (np.empty: pages are touched, and counted in RSS, only as blocks are first written)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, dtype: str) -> None:
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        self.k, self.v = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
+        self.dtype_name = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy whole blocks (copy-on-write of a forked session's shared last block)."""
+        bs = self.block_size
+        for src, dst in copies:
+            self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
+            self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
+
+    def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """K, V [layers, len(slots), kv_heads, head_dim] as float32 (session save)."""
+        idx = np.asarray(slots, dtype=np.int64)
+        return self.k[:, idx].astype(np.float32), self.v[:, idx].astype(np.float32)
+
+    def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
+        idx = np.asarray(slots, dtype=np.int64)
+        self.k[:, idx] = k
+        self.v[:, idx] = v
+
+
+class NativeModel:
+    """The model's weights in the kernels' layout and one native model over them."""
+
+    def __init__(self, files: ModelFiles, *, int8: bool, progress: Any = None) -> None:
+        cfg = files.config
+        lib = library()
+        self._lib = lib
+        self.cfg, self.int8 = cfg, int8
+        self._keep: list[Any] = []  # every array the library borrows
+        self.weight_paths: dict[str, str] = {}
+        w = files.weights
+
+        def weight(name: str) -> LeWeight:
+            raw = w[name]
+            if raw.qtype in REPACKABLE and len(raw.shape) == 2:
+                p: PackedWeight = pack(raw)
+                release_pages(raw.data)
+                self._keep.append(p)
+                self.weight_paths[name] = "kept quantized (compiled kernel)"
+                return LeWeight(1 if p.kind == "q4" else 2, int(p.d.dtype == np.float16),
+                                _ptr(p.qs), _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
+            dense = _dense(raw)
+            release_pages(raw.data)
+            self._keep.append(dense)
+            self.weight_paths[name] = "dequantized to float32"
+            return LeWeight(0, 0, _ptr(dense), None, None, dense.shape[0], dense.shape[1])
+
+        def norm(name: str) -> int:
+            a = _dense(w[name])
+            self._keep.append(a)
+            self.weight_paths[name] = "float32"
+            return int(a.ctypes.data)
+
+        norms: list[int] = []
+        linears: list[LeWeight] = []
+        for i in range(cfg.n_layers):
+            norms += [norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")]
+            for key in _LAYER_LINEARS:
+                linears.append(weight(f"blk.{i}.{key}.weight"))
+                if progress is not None:
+                    progress()
+        norms.append(norm("output_norm.weight"))
+        embed = w["token_embd.weight"]
+        linears.append(weight("output.weight" if "output.weight" in w else "token_embd.weight"))
+        # token embeddings are looked up row by row from the file (gguf's dequantizer)
+        self._embed = embed
+        dims = (ctypes.c_int64 * 7)(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                                    cfg.head_dim, cfg.ffn_dim, cfg.vocab_size)
+        norm_ptrs = (ctypes.c_void_p * len(norms))(*norms)
+        lin = (LeWeight * len(linears))(*linears)
+        handle = lib.le_model_new(dims, cfg.norm_eps, norm_ptrs, len(norms), lin, len(linears))
+        if not handle:
+            raise ValueError(lib.le_error().decode())
+        self._handle = handle
+        self._inv_freq = np.asarray(files.rope.inv_freq(), dtype=np.float32)
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self._lib.le_model_free(handle)
+
+    def embed(self, tokens: Sequence[int]) -> np.ndarray:
+        """float32 [len(tokens), dim]: the token embeddings."""
+        from gguf.quants import dequantize
+
+        raw = self._embed
+        rows = np.asarray(raw.data)[np.asarray(tokens, dtype=np.int64)]
+        if rows.dtype == np.float32:
+            return np.ascontiguousarray(rows)
+        return np.ascontiguousarray(dequantize(rows, raw.qtype).reshape(len(tokens), -1),
+                                    np.float32)
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
+             store: NativeKVStore, *, int8: bool | None = None) -> np.ndarray:
+        """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
+        sequence's new tokens, in order); int8 overrides the model's decode kernel."""
+        rows = row_arrays(positions, seqs, store.block_size)
+        x = self.embed(tokens)
+        cos, sin = rope_tables(rows.positions, self._inv_freq)
+        logits = np.empty((len(rows.logit_rows), self.cfg.vocab_size), dtype=np.float32)
+        args = StepArgs(
+            _ptr(x), _ptr(cos), _ptr(sin), _ptr(rows.write_slots), _ptr(rows.block_tables),
+            rows.block_tables.shape[1], _ptr(rows.ctx_lens), len(tokens), _ptr(store.k),
+            _ptr(store.v), store.k.dtype == np.float16, store.k.shape[1], store.block_size,
+            _ptr(rows.logit_rows), len(rows.logit_rows), self.int8 if int8 is None else int8,
+            _ptr(logits))
+        if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:
+            raise ValueError(self._lib.le_error().decode())
+        return logits

@@ -1,0 +1,85 @@
+"""One scheduler step as the backends receive it: each sequence's share (`SeqStep`), and the
+per-row arrays a fused native step reads (`row_arrays`). No torch here: the scheduler and the
+torch-free native path use it too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RowArrays", "SeqStep", "rope_tables", "row_arrays", "split_by_kernel"]
+
+
+@dataclass(frozen=True, slots=True)
+class SeqStep:
+    """One sequence's share of a step: `n_new` tokens at positions start..start+n_new-1."""
+
+    start: int
+    n_new: int
+    write_slots: list[int]
+    """Slot of each new token."""
+    context_slots: list[int]
+    """Slots of positions 0..start+n_new-1 (the new tokens' own slots last)."""
+    want_logits: bool
+    decoding: bool = False
+    """A generated token (not part of a prompt): the fused decode step may serve it."""
+
+
+
+@dataclass(frozen=True, slots=True)
+class RowArrays:
+    """A step's rows (every sequence's new tokens, in order) as the native step reads them."""
+
+    positions: np.ndarray  # int64 [B]
+    write_slots: np.ndarray  # int64 [B]
+    block_tables: np.ndarray  # int64 [B, max_blocks]: each row's sequence's blocks
+    ctx_lens: np.ndarray  # int64 [B]: position + 1
+    logit_rows: np.ndarray  # int64 [R]: the last row of each sequence that wants logits
+
+
+def row_arrays(positions: Sequence[int], seqs: Sequence[SeqStep], block_size: int) -> RowArrays:
+    n_new = np.array([s.n_new for s in seqs])
+    tables = [np.asarray(s.context_slots[::block_size], dtype=np.int64) // block_size
+              for s in seqs]
+    table = np.zeros((len(seqs), max(len(t) for t in tables)), dtype=np.int64)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = t
+    pos = np.asarray(positions, dtype=np.int64)
+    write = np.fromiter((x for s in seqs for x in s.write_slots), dtype=np.int64,
+                        count=len(pos))
+    ends = np.cumsum(n_new) - 1
+    wanted = np.ascontiguousarray(ends[[s.want_logits for s in seqs]], dtype=np.int64)
+    per_row = np.ascontiguousarray(table[np.repeat(np.arange(len(seqs)), n_new)])
+    return RowArrays(pos, write, per_row, pos + 1, wanted)
+
+
+StepCall = Callable[[list[int], list[int], list[SeqStep], "bool | None"], np.ndarray]
+
+
+def split_by_kernel(tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
+                    call: StepCall, vocab: int) -> np.ndarray:
+    """One step as two native calls: generated tokens with the decode kernel (int8=None: the
+    engine's choice), prompt chunks with the exact one (for hundreds of rows it is also the
+    faster). Returns the logits of the sequences that want them, in `seqs` order."""
+    starts = np.cumsum([0] + [s.n_new for s in seqs])
+    parts: dict[int, np.ndarray] = {}
+    for decoding, int8 in ((True, None), (False, False)):
+        group = [i for i, s in enumerate(seqs) if s.decoding == decoding]
+        if not group:
+            continue
+        logits = call([t for i in group for t in tokens[starts[i]:starts[i + 1]]],
+                      [p for i in group for p in positions[starts[i]:starts[i + 1]]],
+                      [seqs[i] for i in group], int8)
+        parts.update(zip([i for i in group if seqs[i].want_logits], logits, strict=True))
+    if not parts:
+        return np.zeros((0, vocab), dtype=np.float32)
+    return np.stack([parts[i] for i, s in enumerate(seqs) if s.want_logits])
+
+
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [len(positions), head_dim / 2] of the rotary angles, computed one way
+    (numpy) for every backend's fused step, so theirs are the same bits."""
+    angles = positions.astype(np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return np.ascontiguousarray(np.cos(angles)), np.ascontiguousarray(np.sin(angles))

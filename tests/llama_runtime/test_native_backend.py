@@ -1,0 +1,140 @@
+"""The native backend: the fused step's kernels built without torch, driven over ctypes. It
+must run without importing torch, compute what the torch backend's fused step computes, and
+behave like any engine (sessions, batching, errors)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from llama_engine import InvalidParamsError, SamplingParams, UnsupportedBackendError
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 5, 8, 13,",
+]
+
+
+@pytest.fixture(scope="module")
+def native_exact():
+    from llama_runtime import create_engine
+
+    return create_engine(backend="native", threads=2, progress=False, decode="exact")
+
+
+@pytest.fixture(scope="module")
+def native():
+    from llama_runtime import create_engine
+
+    return create_engine(backend="native", threads=2, progress=False)
+
+
+def test_runs_without_importing_torch() -> None:
+    code = (
+        "import json, sys\n"
+        "from llama_runtime import create_engine\n"
+        "e = create_engine(backend='native', threads=2, progress=False)\n"
+        "r = e.generate('The capital of France is', max_tokens=8, temperature=0)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'backend': e.model.backend,\n"
+        "                  'tokens': r.token_ids}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    assert out["backend"] == "native"
+    assert len(out["tokens"]) == 8
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_exact_native_equals_the_torch_backend(native_exact, exact_engine, prompt: str) -> None:
+    ids = exact_engine.tokenize(prompt)
+    p = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    assert native_exact.generate(ids, params=p).token_ids == \
+        exact_engine.generate(ids, params=p).token_ids
+    logits = []
+    for e in (native_exact, exact_engine):
+        s = e.new_session()
+        e.prefill(s, ids)
+        logits.append(e.next_token_logits(s))
+        e.close_session(s)
+    assert np.array_equal(logits[0], logits[1])
+
+
+def test_int8_native_matches_the_torch_int8_step(native, engine) -> None:
+    ids = engine.tokenize(PROMPTS[2])
+    got = []
+    for e in (native, engine):
+        s = e.new_session()
+        e.prefill(s, ids)
+        e.decode(s, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)).collect()
+        got.append((list(s.tokens), e.next_token_logits(s)))
+        e.close_session(s)
+    assert got[0][0] == got[1][0]
+    # the same kernels, weights, embeddings and RoPE tables: the same bits
+    assert np.array_equal(got[0][1], got[1][1])
+
+
+def test_concurrent_sessions_give_their_solo_tokens(native) -> None:
+    solo = [native.generate(p, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+            for p in PROMPTS]
+    together: list[list[int] | None] = [None] * len(PROMPTS)
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        together[i] = native.generate(PROMPTS[i], max_tokens=16, temperature=0,
+                                      ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == solo
+    assert native.stats()["kv_blocks_used"] == 0
+
+
+def test_a_session_saved_by_torch_continues_on_native(native_exact, exact_engine,
+                                                      tmp_path) -> None:
+    msgs = [{"role": "user", "content": "Give me two fruit names."}]
+    s = exact_engine.new_session()
+    first = exact_engine.chat(msgs, session=s, max_tokens=12, temperature=0)
+    exact_engine.save_session(s, tmp_path / "s.session")
+    follow = [*msgs, {"role": "assistant", "content": first.text},
+              {"role": "user", "content": "One more?"}]
+    want = exact_engine.chat(follow, session=s, max_tokens=12, temperature=0)
+    exact_engine.close_session(s)
+    restored = native_exact.load_session(tmp_path / "s.session")
+    got = native_exact.chat(follow, session=restored, max_tokens=12, temperature=0)
+    assert got.token_ids == want.token_ids
+    assert got.usage.cached_tokens == want.usage.cached_tokens > 0
+    native_exact.close_session(restored)
+
+
+def test_what_it_cannot_run_is_refused_with_the_way_out(tmp_path) -> None:
+    from llama_runtime import create_engine
+
+    with pytest.raises(UnsupportedBackendError, match="backend='torch'"):
+        create_engine(backend="native", device="cuda", progress=False)
+    with pytest.raises(InvalidParamsError, match="backend='torch'"):
+        create_engine(backend="native", decode="torch", progress=False)
+    with pytest.raises(UnsupportedBackendError, match="float32"):
+        create_engine(backend="native", dtype="bfloat16", progress=False)
+    with pytest.raises(InvalidParamsError, match="kv_dtype"):
+        create_engine(backend="native", kv_dtype="bfloat16", progress=False)
+
+
+def test_info_lists_the_native_backend() -> None:
+    from llama_runtime import available_backends
+
+    info = {b.name: b for b in available_backends()}["native"]
+    assert info.available and info.devices == ("cpu",)
+    assert "Q4_1" in info.quant_native
