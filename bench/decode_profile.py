@@ -33,8 +33,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    engine: Any = create_engine(args.model, threads=args.threads, progress=False,
-                                decode=args.decode)
+    # the torch backend: its fused step is the native backend's, with the per-phase timers
+    # reachable from Python
+    engine: Any = create_engine(args.model, backend="torch", threads=args.threads,
+                                progress=False, decode=args.decode)
     prompts = [make_prompt(engine, args.context, variant=i) for i in range(args.batch)]
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
     engine.generate(prompts[0][:16], params=params.replace(max_tokens=4))  # warm-up

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec
-from llama_runtime.backends import available_backends, pick_backend
+from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec, UnsupportedBackendError
+from llama_runtime.backends import available_backends, native_may_serve, pick_backend
 
 __all__ = ["available_backends", "create_engine"]
+
+log = logging.getLogger(__name__)
 
 _ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk", "kv_memory", "kv_block_size",
                    "max_batch", "kv_policy", "weights", "decode", "kv_dtype"}
@@ -68,6 +71,20 @@ def create_engine(
                 f"{', '.join(spec_only)}: only for a generating model, but model=None; pass "
                 "model=... or drop the option")
         embed_model = embed_model or "all-minilm-l6-v2"
+    if backend == "auto" and model is not None and native_may_serve(device, options):
+        from llama_runtime.native.engine import NativeEngine
+
+        try:
+            native = NativeEngine(device=device, embed_model=embed_model,
+                                  **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
+            native.load_model(ModelSpec(model=model, device=device, **{
+                k: v for k, v in options.items() if k in _SPEC_OPTIONS}))
+        except UnsupportedBackendError as e:  # a model or machine it cannot run: torch can
+            log.info("the native backend does not serve %s (%s); using torch", model, e)
+        else:
+            if embed_model is not None:
+                native.load_embed_model(embed_model)
+            return native
     name = pick_backend(backend)
     if name == "torch":
         from llama_runtime.torch_backend import TorchEngine

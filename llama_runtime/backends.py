@@ -53,10 +53,11 @@ def _native_info() -> BackendInfo:
     return BackendInfo(
         name="native", available=compiler is not None, devices=("cpu",), dtypes=("float32",),
         quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
-        max_batch=32, default_eligible=False,
-        note="CPU without torch: the torch backend's fused native step and kernels, built as a "
-             "plain library (C++ compiler needed) and driven over ctypes; GGUF Llama-family "
-             "models. Not yet the default: the parity suite runs on the torch backend",
+        max_batch=32, default_eligible=True,
+        note="CPU without torch: the torch backend's fused native step and kernels (the same "
+             "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "
+             "GGUF Llama-family models. backend='auto' tries it first on a CPU and hands "
+             "anything else to torch",
     )
 
 
@@ -82,6 +83,26 @@ def physical_cores() -> int:
         except OSError:
             return len(allowed) or os.cpu_count() or 1
     return len(cores) or os.cpu_count() or 1
+
+
+_NATIVE_OPTIONS = {"decode": ("auto", "int8", "exact"), "weights": ("auto", "quantized"),
+                   "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA GPU, seen without importing torch (its driver's device nodes)."""
+    return Path("/dev/nvidiactl").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def native_may_serve(device: str, options: dict[str, object]) -> bool:
+    """Whether backend="auto" tries the native backend first: a CPU run (device "cpu", or
+    "auto" on a machine without a GPU), options it supports, and a C++ compiler. The model
+    itself is checked when it loads (GGUF, Llama family); torch takes over if it is refused."""
+    if device not in ("auto", "cpu") or (device == "auto" and _gpu_present()):
+        return False
+    if any(k in options and options[k] not in ok for k, ok in _NATIVE_OPTIONS.items()):
+        return False
+    return _native_info().available
 
 
 _INFOS = {"torch": _torch_info, "native": _native_info, "mlx": _mlx_info}

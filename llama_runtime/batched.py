@@ -35,7 +35,6 @@ from llama_engine import (
     SessionError,
     StreamChunk,
     TokenStream,
-    UnsupportedBackendError,
     Usage,
 )
 from llama_kv import PagedKVCache, kv_budget_blocks, kv_bytes_per_block
@@ -150,10 +149,25 @@ class BatchedEngine(LlamaEngine):
                   seqs: list[SeqStep]) -> np.ndarray:
         """Logits [sequences wanting them, vocab] after one forward (the scheduler's thread)."""
 
+    @abstractmethod
     def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
-        raise UnsupportedBackendError(
-            f"embed_model='decoder' is not supported by the {self.backend} backend; use an "
-            "embedding model (the default all-minilm-l6-v2) or backend='torch'")
+        """embed_model="decoder": the generating model's mean-pooled final hidden states,
+        L2-normalized, float32 [len(texts), dim]."""
+
+    def _decoder_tokens(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Each text's tokens for decoder embeddings: cut to the context (truncate) or refused."""
+        tokens = []
+        for i, text in enumerate(texts):
+            ids = self.tokenize(text) or [self.tokenizer.bos_id or 0]
+            if len(ids) > self._ctx:
+                if not truncate:
+                    raise ContextOverflowError(
+                        f"texts[{i}] is {len(ids)} tokens but the context is {self._ctx}; "
+                        "shorten it or pass truncate=True to embed its first "
+                        f"{self._ctx} tokens")
+                ids = ids[: self._ctx]
+            tokens.append(ids)
+        return tokens
 
     def _make_embedder(self, model: str) -> Any:
         """The sentence encoder `embed` runs (torch, imported only now)."""

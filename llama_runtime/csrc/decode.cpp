@@ -249,7 +249,7 @@ void DecodeModel::lap(const char* phase) {
 void DecodeModel::check(const StepArgs& a) const {
   const int64_t B = a.B, bs = a.block_size;
   require(B >= 1 && a.x && a.cos && a.sin && a.write_slots && a.block_tables && a.ctx_lens &&
-              a.k_cache && a.v_cache && (a.R == 0 || (a.logit_rows && a.logits)),
+              a.k_cache && a.v_cache && (a.R == 0 || (a.logit_rows && (a.logits || a.hidden))),
           "a step needs at least one row and every buffer");
   require(bs > 0 && a.n_slots > 0 && a.n_slots % bs == 0 && a.max_blocks > 0,
           "block_size and the cache's slots must be positive, slots a multiple of block_size");
@@ -316,6 +316,10 @@ void DecodeModel::step(const StepArgs& a) {
     std::copy_n(x_.data() + a.logit_rows[r] * D, D, tmp_.data() + r * D);
   rms_norm(tmp_.data(), norms_.back().data(), eps_, R, D, h_.data());
   lap("norms, residuals, silu");
+  if (a.hidden) {
+    std::copy_n(h_.data(), R * D, a.hidden);
+    return;
+  }
   if (R > 0) linears({{&linears_.back(), a.logits}}, h_.data(), R, a.int8_acts);
   lap("lm head (vocab projection)");
 }

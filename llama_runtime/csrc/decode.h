@@ -25,8 +25,9 @@ struct ModelDims {
 // one prompt chunk share a table and attend causally, as every row's K/V is written before any
 // row attends); k_cache, v_cache [n_layers, n_slots, n_kv_heads, head_dim], float32 or (half_kv)
 // float16, K/V rounded to it as they are written; logit_rows [R] the rows whose logits are
-// wanted, written to logits [R, vocab]. int8_acts picks the int8-activation kernels (llama.cpp's
-// scheme) over the exact float ones.
+// wanted, written to logits [R, vocab] (or, when `hidden` is given, their final-normed hidden
+// states to hidden [R, dim] instead: embeddings). int8_acts picks the int8-activation kernels
+// (llama.cpp's scheme) over the exact float ones.
 struct StepArgs {
   const float* x;
   const float* cos;
@@ -45,6 +46,7 @@ struct StepArgs {
   int64_t R;
   bool int8_acts;
   float* logits;
+  float* hidden = nullptr;
 };
 
 class DecodeModel {

@@ -155,7 +155,8 @@ class TorchDecodeModel {
                    write_slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
                    block_tables.size(1), ctx_lens.data_ptr<int64_t>(), B, k_cache.data_ptr(),
                    v_cache.data_ptr(), half_kv, k_cache.size(1), block_size,
-                   logit_rows.data_ptr<int64_t>(), R, int8_acts, logits.data_ptr<float>()};
+                   logit_rows.data_ptr<int64_t>(), R, int8_acts, logits.data_ptr<float>(),
+                   nullptr};
     try {
       model_->step(a);
     } catch (const std::invalid_argument& e) {

@@ -100,3 +100,13 @@ class NativeEngine(BatchedEngine):
             return native.step(t, p, s, self._store, int8=int8)
 
         return split_by_kernel(tokens, positions, seqs, call, self.model.vocab_size)
+
+    def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
+        native = self._native
+        assert native is not None
+        tokens = self._decoder_tokens(texts, truncate)
+        out = []
+        for i in range(0, len(tokens), batch_size):
+            with self._forward_lock:  # never beside a scheduler step
+                out.append(native.mean_hidden(tokens[i:i + batch_size]))
+        return np.concatenate(out)

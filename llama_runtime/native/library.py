@@ -64,7 +64,8 @@ class StepArgs(ctypes.Structure):
                 ("v_cache", ctypes.c_void_p), ("half_kv", ctypes.c_bool),
                 ("n_slots", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("logit_rows", ctypes.c_void_p), ("R", ctypes.c_int64),
-                ("int8_acts", ctypes.c_bool), ("logits", ctypes.c_void_p)]
+                ("int8_acts", ctypes.c_bool), ("logits", ctypes.c_void_p),
+                ("hidden", ctypes.c_void_p)]
 
 
 def _cache_root() -> Path:

@@ -6,6 +6,7 @@ process that serves a GGUF model this way carries no torch runtime (whose import
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 from collections.abc import Sequence
 from typing import Any
@@ -169,19 +170,43 @@ class NativeModel:
                                     np.float32)
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
-             store: NativeKVStore, *, int8: bool | None = None) -> np.ndarray:
+             store: NativeKVStore, *, int8: bool | None = None,
+             hidden: bool = False) -> np.ndarray:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
-        sequence's new tokens, in order); int8 overrides the model's decode kernel."""
+        sequence's new tokens, in order); int8 overrides the model's decode kernel. With
+        `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
         rows = row_arrays(positions, seqs, store.block_size)
         x = self.embed(tokens)
         cos, sin = rope_tables(rows.positions, self._inv_freq)
-        logits = np.empty((len(rows.logit_rows), self.cfg.vocab_size), dtype=np.float32)
+        wanted = np.arange(len(tokens), dtype=np.int64) if hidden else rows.logit_rows
+        out = np.empty((len(wanted), self.cfg.dim if hidden else self.cfg.vocab_size),
+                       dtype=np.float32)
         args = StepArgs(
             _ptr(x), _ptr(cos), _ptr(sin), _ptr(rows.write_slots), _ptr(rows.block_tables),
             rows.block_tables.shape[1], _ptr(rows.ctx_lens), len(tokens), _ptr(store.k),
             _ptr(store.v), store.k.dtype == np.float16, store.k.shape[1], store.block_size,
-            _ptr(rows.logit_rows), len(rows.logit_rows), self.int8 if int8 is None else int8,
-            _ptr(logits))
+            _ptr(wanted), len(wanted), self.int8 if int8 is None else int8,
+            None if hidden else _ptr(out), _ptr(out) if hidden else None)
         if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:
             raise ValueError(self._lib.le_error().decode())
-        return logits
+        return out
+
+    def mean_hidden(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [len(token_lists), dim]: each list's mean final-normed hidden state,
+        L2-normalized (decoder embeddings), with the exact kernels over a scratch cache."""
+        bs = 16
+        blocks = [-(-len(t) // bs) for t in token_lists]
+        store = NativeKVStore(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim,
+                              sum(blocks), bs, "float32")
+        seqs, first = [], 0
+        for t, n in zip(token_lists, blocks, strict=True):
+            slots = list(range(first * bs, first * bs + len(t)))
+            seqs.append(SeqStep(start=0, n_new=len(t), write_slots=slots, context_slots=slots,
+                                want_logits=True))
+            first += n
+        h = self.step([x for t in token_lists for x in t],
+                      [p for t in token_lists for p in range(len(t))], seqs, store, int8=False,
+                      hidden=True)
+        ends = np.cumsum([0] + [len(t) for t in token_lists])
+        means = np.stack([h[a:b].mean(axis=0) for a, b in itertools.pairwise(ends)])
+        return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)

@@ -12,7 +12,6 @@ import torch
 from tqdm import tqdm
 
 from llama_engine import (
-    ContextOverflowError,
     InvalidParamsError,
     ModelHandle,
     ModelSpec,
@@ -185,17 +184,7 @@ class TorchEngine(BatchedEngine):
         return self._device_name if self._handle is None else str(self._device)
 
     def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
-        tokens = []
-        for i, text in enumerate(texts):
-            ids = self.tokenize(text) or [self.tokenizer.bos_id or 0]
-            if len(ids) > self._ctx:
-                if not truncate:
-                    raise ContextOverflowError(
-                        f"texts[{i}] is {len(ids)} tokens but the context is {self._ctx}; "
-                        "shorten it or pass truncate=True to embed its first "
-                        f"{self._ctx} tokens")
-                ids = ids[: self._ctx]
-            tokens.append(ids)
+        tokens = self._decoder_tokens(texts, truncate)
 
         def locked(fn: Any) -> Any:
             with self._forward_lock:

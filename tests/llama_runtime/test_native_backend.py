@@ -119,6 +119,22 @@ def test_a_session_saved_by_torch_continues_on_native(native_exact, exact_engine
     native_exact.close_session(restored)
 
 
+def test_decoder_embeddings_match_the_torch_backend(native_exact) -> None:
+    from llama_runtime import create_engine
+
+    texts = ["Paris is the capital of France.", "def f(x): return x", "A cat sat."]
+    torch_side = create_engine(backend="torch", threads=2, progress=False,
+                               embed_model="decoder")
+    native_exact.load_embed_model("decoder")
+    try:
+        got = np.array(native_exact.embed(texts, batch_size=2))
+    finally:
+        native_exact.load_embed_model("all-minilm-l6-v2")
+    want = np.array(torch_side.embed(texts))
+    assert got.shape == want.shape == (3, 576)
+    assert np.min(np.sum(got * want, axis=1)) > 0.9999  # unit vectors: cosine
+
+
 def test_what_it_cannot_run_is_refused_with_the_way_out(tmp_path) -> None:
     from llama_runtime import create_engine
 
