@@ -56,12 +56,7 @@ extern "C" {
 
 const char* le_error() { return last_error.c_str(); }
 
-void le_set_threads(int32_t n) {
-#ifdef _OPENMP
-  if (n > 0) omp_set_num_threads(n);
-#endif
-  (void)n;
-}
+void le_set_threads(int32_t n) { le::set_threads(n); }
 
 int32_t le_threads() { return le::max_threads(); }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #ifdef _OPENMP
@@ -12,7 +13,18 @@
 
 namespace llama_engine {
 
+// Threads a parallel region may use: set_threads(n) (the library's caller, once, for every
+// thread that calls in: OpenMP's own setting is per calling thread, and the engine computes on
+// its scheduler thread), else OpenMP's default for the calling thread (torch sets that one).
+inline std::atomic<int>& thread_setting() {
+  static std::atomic<int> n{0};
+  return n;
+}
+inline void set_threads(int n) { thread_setting().store(n > 0 ? n : 0); }
+
 inline int max_threads() {
+  const int set = thread_setting().load(std::memory_order_relaxed);
+  if (set > 0) return set;
 #ifdef _OPENMP
   return omp_get_max_threads();
 #else
@@ -27,7 +39,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
   const int64_t range = end - begin;
 #ifdef _OPENMP
-  const int64_t n = std::min<int64_t>(omp_get_max_threads(), (range + grain - 1) / grain);
+  const int64_t n = std::min<int64_t>(max_threads(), (range + grain - 1) / grain);
   if (n > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(static_cast<int>(n))
     {

@@ -51,15 +51,16 @@ class NativeEngine(BatchedEngine):
         self._kv_dtype_name = kv_dtype if kv_dtype != "auto" else (
             "float16" if self._int8 else "float32")
         self.check_threads(threads)
+        self._threads = threads or physical_cores()
         try:
-            library().le_set_threads(threads or physical_cores())
+            self._lib = library()
         except RuntimeError as e:
             raise UnsupportedBackendError(f"{e}; use backend='torch'") from e
         self._native: NativeModel | None = None
 
     @property
     def threads(self) -> int:
-        return int(library().le_threads())
+        return self._threads
 
     def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
         if spec.device not in ("auto", "cpu"):
@@ -99,6 +100,10 @@ class NativeEngine(BatchedEngine):
         def call(t: list[int], p: list[int], s: list[SeqStep], int8: bool | None) -> Any:
             return native.step(t, p, s, self._store, int8=int8)
 
+        # the library's thread count is process-wide: each engine sets its own before its
+        # forwards (which the compute lock serialises)
+        self._lib.le_set_threads(self._threads)
+
         return split_by_kernel(tokens, positions, seqs, call, self.model.vocab_size)
 
     def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
@@ -108,5 +113,6 @@ class NativeEngine(BatchedEngine):
         out = []
         for i in range(0, len(tokens), batch_size):
             with self._forward_lock:  # never beside a scheduler step
+                self._lib.le_set_threads(self._threads)
                 out.append(native.mean_hidden(tokens[i:i + batch_size]))
         return np.concatenate(out)

@@ -148,6 +148,16 @@ def test_what_it_cannot_run_is_refused_with_the_way_out(tmp_path) -> None:
         create_engine(backend="native", kv_dtype="bfloat16", progress=False)
 
 
+def test_threads_option_reaches_the_kernels() -> None:
+    from llama_runtime import create_engine
+
+    one = create_engine(backend="native", threads=1, progress=False)
+    assert one.threads == 1  # set in the library before each of its forwards
+    assert len(one.generate("Hello", max_tokens=4, temperature=0).token_ids) == 4
+    with pytest.raises(InvalidParamsError, match="threads"):
+        create_engine(backend="native", threads=0, progress=False)
+
+
 def test_info_lists_the_native_backend() -> None:
     from llama_runtime import available_backends
 
