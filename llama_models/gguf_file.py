@@ -9,6 +9,7 @@ and tensors numpy views of the mapped file in gguf-py's layout (quantized types 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,20 +100,30 @@ def read_gguf_file(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
                                 "GGUF.kv_count": n_kv}
     for _ in range(n_kv):
         key = cur.string()
+        if key in metadata:
+            raise ValueError(f"metadata key {key!r} appears twice")
         metadata[key] = cur.value(cur.take("<I"))
     infos = []
+    names: set[str] = set()
     for _ in range(n_tensors):
         name = cur.string()
-        dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
+        n_dims = cur.take("<I")
+        if name in names or not 1 <= n_dims <= 4:
+            raise ValueError(f"tensor {name!r} is listed twice or has {n_dims} dimensions")
+        names.add(name)
+        dims = [cur.take("<Q") for _ in range(n_dims)]
         infos.append((name, dims, cur.take("<I"), cur.take("<Q")))
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0 or align % 8:
+        raise ValueError(f"general.alignment is {align!r}, not a positive multiple of 8")
     start = -(-cur.pos // align) * align
     tensors = []
     for name, dims, qtype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-        n_el = int(np.prod(dims)) if dims else 1
-        if dims and dims[0] % block:
-            raise ValueError(f"tensor {name}: a row of {dims[0]} is not whole blocks of {block}")
+        n_el = math.prod(dims)
+        if dims[0] % block or offset % align:
+            raise ValueError(f"tensor {name}: rows of {dims[0]} are not whole blocks of "
+                             f"{block}, or its offset {offset} is not aligned to {align}")
         n_bytes = n_el // block * type_size
         at = start + offset
         if at + n_bytes > mm.shape[0]:

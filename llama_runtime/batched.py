@@ -221,10 +221,15 @@ class BatchedEngine(LlamaEngine):
         with self._lock:
             if self._scheduler is not None:
                 self._scheduler.shutdown()
+                if not self._scheduler.stopped:
+                    raise SessionError(
+                        "the previous model is still computing a step; load the new model "
+                        "again once it has finished")
             for s in list(self._sessions.values()):
                 s.closed, s.backend_state = True, None
             self._sessions.clear()
-            activate()
+            with self._forward_lock:  # no forward (nor decoder embedding) sees half a swap
+                activate()
             self._weight_paths = weight_paths
             self._tokenizer, self._ctx = tokenizer, ctx
             self._fingerprint = fingerprint
@@ -388,6 +393,11 @@ class BatchedEngine(LlamaEngine):
                 f"{path} was saved from another model ({header.get('model')!r}); load it into an "
                 f"engine running that model (this one runs {self._fingerprint!r})")
         tokens = [int(t) for t in tokens]
+        want = (self._store.k.shape[0], len(tokens), *self._store.k.shape[2:])
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise SessionError(
+                f"{path} holds K/V of shape {tuple(k.shape)}, not {want}; it was not written "
+                "by save_session() for this model")
         s = Session()
         s.backend_state = _SessionState()
         with self._sched().lock:

@@ -141,6 +141,11 @@ class Scheduler:
             for r in [*self._running, *self._waiting]:
                 self._finish(r, "cancelled")
 
+    @property
+    def stopped(self) -> bool:
+        """The thread has ended (shutdown() waits at most 30 s for its current step)."""
+        return not self._thread.is_alive()
+
     # -- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:

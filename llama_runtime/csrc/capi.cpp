@@ -12,6 +12,9 @@
 
 namespace le = llama_engine;
 
+// the library is built with hidden symbols (native/library.py): export the C API only
+#define LE_API __attribute__((visibility("default")))
+
 extern "C" {
 
 // A weight [n, k]: kind 0 = dense float32 row-major, 1 = q4 (qs, d, m), 2 = q8 (qs, d), in the
@@ -54,14 +57,14 @@ int32_t guarded(F&& f) {
 
 extern "C" {
 
-const char* le_error() { return last_error.c_str(); }
+LE_API const char* le_error() { return last_error.c_str(); }
 
-void le_set_threads(int32_t n) { le::set_threads(n); }
+LE_API void le_set_threads(int32_t n) { le::set_threads(n); }
 
-int32_t le_threads() { return le::max_threads(); }
+LE_API int32_t le_threads() { return le::max_threads(); }
 
 // out [B, n] = x [B, k] @ w.T; int8_acts quantizes x per 32-block first (q4/q8 weights only).
-int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t int8_acts) {
+LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t int8_acts) {
   return guarded([&] {
     const le::QMat m = to_qmat(*w);
     le::QActs acts;
@@ -79,7 +82,7 @@ int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int
 // dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab. norms: 2 * n_layers + 1
 // arrays of dim floats (copied); weights: 7 * n_layers + 1 (borrowed: they must outlive the
 // model). Returns the model, or null with le_error() set.
-void* le_model_new(const int64_t* dims, float eps, const float* const* norms, int64_t n_norms,
+LE_API void* le_model_new(const int64_t* dims, float eps, const float* const* norms, int64_t n_norms,
                    const le_weight* weights, int64_t n_weights) {
   le::DecodeModel* model = nullptr;
   guarded([&] {
@@ -92,13 +95,13 @@ void* le_model_new(const int64_t* dims, float eps, const float* const* norms, in
   return model;
 }
 
-void le_model_free(void* model) { delete static_cast<le::DecodeModel*>(model); }
+LE_API void le_model_free(void* model) { delete static_cast<le::DecodeModel*>(model); }
 
-int32_t le_model_step(void* model, const le::StepArgs* args) {
+LE_API int32_t le_model_step(void* model, const le::StepArgs* args) {
   return guarded([&] { static_cast<le::DecodeModel*>(model)->step(*args); });
 }
 
-void le_model_set_profiling(void* model, int32_t on) {
+LE_API void le_model_set_profiling(void* model, int32_t on) {
   static_cast<le::DecodeModel*>(model)->set_profiling(on != 0);
 }
 

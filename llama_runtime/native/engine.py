@@ -75,7 +75,12 @@ class NativeEngine(BatchedEngine):
         if why is not None:
             raise UnsupportedBackendError(f"{spec.model}: {why}; use backend='torch'")
         ckpt, cfg = files.checkpoint, files.config
-        model = NativeModel(files, int8=self._int8, progress=lambda: bar.update(1))
+        try:
+            model = NativeModel(files, int8=self._int8, progress=lambda: bar.update(1))
+        except (ValueError, NotImplementedError, KeyError) as e:  # dims, types it cannot run
+            raise UnsupportedBackendError(
+                f"{spec.model}: the native kernels cannot run this model ({e}); use "
+                "backend='torch'") from e
         kv_bytes = 2 if self._kv_dtype_name == "float16" else 4
         num_blocks = self._kv_blocks(cfg, kv_bytes, host_available_memory())
         store = NativeKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
@@ -107,12 +112,13 @@ class NativeEngine(BatchedEngine):
         return split_by_kernel(tokens, positions, seqs, call, self.model.vocab_size)
 
     def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
-        native = self._native
-        assert native is not None
+        self.model  # noqa: B018 - raises SessionError unless a model is loaded
         tokens = self._decoder_tokens(texts, truncate)
         out = []
-        for i in range(0, len(tokens), batch_size):
-            with self._forward_lock:  # never beside a scheduler step
+        for ids in tokens:  # one text at a time (batch_size does not apply here)
+            with self._forward_lock:  # never beside a scheduler step, nor a reload
+                native = self._native
+                assert native is not None
                 self._lib.le_set_threads(self._threads)
-                out.append(native.mean_hidden(tokens[i:i + batch_size]))
-        return np.concatenate(out)
+                out.append(native.mean_hidden(ids, chunk=self._prefill_chunk))
+        return np.stack(out)

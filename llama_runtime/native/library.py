@@ -39,8 +39,10 @@ def _cpu_flags() -> set[str]:
 
 
 def compile_flags() -> list[str]:
-    """Optimisation flags for csrc/ on this CPU (OpenMP on: parallel_for is its pragmas)."""
-    flags = ["-O3", "-fopenmp"]
+    """Flags for csrc/ on this CPU: OpenMP on (parallel_for is its pragmas), and hidden
+    symbols, so the torch extension and this library, both built from csrc/, never share one
+    (GCC would otherwise make inline functions' statics process-wide "unique" symbols)."""
+    flags = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     if {"avx2", "fma", "f16c"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags

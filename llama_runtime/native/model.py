@@ -6,7 +6,6 @@ process that serves a GGUF model this way carries no torch runtime (whose import
 from __future__ import annotations
 
 import ctypes
-import itertools
 import mmap
 from collections.abc import Sequence
 from typing import Any
@@ -34,8 +33,8 @@ def _dense(raw: RawTensor) -> np.ndarray:
     from gguf.quants import dequantize
 
     data = np.asarray(raw.data)
-    if data.dtype == np.float32:
-        return np.ascontiguousarray(data.reshape(raw.shape))
+    if data.dtype == np.float32:  # a copy: the kernels must not borrow the file's mapping
+        return np.array(data.reshape(raw.shape), dtype=np.float32, copy=True)
     return np.ascontiguousarray(dequantize(data, raw.qtype).reshape(raw.shape), np.float32)
 
 
@@ -58,7 +57,8 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     pages: numpy asks for transparent huge pages on large arrays, and then the first K/V write
     of a block would make 2 MiB resident in each of the layers' regions it touches."""
     dt = np.dtype(_KV_DTYPES[dtype])
-    buf = mmap.mmap(-1, max(1, int(np.prod(shape)) * dt.itemsize))
+    buf = mmap.mmap(-1, max(1, int(np.prod(shape)) * dt.itemsize),
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buf, dtype=dt, count=int(np.prod(shape))).reshape(shape)
@@ -175,6 +175,10 @@ class NativeModel:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order); int8 overrides the model's decode kernel. With
         `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
+        cfg = self.cfg
+        want = (cfg.n_layers, store.k.shape[1], cfg.n_kv_heads, cfg.head_dim)
+        if store.k.shape != want or store.v.shape != want or store.k.dtype != store.v.dtype:
+            raise ValueError(f"a KV store of shape {store.k.shape} does not fit this model")
         rows = row_arrays(positions, seqs, store.block_size)
         x = self.embed(tokens)
         cos, sin = rope_tables(rows.positions, self._inv_freq)
@@ -191,22 +195,20 @@ class NativeModel:
             raise ValueError(self._lib.le_error().decode())
         return out
 
-    def mean_hidden(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """float32 [len(token_lists), dim]: each list's mean final-normed hidden state,
-        L2-normalized (decoder embeddings), with the exact kernels over a scratch cache."""
+    def mean_hidden(self, tokens: Sequence[int], *, chunk: int = 512) -> np.ndarray:
+        """float32 [dim]: the mean final-normed hidden state over `tokens`, L2-normalized
+        (decoder embeddings), with the exact kernels over a scratch cache, `chunk` rows a step
+        (so the work buffers stay prompt-sized)."""
         bs = 16
-        blocks = [-(-len(t) // bs) for t in token_lists]
         store = NativeKVStore(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim,
-                              sum(blocks), bs, "float32")
-        seqs, first = [], 0
-        for t, n in zip(token_lists, blocks, strict=True):
-            slots = list(range(first * bs, first * bs + len(t)))
-            seqs.append(SeqStep(start=0, n_new=len(t), write_slots=slots, context_slots=slots,
-                                want_logits=True))
-            first += n
-        h = self.step([x for t in token_lists for x in t],
-                      [p for t in token_lists for p in range(len(t))], seqs, store, int8=False,
-                      hidden=True)
-        ends = np.cumsum([0] + [len(t) for t in token_lists])
-        means = np.stack([h[a:b].mean(axis=0) for a, b in itertools.pairwise(ends)])
-        return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+                              -(-len(tokens) // bs), bs, "float32")
+        total = np.zeros(self.cfg.dim, dtype=np.float64)
+        for start in range(0, len(tokens), chunk):
+            end = min(len(tokens), start + chunk)
+            seq = SeqStep(start=start, n_new=end - start, write_slots=list(range(start, end)),
+                          context_slots=list(range(end)), want_logits=True)
+            h = self.step(list(tokens[start:end]), list(range(start, end)), [seq], store,
+                          int8=False, hidden=True)
+            total += h.sum(axis=0, dtype=np.float64)
+        mean = (total / len(tokens)).astype(np.float32)
+        return mean / max(float(np.linalg.norm(mean)), 1e-12)
