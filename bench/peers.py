@@ -2,6 +2,7 @@
 
     python bench/peers.py [--model smollm2-135m-instruct] [--threads 2] [--prompt-tokens 512]
                           [--gen-tokens 128] [--only NAME ...] [--decode auto|int8|exact|torch]
+                          [--backend auto|native|torch]
 
 Also: TTFT of a prompt whose first blocks were served before (prefix-cache hit) against one
 that was not, and aggregate generated tok/s with N requests at once for each --concurrency N
@@ -44,7 +45,7 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     prompt, gen = job["prompt"], job["gen"]
     t0 = time.perf_counter()
     engine = create_engine(job["path"], threads=job["threads"], progress=False,
-                           decode=job["decode"])
+                           decode=job["decode"], backend=job["backend"])
     load_s = time.perf_counter() - t0
     engine.generate(prompt[:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
     c = engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True)
@@ -52,7 +53,8 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     decode = [u.decode_tok_s] + [  # repeats reuse the prompt's cached blocks: decode only
         engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True).usage.decode_tok_s
         for _ in range(job["repeats"] - 1)]
-    res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": u.prefill_tok_s,
+    res: dict[str, Any] = {"backend": engine.model.backend, "load_s": load_s,
+                           "prefill_tok_s": u.prefill_tok_s,
                            "ttft_ms": u.ttft_ms, "decode_tok_s": statistics.median(decode),
                            "decode_tok_s_runs": decode, "tokens": c.token_ids,
                            "peak_rss_mb": _rss_mb()}
@@ -206,6 +208,8 @@ def main() -> None:
                     help="single-request decode runs per engine (the median is reported)")
     ap.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
                     help="our decode kernel (create_engine's decode option)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                    help="our backend (auto: native on a CPU for a GGUF model)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -230,7 +234,7 @@ def main() -> None:
     miss = make_prompt(t, args.prompt_tokens, variant=1000)  # type: ignore[arg-type]
     hit = miss[:-32] + make_prompt(t, 32, variant=1001)  # type: ignore[arg-type]
     job = {"path": path, "prompt": prompt, "gen": args.gen_tokens, "threads": args.threads,
-           "decode": args.decode, "repeats": max(1, args.repeats),
+           "decode": args.decode, "backend": args.backend, "repeats": max(1, args.repeats),
            "prefix_pair": [miss, hit],
            "concurrent": {n: [make_prompt(t, args.prompt_tokens, variant=100 * n + i)  # type: ignore[arg-type]
                               for i in range(n)] for n in args.concurrency}}
