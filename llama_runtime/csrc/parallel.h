@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <exception>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,6 +35,7 @@ inline int max_threads() {
 
 // f(b0, b1) over [begin, end) cut into one contiguous chunk per thread, with at most one thread
 // per `grain` items; serial when already inside a parallel region (at::parallel_for's contract).
+// An exception thrown by f (a failed allocation) reaches the caller.
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
@@ -41,12 +43,21 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 #ifdef _OPENMP
   const int64_t n = std::min<int64_t>(max_threads(), (range + grain - 1) / grain);
   if (n > 1 && !omp_in_parallel()) {
+    // an exception must not leave a parallel region (that aborts the process): the first one
+    // is kept and rethrown on the calling thread
+    std::exception_ptr error;
 #pragma omp parallel num_threads(static_cast<int>(n))
     {
       const int64_t nt = omp_get_num_threads(), chunk = (range + nt - 1) / nt;
       const int64_t b0 = begin + omp_get_thread_num() * chunk;
-      if (b0 < end) f(b0, std::min(end, b0 + chunk));
+      try {
+        if (b0 < end) f(b0, std::min(end, b0 + chunk));
+      } catch (...) {
+#pragma omp critical(llama_engine_parallel_error)
+        if (!error) error = std::current_exception();
+      }
     }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif
