@@ -18,6 +18,15 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def torch_cpu_engine():
+    """The default model on the torch backend's CPU path (the default engine is the native
+    backend, which runs the same fused step without torch)."""
+    from llama_runtime import create_engine
+
+    return create_engine("smollm2-135m-instruct", backend="torch", threads=2, progress=False)
+
+
+@pytest.fixture(scope="session")
 def exact_engine():
     """The default model with the exact decode kernel: the reference's arithmetic up to
     summation order (the default engine quantizes decode activations to int8, as llama.cpp)."""

@@ -36,7 +36,10 @@ def _settle(engine, before: dict, keys=("kv_blocks_used", "sessions_active")) ->
 
 
 @pytest.mark.slow
-def test_eight_concurrent_sessions_give_their_solo_greedy_tokens(engine) -> None:
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_eight_concurrent_sessions_give_their_solo_greedy_tokens(backend, request) -> None:
+    engine = request.getfixturevalue("engine" if backend == "native" else "torch_cpu_engine")
+    assert engine.model.backend == backend
     solo = [engine.generate(p, max_tokens=24, temperature=0, ignore_eos=True).token_ids
             for p in PROMPTS]
     together: list[list[int] | None] = [None] * len(PROMPTS)
@@ -53,6 +56,7 @@ def test_eight_concurrent_sessions_give_their_solo_greedy_tokens(engine) -> None
     for t in threads:
         t.join()
     assert together == solo
+    assert _settle(engine, {"kv_blocks_used": 0, "sessions_active": 0})["kv_blocks_used"] == 0
 
 
 @pytest.mark.slow
