@@ -223,8 +223,8 @@ def _info_encoder(args: argparse.Namespace) -> int:
 
 
 def _weight_paths(files: Any) -> dict[str, int]:
-    """{"Q4_1: kept quantized (compiled kernel)": 210, ...} for the torch CPU backend."""
-    from llama_runtime.torch_backend.qweights import weight_path
+    """{"Q4_1: kept quantized (compiled kernel)": 210, ...} on a CPU backend."""
+    from llama_runtime.native.layout import weight_path
 
     counts: dict[str, int] = {}
     for raw in files.weights.values():

@@ -10,12 +10,24 @@ import numpy as np
 
 from llama_models.checkpoint import RawTensor
 
-__all__ = ["GROUP", "REPACKABLE", "PackedWeight", "pack"]
+__all__ = ["GROUP", "KEPT_QUANTIZED", "REPACKABLE", "PackedWeight", "pack", "weight_path"]
 
 Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # gguf.GGMLQuantizationType values
 REPACKABLE = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})
 GROUP = 4
 """Weight rows interleaved per group (csrc/qgemm.h)."""
+
+
+KEPT_QUANTIZED = "kept quantized (compiled kernel)"
+
+
+def weight_path(raw: RawTensor, quantized: bool) -> str:
+    """How a CPU backend holds `raw` when quantized weights are on (or off): GGUF bytes
+    (a numpy array) of a repackable 2-D type stay quantized, the rest become float."""
+    if (quantized and raw.qtype in REPACKABLE and len(raw.shape) == 2
+            and isinstance(raw.data, np.ndarray)):
+        return KEPT_QUANTIZED
+    return "dequantized to the compute dtype"
 
 
 @dataclass(frozen=True, slots=True)

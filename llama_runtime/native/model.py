@@ -14,7 +14,7 @@ import numpy as np
 
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
-from llama_runtime.native.layout import REPACKABLE, PackedWeight, pack
+from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
 from llama_runtime.native.library import LeWeight, StepArgs, library
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 
@@ -115,7 +115,7 @@ class NativeModel:
                 p: PackedWeight = pack(raw)
                 release_pages(raw.data)
                 self._keep.append(p)
-                self.weight_paths[name] = "kept quantized (compiled kernel)"
+                self.weight_paths[name] = KEPT_QUANTIZED
                 return LeWeight(1 if p.kind == "q4" else 2, int(p.d.dtype == np.float16),
                                 _ptr(p.qs), _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
             dense = _dense(raw)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from llama_models.checkpoint import RawTensor
-from llama_runtime.native.layout import GROUP, REPACKABLE, pack
+from llama_runtime.native.layout import GROUP, KEPT_QUANTIZED, REPACKABLE, pack, weight_path
 from llama_runtime.native.library import CSRC, compile_flags
 
 __all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "kernels", "repack", "weight_path"]
@@ -111,17 +111,6 @@ class QWeight:
             q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()
             w = q * d[..., None] + m[..., None]
         return w.reshape(rows.shape[0], k)
-
-
-KEPT_QUANTIZED = "kept quantized (compiled kernel)"
-
-
-def weight_path(raw: RawTensor, quantized: bool) -> str:
-    """How the torch backend holds `raw` when quantized weights are on (or off)."""
-    if (quantized and raw.qtype in REPACKABLE and len(raw.shape) == 2
-            and not isinstance(raw.data, torch.Tensor)):
-        return KEPT_QUANTIZED
-    return "dequantized to the compute dtype"
 
 
 def repack(raw: RawTensor) -> QWeight:
