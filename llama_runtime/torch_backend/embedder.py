@@ -23,18 +23,11 @@ import torch.nn.functional as F
 from llama_engine import ContextOverflowError, InvalidParamsError
 from llama_models import open_encoder
 from llama_runtime.backends import pick_device
-from llama_runtime.compute import (
-    COMPUTE_LOCK,
-    DEFAULT_BATCH_SIZE,
-    FairLock,
-    check_options,
-    check_texts,
-)
+from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_options, check_texts
 from llama_runtime.torch_backend.ops import TorchOps
 from llama_tokenizer import Tokenizer
 
-__all__ = ["COMPUTE_LOCK", "CausalBatch", "FairLock", "TorchEmbedder", "check_texts",
-           "decoder_embeddings"]
+__all__ = ["CausalBatch", "TorchEmbedder", "decoder_embeddings"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -82,23 +82,6 @@ def test_int8_native_matches_the_torch_int8_step(native, engine) -> None:
     assert np.array_equal(got[0][1], got[1][1])
 
 
-def test_a_session_saved_by_torch_continues_on_native(native_exact, exact_engine,
-                                                      tmp_path) -> None:
-    msgs = [{"role": "user", "content": "Give me two fruit names."}]
-    s = exact_engine.new_session()
-    first = exact_engine.chat(msgs, session=s, max_tokens=12, temperature=0)
-    exact_engine.save_session(s, tmp_path / "s.session")
-    follow = [*msgs, {"role": "assistant", "content": first.text},
-              {"role": "user", "content": "One more?"}]
-    want = exact_engine.chat(follow, session=s, max_tokens=12, temperature=0)
-    exact_engine.close_session(s)
-    restored = native_exact.load_session(tmp_path / "s.session")
-    got = native_exact.chat(follow, session=restored, max_tokens=12, temperature=0)
-    assert got.token_ids == want.token_ids
-    assert got.usage.cached_tokens == want.usage.cached_tokens > 0
-    native_exact.close_session(restored)
-
-
 def test_decoder_embeddings_match_the_torch_backend(native_exact) -> None:
     from llama_runtime import create_engine
 
