@@ -249,7 +249,7 @@ class Scheduler:
                 self._copy_blocks(list(plan.copies))
             r.ctx_slots.extend(plan.slot_mapping)
             seqs.append(SeqStep(start=r.pos, n_new=1, write_slots=list(plan.slot_mapping),
-                                context_slots=r.ctx_slots, want_logits=True, decoding=True))
+                                context_slots=r.ctx_slots, want_logits=True))
             tokens.append(r.next_token)
             positions.append(r.pos)
             order.append(r)

@@ -4,12 +4,12 @@ torch-free native path use it too."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RowArrays", "SeqStep", "rope_tables", "row_arrays", "split_by_kernel"]
+__all__ = ["RowArrays", "SeqStep", "rope_tables", "row_arrays"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +23,6 @@ class SeqStep:
     context_slots: list[int]
     """Slots of positions 0..start+n_new-1 (the new tokens' own slots last)."""
     want_logits: bool
-    decoding: bool = False
-    """A generated token (not part of a prompt): the fused decode step may serve it."""
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,29 +50,6 @@ def row_arrays(positions: Sequence[int], seqs: Sequence[SeqStep], block_size: in
     wanted = np.ascontiguousarray(ends[[s.want_logits for s in seqs]], dtype=np.int64)
     per_row = np.ascontiguousarray(table[np.repeat(np.arange(len(seqs)), n_new)])
     return RowArrays(pos, write, per_row, pos + 1, wanted)
-
-
-StepCall = Callable[[list[int], list[int], list[SeqStep], "bool | None"], np.ndarray]
-
-
-def split_by_kernel(tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
-                    call: StepCall, vocab: int) -> np.ndarray:
-    """One step as two native calls: generated tokens with the decode kernel (int8=None: the
-    engine's choice), prompt chunks with the exact one (for hundreds of rows it is also the
-    faster). Returns the logits of the sequences that want them, in `seqs` order."""
-    starts = np.cumsum([0] + [s.n_new for s in seqs])
-    parts: dict[int, np.ndarray] = {}
-    for decoding, int8 in ((True, None), (False, False)):
-        group = [i for i, s in enumerate(seqs) if s.decoding == decoding]
-        if not group:
-            continue
-        logits = call([t for i in group for t in tokens[starts[i]:starts[i + 1]]],
-                      [p for i in group for p in positions[starts[i]:starts[i + 1]]],
-                      [seqs[i] for i in group], int8)
-        parts.update(zip([i for i in group if seqs[i].want_logits], logits, strict=True))
-    if not parts:
-        return np.zeros((0, vocab), dtype=np.float32)
-    return np.stack([parts[i] for i, s in enumerate(seqs) if s.want_logits])
 
 
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -63,19 +63,14 @@ LE_API void le_set_threads(int32_t n) { le::set_threads(n); }
 
 LE_API int32_t le_threads() { return le::max_threads(); }
 
+LE_API const char* le_isa() { return le::qgemm_isa(); }
+
 // out [B, n] = x [B, k] @ w.T; int8_acts quantizes x per 32-block first (q4/q8 weights only).
 LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t int8_acts) {
   return guarded([&] {
     const le::QMat m = to_qmat(*w);
     le::QActs acts;
-    const bool i8 = int8_acts != 0 && !m.dense;
-    if (i8) acts.quantize(x, B, m.K);
-    le::parallel_for(0, le::qmat_groups(m), 4, [&](int64_t g0, int64_t g1) {
-      if (i8)
-        le::qmat_rows_int8(m, acts, out, m.N, g0, g1);
-      else
-        le::qmat_rows_f32(m, x, B, out, m.N, g0, g1);
-    });
+    le::qmat_linear(m, x, B, out, int8_acts != 0, acts);
   });
 }
 

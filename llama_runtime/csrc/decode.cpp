@@ -120,7 +120,7 @@ void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t 
     first_group.push_back(groups);
     groups += qmat_groups(*j.w);
   }
-  parallel_for(0, groups, 2, [&](int64_t u0, int64_t u1) {
+  parallel_for(0, groups, 1, [&](int64_t u0, int64_t u1) {
     for (size_t i = 0; i < jobs.size(); ++i) {
       const QMat& w = *jobs[i].w;
       const int64_t g0 = std::max(u0, first_group[i]) - first_group[i];

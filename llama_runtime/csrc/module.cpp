@@ -14,8 +14,8 @@ namespace le = llama_engine;
 
 namespace {
 
-// qs: [G * 4, K / 2] (q4, uint8) or [G * 4, K] (q8, int8), d (and m): [G * 4, K / 32], in the
-// kernels' row-interleaved layout; N <= G * 4 real rows.
+// qs: [G * 16, K / 2] (q4, uint8) or [G * 16, K] (q8, int8), d (and m): [G * 16, K / 32], in
+// the kernels' row-interleaved layout (qgemm.h); N <= G * 16 real rows.
 le::QMat as_qmat(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor* m,
                  int64_t N) {
   const bool q4 = m != nullptr;
@@ -27,7 +27,7 @@ le::QMat as_qmat(const torch::Tensor& qs, const torch::Tensor& d, const torch::T
               "q4 weights are uint8, q8 weights int8");
   const int64_t rows = qs.size(0), K = q4 ? qs.size(1) * 2 : qs.size(1);
   TORCH_CHECK(rows % le::GROUP == 0 && N <= rows && N > rows - le::GROUP,
-              "a quantized weight holds its rows padded to a multiple of 4");
+              "a quantized weight holds its rows padded to a multiple of ", le::GROUP);
   TORCH_CHECK(d.numel() == rows * K / le::QK, "scales do not match the weight's shape");
   if (q4)
     TORCH_CHECK(m->is_contiguous() && m->numel() == d.numel() &&
@@ -47,15 +47,8 @@ torch::Tensor linear(const torch::Tensor& x_, const le::QMat& w, bool int8_acts)
   const torch::Tensor x = checked_x(x_, w);
   const int64_t B = x.size(0);
   auto out = torch::empty({B, w.N}, x.options());
-  float* o = out.data_ptr<float>();
   le::QActs acts;
-  if (int8_acts) acts.quantize(x.data_ptr<float>(), B, w.K);
-  le::parallel_for(0, le::qmat_groups(w), 4, [&](int64_t g0, int64_t g1) {
-    if (int8_acts)
-      le::qmat_rows_int8(w, acts, o, w.N, g0, g1);
-    else
-      le::qmat_rows_f32(w, x.data_ptr<float>(), B, o, w.N, g0, g1);
-  });
+  le::qmat_linear(w, x.data_ptr<float>(), B, out.data_ptr<float>(), int8_acts, acts);
   return out;
 }
 

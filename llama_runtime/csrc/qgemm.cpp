@@ -1,12 +1,18 @@
-// Quantized weight x activation products for the CPU, in the shapes decode needs (few
-// activation rows, every weight row read once per call). AVX2 + FMA where the CPU has them (the
-// build adds -mavx2 -mfma -mf16c), scalar C++ otherwise. Layouts: see qgemm.h.
+// Quantized weight x activation products for the CPU, in the shapes a decode step and a prompt
+// chunk need. Layouts: see qgemm.h. Three builds of the same arithmetic: AVX-512 VNNI, AVX2 +
+// FMA, and plain C++ (library.py picks the flags from the CPU).
 //
-// The int8 kernels follow llama.cpp's CPU scheme: activations are quantized per 32-block (QActs)
-// and each block's dot product is maddubs (u8 x s8 -> s16 pairs) then madd (-> s32), scaled once
-// per block. Tiles of several weight rows keep independent accumulators in registers, so the
-// loop is bound by throughput rather than by the latency of one accumulator chain, and each
-// activation block is loaded once per tile.
+// int8 products follow llama.cpp's CPU scheme: activations are quantized per 32-block (QActs)
+// and each block's dot product runs on integers, then is scaled once per block. The weight
+// layout puts one output row in each vector lane, so a block's integer sum for 16 rows is eight
+// multiply-accumulate instructions against broadcast activations (vpdpbusd, or maddubs + madd
+// without VNNI), and the float scaling is one FMA per 16 rows: no horizontal sums anywhere.
+// VNNI multiplies unsigned by signed bytes: q4 nibbles are unsigned already, and q8 weights are
+// flipped to w + 128 with the block's -128 * sum(x) as the accumulator's start. Integer sums are
+// exact, so every build gives the same bits.
+//
+// float products widen weight groups once into an L2-sized panel buffer, then stream tiles of
+// activation rows past it.
 #include "qgemm.h"
 
 #include <algorithm>
@@ -14,14 +20,29 @@
 #include <cstring>
 #include <type_traits>
 
+#include "parallel.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LE_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LE_VNNI512 1
+#endif
 #endif
 
 namespace llama_engine {
 
-void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
+const char* qgemm_isa() {
+#if defined(LE_VNNI512)
+  return "avx512-vnni";
+#elif defined(LE_AVX2)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+void QActs::resize(int64_t B_, int64_t K_) {
   B = B_;
   K = K_;
   const int64_t nb = K / QK;
@@ -29,29 +50,77 @@ void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
   if (static_cast<int64_t>(d.size()) < B * nb) {
     d.resize(B * nb);
     s.resize(B * nb);
-  }
-  for (int64_t i = 0; i < B * nb; ++i) {
-    const float* xb = x + i * QK;
-    float amax = 0.f;
-    for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
-    const float scale = amax / 127.f;
-    const float inv = scale > 0.f ? 1.f / scale : 0.f;
-    int sum = 0;
-    int8_t* qb = q.data() + i * QK;
-    for (int k = 0; k < QK; ++k) {
-      const float f = xb[k] * inv;  // clamped, so inf or NaN inputs cannot overflow the cast
-      const int v = std::isnan(f) ? 0 : static_cast<int>(std::nearbyint(std::clamp(f, -127.f, 127.f)));
-      qb[k] = static_cast<int8_t>(v);
-      sum += v;
-    }
-    d[i] = scale;
-    s[i] = scale * static_cast<float>(sum);
+    sum.resize(B * nb);
   }
 }
 
 namespace {
 
-constexpr int64_t kPanelRows = 8;  // from this many activation rows on, widen weights once
+// One 32-block: amax / 127 as the scale, values rounded to nearest even and clamped to
+// [-127, 127] (NaN inputs give garbage values, never undefined behaviour).
+inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int32_t* sum) {
+#if LE_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float scale = _mm_cvtss_f32(m4) / 127.f;
+  const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  __m256i iv[4];
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[i], inv), _mm256_set1_ps(-127.f)),
+                                   _mm256_set1_ps(127.f));
+    iv[i] = _mm256_cvtps_epi32(f);  // round to nearest even (MXCSR's default)
+    total = _mm256_add_epi32(total, iv[i]);
+  }
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]),
+                                       _mm256_packs_epi32(iv[2], iv[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb),
+                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+  const int32_t total_q = _mm_cvtsi128_si32(t4);
+#else
+  float amax = 0.f;
+  for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
+  const float scale = amax / 127.f;
+  const float inv = scale > 0.f ? 1.f / scale : 0.f;
+  int32_t total_q = 0;
+  for (int k = 0; k < QK; ++k) {
+    const float f = xb[k] * inv;
+    const int v = std::isnan(f) ? 0 : static_cast<int>(std::nearbyint(std::clamp(f, -127.f, 127.f)));
+    qb[k] = static_cast<int8_t>(v);
+    total_q += v;
+  }
+#endif
+  *d = scale;
+  *s = scale * static_cast<float>(total_q);
+  *sum = total_q;
+}
+
+}  // namespace
+
+void QActs::quantize_rows(const float* x, int64_t b0, int64_t b1) {
+  const int64_t nb = K / QK;
+  for (int64_t i = b0 * nb; i < b1 * nb; ++i)
+    quantize_block(x + i * QK, q.data() + i * QK, d.data() + i, s.data() + i, sum.data() + i);
+}
+
+void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
+  resize(B_, K_);
+  parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) { quantize_rows(x, b0, b1); });
+}
+
+namespace {
+
 constexpr int64_t kPanelBytes = 192 * 1024;  // widened weights per pass (stay in L2)
 
 inline float scale_at(const QMat& w, const void* a, int64_t i) {
@@ -59,36 +128,13 @@ inline float scale_at(const QMat& w, const void* a, int64_t i) {
   return half_to_float(static_cast<const uint16_t*>(a)[i]);
 }
 
-// One group's scales and offsets as float32: the weight's own arrays, or float16 ones widened
-// into a per-thread buffer (a few hundred values a group, against its K * 4 weights).
-struct Scales {
-  const float* d;
-  const float* m;
-};
-inline Scales group_scales(const QMat& w, int64_t g) {
-  const int64_t n = (w.K / QK) * GROUP, at = g * n;
-  if (!w.f16)
-    return {static_cast<const float*>(w.d) + at,
-            w.q4 ? static_cast<const float*>(w.m) + at : nullptr};
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < 2 * n) buf.resize(2 * n);
-  const uint16_t* d16 = static_cast<const uint16_t*>(w.d) + at;
-  const uint16_t* m16 = w.q4 ? static_cast<const uint16_t*>(w.m) + at : nullptr;
-  int64_t i = 0;
-#if LE_AVX2
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(buf.data() + i,
-                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d16 + i))));
-    if (m16)
-      _mm256_storeu_ps(buf.data() + n + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                               reinterpret_cast<const __m128i*>(m16 + i))));
-  }
-#endif
-  for (; i < n; ++i) {
-    buf[i] = half_to_float(d16[i]);
-    if (m16) buf[n + i] = half_to_float(m16[i]);
-  }
-  return {buf.data(), m16 ? buf.data() + n : nullptr};
+// Bytes of one group's 32-block (16 rows).
+inline int64_t block_bytes(const QMat& w) { return w.q4 ? GROUP * QK / 2 : GROUP * QK; }
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
 #if LE_AVX2
@@ -98,13 +144,6 @@ inline float hsum(__m256 v) {
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
-}
-
-inline __m256i expand_nibbles(const uint8_t* p) {  // 16 bytes -> 32 u8: low nibbles, then high
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, mask)),
-                                 _mm_and_si128(_mm_srli_epi16(b, 4), mask), 1);
 }
 
 inline __m256 exp256(__m256 x) {  // Cephes' expf: range reduction to [-ln2/2, ln2/2], degree 6
@@ -126,116 +165,189 @@ inline __m256 exp256(__m256 x) {  // Cephes' expf: range reduction to [-ln2/2, l
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// One group of four weight rows against T activation rows from b0: 4 * T accumulators held in
-// registers, each weight block loaded once for the T rows.
+// Eight scales (or offsets) from i on, as float32.
+inline __m256 load_scales8(const QMat& w, const void* a, int64_t i) {
+  if (w.f16)
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(a) + i);
+}
+#endif  // LE_AVX2
+
+#if LE_VNNI512
+inline __m512 load_scales16(const QMat& w, const void* a, int64_t i) {
+  if (w.f16)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(a) + i)));
+  return _mm512_loadu_ps(static_cast<const float*>(a) + i);
+}
+
+// One group (16 weight rows, a lane each) against T activation rows from b0.
 template <int T>
 inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
                      int64_t ldo) {
   const int64_t K = w.K, nb = K / QK;
-  const int64_t bytes = w.q4 ? 16 : 32;  // per row-block
-  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
-  const Scales sc = group_scales(w, g);
-  const float* wd = sc.d;
-  __m256 acc[GROUP][T];
-  for (int r = 0; r < GROUP; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
   const int8_t* xq = a.q.data() + b0 * K;
-  const float* xd = a.d.data() + b0 * nb;
+  const int64_t xb = b0 * nb;  // activation rows' first block
+  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
-    __m256i xv[T];
+    const uint8_t* blk = wq + j * block_bytes(w);
+    const int8_t* xj = xq + j * QK;
+    __m512i isum[T];
+    if (w.q4) {
+      for (int t = 0; t < T; ++t) isum[t] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(blk + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int t = 0; t < T; ++t) {
+          isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(load_i32(xj + t * K + 4 * c)));
+          isum[t] = _mm512_dpbusd_epi32(isum[t], hi,
+                                        _mm512_set1_epi32(load_i32(xj + t * K + 16 + 4 * c)));
+        }
+      }
+    } else {
+      for (int t = 0; t < T; ++t) isum[t] = _mm512_set1_epi32(-128 * a.sum[xb + t * nb + j]);
+      for (int c = 0; c < 8; ++c) {
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(blk + 64 * c), flip);  // w + 128
+        for (int t = 0; t < T; ++t)
+          isum[t] = _mm512_dpbusd_epi32(isum[t], v, _mm512_set1_epi32(load_i32(xj + t * K + 4 * c)));
+      }
+    }
+    const int64_t at = (g * nb + j) * GROUP;
+    const __m512 dw = load_scales16(w, w.d, at);
     for (int t = 0; t < T; ++t)
-      xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + j * QK));
-    const uint8_t* blk = wq + j * GROUP * bytes;
-    for (int r = 0; r < GROUP; ++r) {
-      const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
-      if (w.q4) {
-        const __m256i wv = expand_nibbles(blk + r * 16);
-        for (int t = 0; t < T; ++t) {
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[t]), ones);
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                      _mm256_mul_ps(dw, _mm256_broadcast_ss(xd + t * nb + j)),
-                                      acc[r][t]);
-        }
-      } else {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + r * 32));
-        const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8; the sign moves to x
-        for (int t = 0; t < T; ++t) {
-          const __m256i p = _mm256_madd_epi16(
-              _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones);
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                      _mm256_mul_ps(dw, _mm256_broadcast_ss(xd + t * nb + j)),
-                                      acc[r][t]);
-        }
-      }
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb + t * nb + j])), acc[t]);
+    if (w.q4) {
+      const __m512 mw = load_scales16(w, w.m, at);
+      for (int t = 0; t < T; ++t)
+        acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb + t * nb + j]), acc[t]);
     }
   }
-  const int rows = static_cast<int>(std::min<int64_t>(GROUP, w.N - g * GROUP));
-  for (int t = 0; t < T; ++t) {
-    float offs[GROUP] = {0.f, 0.f, 0.f, 0.f};
-    if (w.q4) {  // the offset term: sum_j m[j] * s[j], four rows at once
-      const float* wm = sc.m;
-      const float* xs = a.s.data() + (b0 + t) * nb;
-      __m128 macc = _mm_setzero_ps();
-      for (int64_t j = 0; j < nb; ++j)
-        macc = _mm_fmadd_ps(_mm_loadu_ps(wm + j * GROUP), _mm_set1_ps(xs[j]), macc);
-      _mm_storeu_ps(offs, macc);
-    }
-    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + g * GROUP + r] = hsum(acc[r][t]) + offs[r];
-  }
+  const int64_t rows = std::min<int64_t>(GROUP, w.N - g * GROUP);
+  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+  for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(out + (b0 + t) * ldo + g * GROUP, keep, acc[t]);
 }
-
-// Exact variant: each weight block widened to float once, against T float activation rows.
-inline void widen_q4(const uint8_t* blk, __m256 dw, __m256 mw, __m256 w[4]) {
-  const __m256i q = expand_nibbles(blk);
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int i = 0; i < 4; ++i)
-    w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), dw, mw);
-}
-
+#elif LE_AVX2
+// One group against T activation rows from b0, as two halves of eight rows (a lane each).
 template <int T>
-inline void group_f32(const QMat& w, const float* x, int64_t g, int64_t b0, float* out,
-                      int64_t ldo) {
+inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
+                     int64_t ldo) {
   const int64_t K = w.K, nb = K / QK;
-  const int64_t bytes = w.q4 ? 16 : 32;
-  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
-  const Scales sc = group_scales(w, g);
-  const float* wd = sc.d;
-  const float* wm = sc.m;
-  __m256 acc[GROUP][T];
-  for (int r = 0; r < GROUP; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < nb; ++j) {
-    const uint8_t* blk = wq + j * GROUP * bytes;
-    for (int r = 0; r < GROUP; ++r) {
-      __m256 wv[4];
-      const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
+  const int8_t* xq = a.q.data() + b0 * K;
+  const int64_t xb = b0 * nb;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint8_t* blk = wq + j * block_bytes(w) + 32 * h;
+      const int8_t* xj = xq + j * QK;
+      __m256i isum[T];
+      for (int t = 0; t < T; ++t) isum[t] = _mm256_setzero_si256();
       if (w.q4) {
-        widen_q4(blk + r * 16, dw, _mm256_broadcast_ss(wm + j * GROUP + r), wv);
+        for (int c = 0; c < 4; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
+          const __m256i lo = _mm256_and_si256(v, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int t = 0; t < T; ++t) {
+            const __m256i xl = _mm256_set1_epi32(load_i32(xj + t * K + 4 * c));
+            const __m256i xh = _mm256_set1_epi32(load_i32(xj + t * K + 16 + 4 * c));
+            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones));
+            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones));
+          }
+        }
       } else {
-        const int8_t* q = reinterpret_cast<const int8_t*>(blk + r * 32);
-        for (int i = 0; i < 4; ++i) {
-          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
-          wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dw);
+        for (int c = 0; c < 8; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
+          const __m256i av = _mm256_sign_epi8(v, v);  // |w| as u8; the sign moves to x
+          for (int t = 0; t < T; ++t) {
+            const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xj + t * K + 4 * c)), v);
+            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x4), ones));
+          }
         }
       }
-      for (int t = 0; t < T; ++t) {
-        const float* xb = x + (b0 + t) * K + j * QK;
-        for (int i = 0; i < 4; ++i)
-          acc[r][t] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xb + 8 * i), acc[r][t]);
+      const int64_t at = (g * nb + j) * GROUP + 8 * h;
+      const __m256 dw = load_scales8(w, w.d, at);
+      for (int t = 0; t < T; ++t)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]),
+                                 _mm256_mul_ps(dw, _mm256_set1_ps(a.d[xb + t * nb + j])), acc[t]);
+      if (w.q4) {
+        const __m256 mw = load_scales8(w, w.m, at);
+        for (int t = 0; t < T; ++t)
+          acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[xb + t * nb + j]), acc[t]);
+      }
+    }
+    const int64_t rows = std::min<int64_t>(8, w.N - g * GROUP - 8 * h);
+    for (int t = 0; t < T; ++t) {
+      float* o = out + (b0 + t) * ldo + g * GROUP + 8 * h;
+      if (rows == 8) {
+        _mm256_storeu_ps(o, acc[t]);
+      } else if (rows > 0) {
+        float buf[8];
+        _mm256_storeu_ps(buf, acc[t]);
+        std::copy_n(buf, rows, o);
       }
     }
   }
-  const int rows = static_cast<int>(std::min<int64_t>(GROUP, w.N - g * GROUP));
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + g * GROUP + r] = hsum(acc[r][t]);
+}
+#endif
+
+// Element k of weight row n, as its quantized integer (q4: 0..15, q8: -128..127).
+inline int quant_at(const QMat& w, int64_t n, int64_t k) {
+  const int64_t nb = w.K / QK, j = k / QK, i = k % QK, r = n % GROUP;
+  const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + ((n / GROUP) * nb + j) * block_bytes(w);
+  if (w.q4) {
+    const int64_t e = i % 16;  // nibble pair: elements e and e + 16
+    const uint8_t byte = blk[(e / 4) * 64 + r * 4 + e % 4];
+    return i < 16 ? (byte & 0x0F) : (byte >> 4);
+  }
+  return reinterpret_cast<const int8_t*>(blk)[(i / 4) * 64 + r * 4 + i % 4];
 }
 
-// The group's four rows widened to float, [4][K] (the panel of many-row products).
+// Index of the scale (and offset) of row n's 32-block j.
+inline int64_t scale_index(const QMat& w, int64_t n, int64_t j) {
+  return ((n / GROUP) * (w.K / QK) + j) * GROUP + n % GROUP;
+}
+
+[[maybe_unused]] inline float weight_at(const QMat& w, int64_t n, int64_t k) {
+  if (w.dense) return static_cast<const float*>(w.qs)[n * w.K + k];
+  const int64_t at = scale_index(w, n, k / QK);
+  const float q = static_cast<float>(quant_at(w, n, k));
+  if (w.q4) return std::fma(q, scale_at(w, w.d, at), scale_at(w, w.m, at));
+  return q * scale_at(w, w.d, at);
+}
+
+// The int8 product without vector instructions: the same integer sums and float steps.
+[[maybe_unused]] void rows_i8_scalar(const QMat& w, const QActs& a, float* out, int64_t ldo,
+                                     int64_t g0, int64_t g1) {
+  const int64_t K = w.K, nb = K / QK;
+  const int64_t n1 = std::min(w.N, g1 * GROUP);
+  for (int64_t n = g0 * GROUP; n < n1; ++n)
+    for (int64_t b = 0; b < a.B; ++b) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int8_t* xq = a.q.data() + b * K + j * QK;
+        int32_t isum = 0;
+        for (int i = 0; i < QK; ++i) isum += quant_at(w, n, j * QK + i) * xq[i];
+        const int64_t at = scale_index(w, n, j);
+        acc = std::fma(static_cast<float>(isum), scale_at(w, w.d, at) * a.d[b * nb + j], acc);
+        if (w.q4) acc = std::fma(scale_at(w, w.m, at), a.s[b * nb + j], acc);
+      }
+      out[b * ldo + n] = acc;
+    }
+}
+
+#if LE_AVX2
+// The group's 16 rows widened to float, [16][K] (zeros past the last row).
 inline void widen_group(const QMat& w, int64_t g, float* panel) {
   const int64_t K = w.K, nb = K / QK;
-  if (w.dense) {  // the four rows as they are, zeros past the last
+  if (w.dense) {
     for (int64_t r = 0; r < GROUP; ++r) {
       const int64_t n = g * GROUP + r;
       if (n < w.N)
@@ -245,92 +357,76 @@ inline void widen_group(const QMat& w, int64_t g, float* panel) {
     }
     return;
   }
-  const int64_t bytes = w.q4 ? 16 : 32;
-  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * GROUP * bytes;
-  const Scales sc = group_scales(w, g);
-  const float* wd = sc.d;
-  for (int64_t j = 0; j < nb; ++j)
-    for (int r = 0; r < GROUP; ++r) {
-      __m256 wv[4];
-      const __m256 dw = _mm256_broadcast_ss(wd + j * GROUP + r);
-      const uint8_t* blk = wq + (j * GROUP + r) * bytes;
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
+  for (int64_t j = 0; j < nb; ++j) {
+    const uint8_t* blk = wq + j * block_bytes(w);
+    const int64_t at = (g * nb + j) * GROUP;
+    for (int r = 0; r < GROUP; r += 2) {  // a row pair: eight bytes of each 64-byte run
+      float* p0 = panel + r * K + j * QK;
+      float* p1 = p0 + K;
+      const __m256 d = _mm256_setr_m128(_mm_set1_ps(scale_at(w, w.d, at + r)),
+                                        _mm_set1_ps(scale_at(w, w.d, at + r + 1)));
       if (w.q4) {
-        widen_q4(blk, dw, _mm256_broadcast_ss(sc.m + j * GROUP + r), wv);
+        const __m256 m = _mm256_setr_m128(_mm_set1_ps(scale_at(w, w.m, at + r)),
+                                          _mm_set1_ps(scale_at(w, w.m, at + r + 1)));
+        for (int c = 0; c < 4; ++c) {
+          const __m256i b = _mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 64 * c + 4 * r)));
+          const __m256 lo = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x0F))), d, m);
+          const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), d, m);
+          _mm_storeu_ps(p0 + 4 * c, _mm256_castps256_ps128(lo));
+          _mm_storeu_ps(p1 + 4 * c, _mm256_extractf128_ps(lo, 1));
+          _mm_storeu_ps(p0 + 16 + 4 * c, _mm256_castps256_ps128(hi));
+          _mm_storeu_ps(p1 + 16 + 4 * c, _mm256_extractf128_ps(hi, 1));
+        }
       } else {
-        for (int i = 0; i < 4; ++i) {
-          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * i));
-          wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dw);
+        for (int c = 0; c < 8; ++c) {
+          const __m256 v = _mm256_mul_ps(
+              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 64 * c + 4 * r)))),
+              d);
+          _mm_storeu_ps(p0 + 4 * c, _mm256_castps256_ps128(v));
+          _mm_storeu_ps(p1 + 4 * c, _mm256_extractf128_ps(v, 1));
         }
       }
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(panel + r * K + j * QK + 8 * i, wv[i]);
     }
+  }
 }
 
-// T activation rows against a widened panel: the same values in the same order as group_f32,
-// so a row's result does not depend on how many rows came with it.
+// T activation rows against `rows` (<= 4) rows of a widened panel: per output, eight lanes of
+// FMA chains over k, then one horizontal sum; a row's result does not depend on its tile.
 template <int T>
-inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t g, int64_t b0,
+inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t n0, int64_t b0,
                       int64_t rows, float* out, int64_t ldo) {
-  __m256 acc[GROUP][T];
-  for (int r = 0; r < GROUP; ++r)
+  __m256 acc[4][T];
+  for (int r = 0; r < 4; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (b0 + t) * K + k);
-    for (int r = 0; r < GROUP; ++r) {
+    for (int r = 0; r < 4; ++r) {
       const __m256 wv = _mm256_loadu_ps(panel + r * K + k);
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
     }
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + g * GROUP + r] = hsum(acc[r][t]);
+    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + n0 + r] = hsum(acc[r][t]);
 }
 #endif  // LE_AVX2
-
-[[maybe_unused]] inline float weight_at(const QMat& w, int64_t n, int64_t k) {
-  if (w.dense) return static_cast<const float*>(w.qs)[n * w.K + k];
-  const int64_t nb = w.K / QK, j = k / QK, i = k % QK, g = n / GROUP, r = n % GROUP;
-  const int64_t at = (g * nb + j) * GROUP + r;  // the row-block's index
-  if (w.q4) {
-    const uint8_t byte = static_cast<const uint8_t*>(w.qs)[at * 16 + (i % 16)];
-    const int q = i < 16 ? (byte & 0x0F) : (byte >> 4);
-    return scale_at(w, w.d, at) * static_cast<float>(q) + scale_at(w, w.m, at);
-  }
-  return scale_at(w, w.d, at) * static_cast<float>(static_cast<const int8_t*>(w.qs)[at * 32 + i]);
-}
-
-[[maybe_unused]] void rows_i8_scalar(const QMat& w, const QActs& a, float* out, int64_t ldo,
-                                     int64_t g0, int64_t g1) {
-  const int64_t K = w.K, nb = K / QK;
-  const int64_t n1 = std::min(w.N, g1 * GROUP);
-  for (int64_t n = g0 * GROUP; n < n1; ++n)
-    for (int64_t b = 0; b < a.B; ++b) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t at = ((n / GROUP) * nb + j) * GROUP + n % GROUP;
-        const int8_t* xq = a.q.data() + b * K + j * QK;
-        int isum = 0;
-        if (w.q4) {
-          const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + at * 16;
-          for (int i = 0; i < 16; ++i) isum += (blk[i] & 0x0F) * xq[i] + (blk[i] >> 4) * xq[i + 16];
-          acc += scale_at(w, w.m, at) * a.s[b * nb + j];
-        } else {
-          const int8_t* q = static_cast<const int8_t*>(w.qs) + at * 32;
-          for (int i = 0; i < QK; ++i) isum += q[i] * xq[i];
-        }
-        acc += scale_at(w, w.d, at) * a.d[b * nb + j] * static_cast<float>(isum);
-      }
-      out[b * ldo + n] = acc;
-    }
-}
 
 }  // namespace
 
 void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
                     int64_t g1) {
 #if LE_AVX2
+  // Tiles of activation rows share each weight load; any tiling gives the same bits.
   for (int64_t g = g0; g < g1; ++g) {
     int64_t b0 = 0;
+#if LE_VNNI512
+    for (; b0 + 8 <= a.B; b0 += 8) group_i8<8>(w, a, g, b0, out, ldo);
+#endif
+    for (; b0 + 4 <= a.B; b0 += 4) group_i8<4>(w, a, g, b0, out, ldo);
     for (; b0 + 2 <= a.B; b0 += 2) group_i8<2>(w, a, g, b0, out, ldo);
     if (b0 < a.B) group_i8<1>(w, a, g, b0, out, ldo);
   }
@@ -342,34 +438,25 @@ void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int6
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1) {
 #if LE_AVX2
-  if (B >= kPanelRows || w.dense) {  // widen each group once, then stream every row past it
-    // Groups are widened a chunk at a time into a buffer that stays in L2; then each tile of
-    // three activation rows (in L1) runs past every panel of the chunk, writing its outputs
-    // contiguously.
-    const int64_t per = GROUP * w.K;
-    const int64_t chunk = std::max<int64_t>(1, kPanelBytes / (4 * per));
-    thread_local std::vector<float> panels;
-    if (static_cast<int64_t>(panels.size()) < chunk * per) panels.resize(chunk * per);
-    for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
-      const int64_t c1 = std::min(g1, c0 + chunk);
-      for (int64_t g = c0; g < c1; ++g) widen_group(w, g, panels.data() + (g - c0) * per);
-      auto run = [&](auto tile, int64_t b0) {
-        constexpr int T = decltype(tile)::value;
-        for (int64_t g = c0; g < c1; ++g)
-          panel_f32<T>(panels.data() + (g - c0) * per, w.K, x, g, b0,
-                       std::min<int64_t>(GROUP, w.N - g * GROUP), out, ldo);
-      };
-      int64_t b0 = 0;
-      for (; b0 + 3 <= B; b0 += 3) run(std::integral_constant<int, 3>{}, b0);
-      if (B - b0 == 2) run(std::integral_constant<int, 2>{}, b0);
-      if (B - b0 == 1) run(std::integral_constant<int, 1>{}, b0);
-    }
-    return;
-  }
-  for (int64_t g = g0; g < g1; ++g) {
+  // Groups are widened a chunk at a time into a buffer that stays in L2; then each tile of
+  // three activation rows (in L1) runs past every four-row panel of the chunk.
+  const int64_t per = GROUP * w.K;
+  const int64_t chunk = std::max<int64_t>(1, kPanelBytes / (4 * per));
+  thread_local std::vector<float> panels;
+  if (static_cast<int64_t>(panels.size()) < chunk * per) panels.resize(chunk * per);
+  for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
+    const int64_t c1 = std::min(g1, c0 + chunk);
+    for (int64_t g = c0; g < c1; ++g) widen_group(w, g, panels.data() + (g - c0) * per);
+    auto run = [&](auto tile, int64_t b0) {
+      constexpr int T = decltype(tile)::value;
+      for (int64_t n0 = c0 * GROUP; n0 < std::min(w.N, c1 * GROUP); n0 += 4)
+        panel_f32<T>(panels.data() + (n0 - c0 * GROUP) * w.K, w.K, x, n0, b0,
+                     std::min<int64_t>(4, w.N - n0), out, ldo);
+    };
     int64_t b0 = 0;
-    for (; b0 + 2 <= B; b0 += 2) group_f32<2>(w, x, g, b0, out, ldo);
-    if (b0 < B) group_f32<1>(w, x, g, b0, out, ldo);
+    for (; b0 + 3 <= B; b0 += 3) run(std::integral_constant<int, 3>{}, b0);
+    if (B - b0 == 2) run(std::integral_constant<int, 2>{}, b0);
+    if (B - b0 == 1) run(std::integral_constant<int, 1>{}, b0);
   }
 #else
   const int64_t n1 = std::min(w.N, g1 * GROUP);
@@ -382,31 +469,22 @@ void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t
 #endif
 }
 
+void qmat_linear(const QMat& w, const float* x, int64_t B, float* out, bool int8, QActs& acts) {
+  const bool i8 = int8 && !w.dense;
+  if (i8) acts.quantize(x, B, w.K);
+  parallel_for(0, qmat_groups(w), 1, [&](int64_t g0, int64_t g1) {
+    if (i8)
+      qmat_rows_int8(w, acts, out, w.N, g0, g1);
+    else
+      qmat_rows_f32(w, x, B, out, w.N, g0, g1);
+  });
+}
+
 void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1) {
-  const int64_t K = w.K, nb = K / QK;
+  const int64_t K = w.K;
   const int64_t n1 = std::min(w.N, g1 * GROUP);
-  if (w.dense) {
-    std::copy(static_cast<const float*>(w.qs) + g0 * GROUP * K,
-              static_cast<const float*>(w.qs) + n1 * K, out);
-    return;
-  }
   for (int64_t n = g0 * GROUP; n < n1; ++n)
-    for (int64_t j = 0; j < nb; ++j) {
-      float* ob = out + (n - g0 * GROUP) * K + j * QK;
-      const int64_t at = ((n / GROUP) * nb + j) * GROUP + n % GROUP;
-      const float dj = scale_at(w, w.d, at);
-      if (w.q4) {
-        const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + at * 16;
-        const float mj = scale_at(w, w.m, at);
-        for (int k = 0; k < 16; ++k) {
-          ob[k] = dj * static_cast<float>(blk[k] & 0x0F) + mj;
-          ob[k + 16] = dj * static_cast<float>(blk[k] >> 4) + mj;
-        }
-      } else {
-        const int8_t* q = static_cast<const int8_t*>(w.qs) + at * 32;
-        for (int k = 0; k < QK; ++k) ob[k] = dj * static_cast<float>(q[k]);
-      }
-    }
+    for (int64_t k = 0; k < K; ++k) out[(n - g0 * GROUP) * K + k] = weight_at(w, n, k);
 }
 
 #if LE_AVX2

@@ -13,24 +13,32 @@ constexpr int QK = 32;  // elements per quantization block, weights and activati
 // Activations quantized per 32-block to int8 with a float scale (llama.cpp's Q8_1): each block's
 // dot product with a weight block then runs on integers.
 struct QActs {
-  std::vector<int8_t> q;  // [B, K]
-  std::vector<float> d;   // [B, K/32] scale
-  std::vector<float> s;   // [B, K/32] d * sum(q), for the offset term of q4 weights
+  std::vector<int8_t> q;     // [B, K]
+  std::vector<float> d;      // [B, K/32] scale
+  std::vector<float> s;      // [B, K/32] d * sum(q), for the offset term of q4 weights
+  std::vector<int32_t> sum;  // [B, K/32] sum(q), for q8 weights taken as unsigned (VNNI)
   int64_t B = 0, K = 0;
-  // Quantize x [B, K]; the buffers grow but are never shrunk, so a reused QActs stops
+  // Size for x [B, K]; the buffers grow but are never shrunk, so a reused QActs stops
   // allocating after its first use at a given size.
+  void resize(int64_t B, int64_t K);
+  // Quantize rows [b0, b1) of x [B, K] (after resize); rows are independent.
+  void quantize_rows(const float* x, int64_t b0, int64_t b1);
+  // resize, then every row, split over the threads.
   void quantize(const float* x, int64_t B, int64_t K);
 };
 
 // A weight matrix [N, K] in the kernels' layout (borrowed pointers). Rows are interleaved in
-// groups of four (G = ceil(N / 4) groups; the last one zero-padded), so a tile of four output
-// rows reads its weights as one sequential stream:
-//   q4: qs uint8 [G, K/32, 4, 16] (a block: low nibble of byte i = element i, high = i + 16),
-//       d, m [G, K/32, 4]: w = d * q + m            (GGUF Q4_0, Q4_1, Q4_K)
-//   q8: qs int8 [G, K/32, 4, 32], d [G, K/32, 4]: w = d * q   (GGUF Q8_0)
-// Scales and offsets are float16 where that holds them exactly (the GGUF's own f16 values) and
-// float32 otherwise (Q4_K's products of two scales): per 32 weights, Q4_1 20 bytes (as in the
-// file), Q4_0 20 (the file's 18 plus the offset -8d), Q8_0 34, Q4_K 24.
+// groups of 16 (G = ceil(N / 16) groups; the last one zero-padded) and, within a 32-block, in
+// runs of four consecutive elements, so one 64-byte load holds four elements of each of 16
+// rows: a vector lane per output row, and no horizontal sums.
+//   q8: qs int8 [G, K/32, 8, 16, 4]: element 4c + i of row r at [.., c, r, i]; w = d * q
+//   q4: qs uint8 [G, K/32, 4, 16, 4]: byte [.., c, r, i] holds element 4c + i of row r in its
+//       low nibble and element 16 + 4c + i in its high one (GGUF's byte 4c + i); w = d * q + m
+//   d, m: [G, K/32, 16]
+// (GGUF Q8_0 -> q8; Q4_0, Q4_1, Q4_K -> q4.) Scales and offsets are float16 where that holds
+// them exactly (the GGUF's own f16 values) and float32 otherwise (Q4_K's products of two
+// scales): per 32 weights, Q4_1 20 bytes (as in the file), Q4_0 20 (the file's 18 plus the
+// offset -8d), Q8_0 34, Q4_K 24.
 // A weight kept in float32 instead (a type not kept quantized) is `dense`: qs is then the row-major
 // [N, K] float32 matrix itself, d and m are unused, and every product takes the exact panel path.
 struct QMat {
@@ -42,19 +50,26 @@ struct QMat {
   bool f16 = false;
   bool dense = false;
 };
-constexpr int GROUP = 4;
+constexpr int GROUP = 16;
 
 // out[b * ldo + n] for every activation row b and the weight rows n < N of groups [g0, g1).
+// Each row's result depends on that row alone, whatever B and the tiling, and the int8 kernel's
+// are the same bits on every instruction set (integer block sums, then the same float steps).
 // int8 activations (llama.cpp's scheme, ~0.5% relative error per product):
 void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
                     int64_t g1);
-// float activations, weights widened to float in registers (d * q + m in one FMA):
+// float activations against weights widened to float (d * q + m in one FMA):
 // dequantize-then-matmul's arithmetic up to summation order and that one rounding.
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1);
+// out [B, N] = x [B, K] @ w.T, quantizing x first when int8 (acts is the work buffer), split
+// over the threads.
+void qmat_linear(const QMat& w, const float* x, int64_t B, float* out, bool int8, QActs& acts);
 // The weight rows n < N of groups [g0, g1) as float32 into out [rows, K] (row-major, in order).
 void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1);
 inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }
+// The instruction set the kernels were built for: "avx512-vnni", "avx2" or "generic".
+const char* qgemm_isa();
 
 // float16 <-> float32, one value (round to nearest even).
 using half_t = uint16_t;  // IEEE float16 bits

@@ -4,8 +4,6 @@ weights and K/V; only embedding with a sentence encoder imports torch (on first 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from tqdm import tqdm
 
@@ -14,7 +12,7 @@ from llama_runtime.backends import physical_cores
 from llama_runtime.batched import BatchedEngine, fingerprint, host_available_memory
 from llama_runtime.native.library import library
 from llama_runtime.native.model import NativeKVStore, NativeModel, unsupported
-from llama_runtime.step import SeqStep, split_by_kernel
+from llama_runtime.step import SeqStep
 
 __all__ = ["NativeEngine"]
 
@@ -101,15 +99,10 @@ class NativeEngine(BatchedEngine):
                   seqs: list[SeqStep]) -> np.ndarray:
         native = self._native
         assert native is not None
-
-        def call(t: list[int], p: list[int], s: list[SeqStep], int8: bool | None) -> Any:
-            return native.step(t, p, s, self._store, int8=int8)
-
         # the library's thread count is process-wide: each engine sets its own before its
         # forwards (which the compute lock serialises)
         self._lib.le_set_threads(self._threads)
-
-        return split_by_kernel(tokens, positions, seqs, call, self.model.vocab_size)
+        return native.step(tokens, positions, seqs, self._store)
 
     def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
         self.model  # noqa: B018 - raises SessionError unless a model is loaded

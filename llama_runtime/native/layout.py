@@ -1,6 +1,7 @@
 """The kernels' weight layout (csrc/qgemm.h), built with numpy alone: GGUF Q4_0, Q4_1, Q8_0 and
-Q4_K bytes repacked into rows interleaved in groups of four, with no requantization (the same
-values). Both the torch backend (qweights.py) and the torch-free native path use it."""
+Q4_K bytes repacked into groups of 16 rows interleaved four elements at a time, with no
+requantization (the same values). Both the torch backend (qweights.py) and the torch-free
+native path use it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import numpy as np
 
 from llama_models.checkpoint import RawTensor
 
-__all__ = ["GROUP", "KEPT_QUANTIZED", "REPACKABLE", "PackedWeight", "pack", "weight_path"]
+__all__ = ["GROUP", "KEPT_QUANTIZED", "REPACKABLE", "RUN", "PackedWeight", "pack", "weight_path"]
 
 Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # gguf.GGMLQuantizationType values
 REPACKABLE = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})
-GROUP = 4
+GROUP = 16
 """Weight rows interleaved per group (csrc/qgemm.h)."""
+RUN = 4
+"""Consecutive elements of one row kept together (a VNNI lane's four bytes)."""
 
 
 KEPT_QUANTIZED = "kept quantized (compiled kernel)"
@@ -32,9 +35,10 @@ def weight_path(raw: RawTensor, quantized: bool) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
-    """A [N, K] weight in the kernels' layout: q4 (qs uint8 [G*4, K/2], d and m [G*4, K/32]) or
-    q8 (qs int8 [G*4, K], d [G*4, K/32]); scales float16 where the file has them so (exact),
-    float32 otherwise. Rows are zero-padded to a multiple of four."""
+    """A [N, K] weight in the kernels' layout: q4 (qs uint8 [G*16, K/2], d and m [G*16, K/32])
+    or q8 (qs int8 [G*16, K], d [G*16, K/32]), each array holding its groups' bytes in the
+    order csrc/qgemm.h gives; scales float16 where the file has them so (exact), float32
+    otherwise. Rows are zero-padded to a multiple of 16."""
 
     kind: str  # "q4" or "q8"
     qs: np.ndarray
@@ -89,12 +93,14 @@ def pack(raw: RawTensor) -> PackedWeight:
     kind = "q8" if m is None else "q4"
 
     def interleave(a: np.ndarray) -> np.ndarray:
-        # [n, nb, ...] rows -> [groups * 4, ...] with group g holding [nb, 4, ...]
+        # [n, nb, L] rows -> [groups * 16, nb * L], group g holding [nb, L / 4, 16, 4]: per
+        # block, runs of four elements, each run for all 16 rows (scales: L = 1, [nb, 16])
         pad = -n % GROUP
         if pad:
             a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), dtype=a.dtype)])
-        g = a.shape[0] // GROUP
-        a = a.reshape(g, GROUP, nb, -1).transpose(0, 2, 1, 3)
+        g, per = a.shape[0] // GROUP, a.shape[2]
+        run = min(per, RUN)
+        a = a.reshape(g, GROUP, nb, per // run, run).transpose(0, 2, 3, 1, 4)
         return np.ascontiguousarray(a).reshape(g * GROUP, -1)
 
     return PackedWeight(kind, interleave(qs), interleave(d[..., None]),

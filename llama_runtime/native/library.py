@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSRC", "LeWeight", "StepArgs", "compile_flags", "library"]
+__all__ = ["CSRC", "ISAS", "LeWeight", "StepArgs", "available_isas", "compile_flags", "isa",
+           "library"]
 
 CSRC = Path(__file__).parent.parent / "csrc"
 _SOURCES = ("qgemm.cpp", "decode.cpp", "capi.cpp")
@@ -38,14 +39,47 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+ISAS = ("avx512-vnni", "avx2", "generic")
+"""The kernels' builds, fastest first (csrc/qgemm.cpp): AVX-512 VNNI, AVX2 + FMA, plain C++."""
+
+_ISA_FLAGS = {
+    "avx512-vnni": (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                               "avx512_vnni"}),
+                    ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                     "-mavx512vnni"]),
+    "avx2": (frozenset({"avx2", "fma", "f16c"}), ["-mavx2", "-mfma", "-mf16c"]),
+    "generic": (frozenset(), []),
+}
+
+
+def available_isas() -> list[str]:
+    """The builds this CPU can run, fastest first."""
+    cpu = _cpu_flags()
+    return [name for name in ISAS if _ISA_FLAGS[name][0] <= cpu]
+
+
+def isa() -> str:
+    """The build this CPU runs: the fastest it supports, or LLAMA_ENGINE_ISA's choice (one of
+    ISAS; a build the CPU lacks raises). Every build gives the int8 kernel's exact bits."""
+    cpu = _cpu_flags()
+    asked = os.environ.get("LLAMA_ENGINE_ISA", "").strip().lower()
+    if asked:
+        if asked not in _ISA_FLAGS:
+            raise RuntimeError(f"LLAMA_ENGINE_ISA={asked!r}: expected one of {', '.join(ISAS)}")
+        if not _ISA_FLAGS[asked][0] <= cpu:
+            raise RuntimeError(f"LLAMA_ENGINE_ISA={asked!r}: this CPU lacks "
+                             f"{', '.join(sorted(_ISA_FLAGS[asked][0] - cpu))}; unset it")
+        return asked
+    return available_isas()[0]
+
+
 def compile_flags() -> list[str]:
-    """Flags for csrc/ on this CPU: OpenMP on (parallel_for is its pragmas), and hidden
-    symbols, so the torch extension and this library, both built from csrc/, never share one
-    (GCC would otherwise make inline functions' statics process-wide "unique" symbols)."""
-    flags = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
+    """Flags for csrc/ on this CPU (see isa()): OpenMP on (parallel_for is its pragmas), and
+    hidden symbols, so the torch extension and this library, both built from csrc/, never
+    share one (GCC would otherwise make inline functions' statics process-wide "unique"
+    symbols)."""
+    return ["-O3", "-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+            *_ISA_FLAGS[isa()][1]]
 
 
 class LeWeight(ctypes.Structure):
@@ -104,6 +138,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.le_error.restype = ctypes.c_char_p
     lib.le_set_threads.argtypes = [i32]
     lib.le_threads.restype = i32
+    lib.le_isa.restype = ctypes.c_char_p
     lib.le_linear.argtypes = [ctypes.POINTER(LeWeight), p, i64, p, i32]
     lib.le_linear.restype = i32
     lib.le_model_new.argtypes = [ctypes.POINTER(i64), ctypes.c_float,

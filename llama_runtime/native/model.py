@@ -18,7 +18,7 @@ from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight
 from llama_runtime.native.library import LeWeight, StepArgs, library
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 
-__all__ = ["NativeKVStore", "NativeModel", "unsupported"]
+__all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
 
 _LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _KV_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -26,6 +26,25 @@ _KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
+
+
+def le_weight(p: PackedWeight) -> LeWeight:
+    """The C API's view of a packed weight (it borrows the arrays: keep `p` alive)."""
+    return LeWeight(1 if p.kind == "q4" else 2, int(p.d.dtype == np.float16), _ptr(p.qs),
+                    _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
+
+
+def linear(p: PackedWeight, x: np.ndarray, *, int8: bool) -> np.ndarray:
+    """x [B, K] @ W.T by the library's kernel, the product the fused step computes: float
+    activations, or (int8) activations quantized per 32-block."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != p.shape[1]:
+        raise ValueError(f"x must be [B, {p.shape[1]}], got {list(x.shape)}")
+    out = np.empty((x.shape[0], p.shape[0]), dtype=np.float32)
+    lib = library()
+    if lib.le_linear(ctypes.byref(le_weight(p)), _ptr(x), x.shape[0], _ptr(out), int(int8)):
+        raise ValueError(lib.le_error().decode())
+    return out
 
 
 def _dense(raw: RawTensor) -> np.ndarray:
@@ -116,8 +135,7 @@ class NativeModel:
                 release_pages(raw.data)
                 self._keep.append(p)
                 self.weight_paths[name] = KEPT_QUANTIZED
-                return LeWeight(1 if p.kind == "q4" else 2, int(p.d.dtype == np.float16),
-                                _ptr(p.qs), _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
+                return le_weight(p)
             dense = _dense(raw)
             release_pages(raw.data)
             self._keep.append(dense)

@@ -26,7 +26,7 @@ from llama_runtime.batched import (
     fingerprint,
     host_available_memory,
 )
-from llama_runtime.step import SeqStep, split_by_kernel
+from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.embedder import decoder_embeddings
 from llama_runtime.torch_backend.fused import DECODE_KERNELS, FusedDecoder
 from llama_runtime.torch_backend.ops import TorchOps
@@ -199,12 +199,7 @@ class TorchEngine(BatchedEngine):
             fused = self._fused
             if fused is None:
                 return self._forward(tokens, positions, seqs).numpy()
-
-            def call(t: list[int], p: list[int], s: list[SeqStep], int8: bool | None) -> Any:
-                assert fused is not None
-                return fused.step(t, p, s, self._store, int8=int8).numpy()
-
-            return split_by_kernel(tokens, positions, seqs, call, self.model.vocab_size)
+            return fused.step(tokens, positions, seqs, self._store).numpy()
 
     def _forward(self, tokens: list[int], positions: list[int],
                  seqs: list[SeqStep]) -> torch.Tensor:

@@ -75,7 +75,7 @@ class FusedDecoder:
              store: PagedKVStore, *, int8: bool | None = None) -> torch.Tensor:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order: one for a generated token, a chunk for a prompt).
-        int8 overrides the kernel chosen at construction (prompts take the exact one)."""
+        int8 overrides the kernel chosen at construction."""
         rows = row_arrays(positions, seqs, store.block_size)
         ids = torch.tensor(tokens, dtype=torch.long)
         x = self._model.ops.embedding(self._model.embed, ids).contiguous()

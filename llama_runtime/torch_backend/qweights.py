@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from llama_models.checkpoint import RawTensor
-from llama_runtime.native.layout import GROUP, KEPT_QUANTIZED, REPACKABLE, pack, weight_path
+from llama_runtime.native.layout import GROUP, KEPT_QUANTIZED, REPACKABLE, RUN, pack, weight_path
 from llama_runtime.native.library import CSRC, compile_flags
 
 __all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "kernels", "repack", "weight_path"]
@@ -64,8 +64,8 @@ def kernels() -> Any:
 
 @dataclass(frozen=True, slots=True)
 class QWeight:
-    """A [N, K] weight in the kernels' layout (csrc/qgemm.h): rows interleaved in groups of four
-    and zero-padded to a multiple of four."""
+    """A [N, K] weight in the kernels' layout (csrc/qgemm.h): rows interleaved in groups of 16
+    and zero-padded to a multiple of 16."""
 
     kind: str  # "q4" or "q8"
     qs: torch.Tensor
@@ -102,12 +102,12 @@ class QWeight:
         nb = k // 32
         g, lane = rows // GROUP, rows % GROUP
         d = self.d.view(-1, nb, GROUP)[g, :, lane].float()  # [R, nb]
-        if self.kind == "q8":
-            q = self.qs.view(-1, nb, GROUP, 32)[g, :, lane].float()
+        if self.kind == "q8":  # [G, nb, 8, 16, 4] -> [R, nb, 8, 4]
+            q = self.qs.view(-1, nb, 8, GROUP, RUN)[g, :, :, lane].reshape(-1, nb, 32).float()
             w = q * d[..., None]
-        else:
+        else:  # [G, nb, 4, 16, 4]: low nibbles elements 0-15, high ones 16-31
             m = self.m.view(-1, nb, GROUP)[g, :, lane].float()  # type: ignore[union-attr]
-            b = self.qs.view(-1, nb, GROUP, 16)[g, :, lane]
+            b = self.qs.view(-1, nb, 4, GROUP, RUN)[g, :, :, lane].reshape(-1, nb, 16)
             q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()
             w = q * d[..., None] + m[..., None]
         return w.reshape(rows.shape[0], k)

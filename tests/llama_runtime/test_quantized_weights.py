@@ -33,7 +33,7 @@ def _reference(raw: RawTensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["blk.3.ffn_down.weight", "blk.0.attn_k.weight",
                                   "token_embd.weight", "q4_0"])
 def test_kernel_equals_dequantized_matmul(weights, name: str, rows: int) -> None:
-    # 250 rows: not a multiple of the kernels' 4-row groups, so the last group is padded
+    # 250 rows: not a multiple of the kernels' 16-row groups, so the last group is padded
     raw = _q4_0(250, 576) if name == "q4_0" else weights[name]
     ref_w = _reference(raw)
     qw = repack(raw)

@@ -1,0 +1,100 @@
+"""The kernels' builds (native/library.py): AVX-512 VNNI, AVX2 + FMA and plain C++ compute one
+product each way. The int8 kernel's integer block sums are exact, so every build must give the
+same bits; the float kernel differs only in summation order. Each other build this CPU runs is
+compiled in a subprocess (LLAMA_ENGINE_ISA) and compared with this process's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_runtime.native.library import available_isas, isa
+
+ROWS = (1, 2, 5, 9, 40)
+
+# Writes {kind}_{rows}_{int8|f32} products to the npz path argv[1], for the row counts argv[2:]:
+# a q4 weight from the model (Q4_1, float16 scales), synthetic Q4_0 and Q8_0 ones with a row
+# count that leaves the last 16-row group padded, and a Gemma Q4_K one (float32 scales).
+_PRODUCTS = """
+import sys
+import gguf
+import numpy as np
+from llama_models import open_model, resolve_model_path
+from llama_models.checkpoint import RawTensor, read_gguf
+from llama_runtime.native.layout import pack
+from llama_runtime.native.model import linear
+
+def synthetic(qtype, n, k):
+    w = np.random.default_rng(qtype).standard_normal((n, k)).astype(np.float32)
+    return RawTensor("w", int(qtype), (n, k), gguf.quants.quantize(w, qtype))
+
+gemma = read_gguf(resolve_model_path("gemma3-270m"))
+weights = {
+    "q4_1": open_model("smollm2-135m-instruct").weights["blk.2.ffn_up.weight"],
+    "q4_0": synthetic(gguf.GGMLQuantizationType.Q4_0, 250, 576),
+    "q8_0": synthetic(gguf.GGMLQuantizationType.Q8_0, 250, 1536),
+    "q4_k": next(t for t in gemma.tensors.values() if t.qtype == 12 and len(t.shape) == 2),
+}
+out = {}
+for kind, raw in weights.items():
+    p = pack(raw)
+    for rows in map(int, sys.argv[2:]):
+        x = np.random.default_rng(rows).standard_normal((rows, raw.shape[1])).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero activation block (scale 0)
+        for int8 in (True, False):
+            out[f"{kind}_{rows}_{'int8' if int8 else 'f32'}"] = linear(p, x, int8=int8)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def _products(tmp_path: Path, build: str | None) -> dict[str, np.ndarray]:
+    path = tmp_path / f"{build or 'default'}.npz"
+    env = dict(os.environ)
+    env.pop("LLAMA_ENGINE_ISA", None)
+    if build:
+        env["LLAMA_ENGINE_ISA"] = build
+    done = subprocess.run([sys.executable, "-c", _PRODUCTS, str(path), *map(str, ROWS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(path) as f:
+        return dict(f)
+
+
+@pytest.fixture(scope="module")
+def this_build(tmp_path_factory) -> dict[str, np.ndarray]:
+    return _products(tmp_path_factory.mktemp("products"), None)
+
+
+@pytest.mark.parametrize("build", [b for b in available_isas() if b != isa()])
+def test_every_build_gives_the_int8_kernels_bits(this_build, tmp_path, build: str) -> None:
+    other = _products(tmp_path, build)
+    assert other.keys() == this_build.keys()
+    for key, want in this_build.items():
+        if key.endswith("int8"):
+            assert np.array_equal(other[key], want), key
+        else:  # float: the same products summed in another order
+            np.testing.assert_allclose(other[key], want, rtol=1e-4, atol=1e-3, err_msg=key)
+
+
+def test_an_unknown_or_unsupported_build_is_refused() -> None:
+    env = dict(os.environ, LLAMA_ENGINE_ISA="avx9000")
+    done = subprocess.run([sys.executable, "-c",
+                           "from llama_runtime.native.library import library; library()"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "LLAMA_ENGINE_ISA='avx9000'" in done.stderr
+    assert "avx512-vnni, avx2, generic" in done.stderr
+
+
+def test_the_int8_product_is_within_its_quantization_error(this_build) -> None:
+    """Every build's int8 product stays near the float one (~0.5% relative error per product,
+    as llama.cpp's scheme gives)."""
+    for key, got in this_build.items():
+        if key.endswith("int8"):
+            want = this_build[key.replace("int8", "f32")]
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02, key
