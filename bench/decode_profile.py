@@ -51,7 +51,7 @@ def main() -> None:
 
     def timed_step(*a: Any) -> Any:
         nonlocal profiled
-        decoding = all(s.decoding for s in a[2])
+        decoding = all(s.n_new == 1 for s in a[2])  # one new token each: a decode step
         before = dict(native.profile()) if native is not None and decoding else {}
         t0 = time.perf_counter()
         out = run_step(*a)
@@ -66,7 +66,7 @@ def main() -> None:
 
     def profiled_forward(tokens: list[int], positions: list[int], seqs: Any) -> Any:
         nonlocal profiled
-        if not all(s.decoding for s in seqs):
+        if not all(s.n_new == 1 for s in seqs):
             return forward(tokens, positions, seqs)
         from torch.profiler import ProfilerActivity, profile
 

@@ -53,7 +53,9 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     decode = [u.decode_tok_s] + [  # repeats reuse the prompt's cached blocks: decode only
         engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True).usage.decode_tok_s
         for _ in range(job["repeats"] - 1)]
-    res: dict[str, Any] = {"backend": engine.model.backend, "load_s": load_s,
+    from llama_runtime.native.library import isa
+
+    res: dict[str, Any] = {"backend": engine.model.backend, "kernels": isa(), "load_s": load_s,
                            "prefill_tok_s": u.prefill_tok_s,
                            "ttft_ms": u.ttft_ms, "decode_tok_s": statistics.median(decode),
                            "decode_tok_s_runs": decode, "tokens": c.token_ids,
@@ -80,6 +82,7 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
     from llama_cpp import Llama
 
     path, prompt, gen, threads = job["path"], job["prompt"], job["gen"], job["threads"]
@@ -112,7 +115,11 @@ def run_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"load_s": load_s, "prefill_tok_s": len(prompt) / prefill_s,
                            "ttft_ms": ttft_ms, "decode_tok_s": statistics.median(decode),
                            "decode_tok_s_runs": decode, "tokens": tokens,
-                           "peak_rss_mb": _rss_mb()}
+                           "peak_rss_mb": _rss_mb(),
+                           "kernels": " ".join(  # the CPU features its build uses
+                               f.split("=")[0].split(":")[-1].strip() for f in
+                               llama_cpp.llama_print_system_info().decode().split("|")
+                               if f.strip().endswith("= 1"))}
 
     def first_token_ms(ids: list[int]) -> float:
         t = time.perf_counter()

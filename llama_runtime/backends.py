@@ -49,7 +49,13 @@ def _torch_info() -> BackendInfo:
 
 
 def _native_info() -> BackendInfo:
+    from llama_runtime.native.library import isa
+
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    try:
+        kernels = f"kernels built for {isa()}"
+    except RuntimeError as e:  # a LLAMA_ENGINE_ISA this CPU cannot run
+        kernels = str(e)
     return BackendInfo(
         name="native", available=compiler is not None, devices=("cpu",), dtypes=("float32",),
         quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
@@ -57,7 +63,7 @@ def _native_info() -> BackendInfo:
         note="CPU without torch: the torch backend's fused native step and kernels (the same "
              "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "
              "GGUF Llama-family models. backend='auto' tries it first on a CPU and hands "
-             "anything else to torch",
+             f"anything else to torch; {kernels} (LLAMA_ENGINE_ISA overrides)",
     )
 
 

@@ -203,19 +203,11 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
       for (int64_t r = 0; r < R; ++r)  // the tile's queries, contiguous: [R][per_unit][hd]
         std::copy_n(q_.data() + ((r0 + r) * hq + h0) * hd, per_unit * hd,
                     qs.data() + r * per_unit * hd);
-      dot_rows(qs.data(), nq, krows.data(), len, hd, scale, scores.data());
+      dot_rows(qs.data(), nq, krows.data(), len, hd, scale, scores.data(), len);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t n = ctx_lens[r0 + r];  // causal: this row sees positions < n
         for (int64_t g = 0; g < per_unit; ++g) {
-          float* sc = scores.data() + (r * per_unit + g) * len;
-          float mx = -INFINITY;
-          for (int64_t p = 0; p < n; ++p) mx = std::max(mx, sc[p]);
-          for (int64_t p = 0; p < n; ++p) sc[p] -= mx;
-          exp_inplace(sc, n);
-          float total = 0.f;
-          for (int64_t p = 0; p < n; ++p) total += sc[p];
-          const float inv = 1.f / total;
-          for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
+          softmax_inplace(scores.data() + (r * per_unit + g) * len, n);
           std::fill_n(att_.data() + ((r0 + r) * hq + h0 + g) * hd, hd, 0.f);
         }
       }

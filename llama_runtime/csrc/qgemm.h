@@ -79,11 +79,14 @@ half_t float_to_half(float f);
 // Vectorised helpers of the decode step.
 void exp_inplace(float* x, int64_t n);  // x = exp(x), ~1 ulp in [-87, 88]; 0 below, inf above
 float dot_f32(const float* a, const float* b, int64_t n);
-// out[g * n + p] = scale * (q[g] . rows[p]) for g < nq, p < n; vectors of d floats, the nq
+// out[g * ldo + p] = scale * (q[g] . rows[p]) for g < nq, p < n; vectors of d floats, the nq
 // query vectors contiguous in q. Each row is read once for all nq queries, and each score is
-// computed the same way whatever n is (a prompt row's attention does not depend on its tile).
+// computed the same way whatever n is (a prompt row's attention does not depend on its tile,
+// nor on how its positions are split between calls).
 void dot_rows(const float* q, int64_t nq, const float* const* rows, int64_t n, int64_t d,
-              float scale, float* out);
+              float scale, float* out, int64_t ldo);
+// x = softmax(x) over n values, in an order fixed by n alone.
+void softmax_inplace(float* x, int64_t n);
 // out[g * ldo + i] (+)= sum_p w[g * ldw + p] * rows[p][i] for g < nq, i < d: overwriting out or
 // (accumulate) adding to it. Each row is read once for all nq weight vectors.
 void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const float* const* rows,
@@ -91,7 +94,7 @@ void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const float* con
 
 // The same over float16 rows (a float16 KV cache), widened to float32 as they are read.
 void dot_rows(const float* q, int64_t nq, const half_t* const* rows, int64_t n, int64_t d,
-              float scale, float* out);
+              float scale, float* out, int64_t ldo);
 void weighted_sum_rows(const float* w, int64_t nq, int64_t ldw, const half_t* const* rows,
                        int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate);
 // out[i] = x[i] rounded to float16 (nearest even), for writing the KV cache.
