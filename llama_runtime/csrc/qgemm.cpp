@@ -11,8 +11,8 @@
 // flipped to w + 128 with the block's -128 * sum(x) as the accumulator's start. Integer sums are
 // exact, so every build gives the same bits.
 //
-// float products widen weight groups once into an L2-sized panel buffer, then stream tiles of
-// activation rows past it.
+// float products keep a row per lane too: each output is one FMA chain over k in order, with
+// weights widened as they are read (few rows) or once into a panel (many rows).
 #include "qgemm.h"
 
 #include <algorithm>
@@ -121,7 +121,7 @@ void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
 
 namespace {
 
-constexpr int64_t kPanelBytes = 192 * 1024;  // widened weights per pass (stay in L2)
+constexpr int64_t kPanelRows = 4;  // from this many activation rows on, widen weights once
 
 inline float scale_at(const QMat& w, const void* a, int64_t i) {
   if (!w.f16) return static_cast<const float*>(a)[i];
@@ -344,74 +344,142 @@ inline int64_t scale_index(const QMat& w, int64_t n, int64_t j) {
 }
 
 #if LE_AVX2
-// The group's 16 rows widened to float, [16][K] (zeros past the last row).
-inline void widen_group(const QMat& w, int64_t g, float* panel) {
-  const int64_t K = w.K, nb = K / QK;
-  if (w.dense) {
-    for (int64_t r = 0; r < GROUP; ++r) {
-      const int64_t n = g * GROUP + r;
-      if (n < w.N)
-        std::copy_n(static_cast<const float*>(w.qs) + n * K, K, panel + r * K);
-      else
-        std::fill_n(panel + r * K, K, 0.f);
-    }
-    return;
+// The float kernel keeps one output row per vector lane too: every output is one FMA chain over
+// k = 0, 1, ..., K - 1 of (widened weight) x (activation), whatever the build, the number of rows
+// or the tiling, so a row's result depends on that row alone. Lanes<N> is a vector of N rows
+// (16 with AVX-512, 8 with AVX2, where a group is two halves).
+template <int N>
+struct Lanes;
+#if LE_VNNI512
+template <>
+struct Lanes<16> {
+  using F = __m512;
+  using I = __m512i;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static I load_runs(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I byte_signed(I v, int i) {  // byte i of each lane, sign-extended
+    return _mm512_srai_epi32(_mm512_sllv_epi32(v, _mm512_set1_epi32(24 - 8 * i)), 24);
   }
-  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
+  static I nibble(I v, int shift) {
+    return _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(shift)), _mm512_set1_epi32(0x0F));
+  }
+  static F scales(const QMat& w, const void* a, int64_t i) { return load_scales16(w, a, i); }
+};
+#endif
+template <>
+struct Lanes<8> {
+  using F = __m256;
+  using I = __m256i;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static I load_runs(const uint8_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static I byte_signed(I v, int i) {
+    return _mm256_srai_epi32(_mm256_sllv_epi32(v, _mm256_set1_epi32(24 - 8 * i)), 24);
+  }
+  static I nibble(I v, int shift) {
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(shift)), _mm256_set1_epi32(0x0F));
+  }
+  static F scales(const QMat& w, const void* a, int64_t i) { return load_scales8(w, a, i); }
+};
+#if LE_VNNI512
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+using L = Lanes<kLanes>;
+
+// Calls f(k, widened weights of element k for the lanes' rows) for k = 0..K-1 in order: lanes
+// [h * kLanes, (h + 1) * kLanes) of group g, from the quantized layout (w = q * d, or
+// fma(q, d, m) for q4).
+template <class F>
+inline void for_each_k(const QMat& w, int64_t g, int h, const F& f) {
+  const int64_t nb = w.K / QK;
+  const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w) +
+                      h * kLanes * 4;
   for (int64_t j = 0; j < nb; ++j) {
     const uint8_t* blk = wq + j * block_bytes(w);
-    const int64_t at = (g * nb + j) * GROUP;
-    for (int r = 0; r < GROUP; r += 2) {  // a row pair: eight bytes of each 64-byte run
-      float* p0 = panel + r * K + j * QK;
-      float* p1 = p0 + K;
-      const __m256 d = _mm256_setr_m128(_mm_set1_ps(scale_at(w, w.d, at + r)),
-                                        _mm_set1_ps(scale_at(w, w.d, at + r + 1)));
-      if (w.q4) {
-        const __m256 m = _mm256_setr_m128(_mm_set1_ps(scale_at(w, w.m, at + r)),
-                                          _mm_set1_ps(scale_at(w, w.m, at + r + 1)));
-        for (int c = 0; c < 4; ++c) {
-          const __m256i b = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 64 * c + 4 * r)));
-          const __m256 lo = _mm256_fmadd_ps(
-              _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x0F))), d, m);
-          const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), d, m);
-          _mm_storeu_ps(p0 + 4 * c, _mm256_castps256_ps128(lo));
-          _mm_storeu_ps(p1 + 4 * c, _mm256_extractf128_ps(lo, 1));
-          _mm_storeu_ps(p0 + 16 + 4 * c, _mm256_castps256_ps128(hi));
-          _mm_storeu_ps(p1 + 16 + 4 * c, _mm256_extractf128_ps(hi, 1));
-        }
-      } else {
-        for (int c = 0; c < 8; ++c) {
-          const __m256 v = _mm256_mul_ps(
-              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 64 * c + 4 * r)))),
-              d);
-          _mm_storeu_ps(p0 + 4 * c, _mm256_castps256_ps128(v));
-          _mm_storeu_ps(p1 + 4 * c, _mm256_extractf128_ps(v, 1));
-        }
+    const int64_t at = (g * nb + j) * GROUP + h * kLanes;
+    const L::F d = L::scales(w, w.d, at);
+    if (w.q4) {
+      const L::F m = L::scales(w, w.m, at);
+      L::I runs[4];
+      for (int c = 0; c < 4; ++c) runs[c] = L::load_runs(blk + 64 * c);
+      for (int half = 0; half < 2; ++half)  // low nibbles: elements 0-15, high: 16-31
+        for (int c = 0; c < 4; ++c)
+          for (int i = 0; i < 4; ++i)
+            f(j * QK + 16 * half + 4 * c + i, L::fma(L::cvt(L::nibble(runs[c], 8 * i + 4 * half)), d, m));
+    } else {
+      for (int c = 0; c < 8; ++c) {
+        const L::I run = L::load_runs(blk + 64 * c);
+        for (int i = 0; i < 4; ++i) f(j * QK + 4 * c + i, L::mul(L::cvt(L::byte_signed(run, i)), d));
       }
     }
   }
 }
 
-// T activation rows against `rows` (<= 4) rows of a widened panel: per output, eight lanes of
-// FMA chains over k, then one horizontal sum; a row's result does not depend on its tile.
+// T activation rows from b0 against lanes h of group g, weights widened as they are read.
 template <int T>
-inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t n0, int64_t b0,
-                      int64_t rows, float* out, int64_t ldo) {
-  __m256 acc[4][T];
-  for (int r = 0; r < 4; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (b0 + t) * K + k);
-    for (int r = 0; r < 4; ++r) {
-      const __m256 wv = _mm256_loadu_ps(panel + r * K + k);
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+inline void lanes_f32(const QMat& w, const float* x, int64_t g, int h, int64_t b0, L::F acc[T]) {
+  for (int t = 0; t < T; ++t) acc[t] = L::zero();
+  const int64_t K = w.K;
+  for_each_k(w, g, h, [&](int64_t k, L::F wk) {
+    for (int t = 0; t < T; ++t) acc[t] = L::fma(wk, L::set1(x[(b0 + t) * K + k]), acc[t]);
+  });
+}
+
+// The same against a panel of already widened weights, [K][kLanes] (many activation rows).
+template <int T>
+inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t b0, L::F acc[T]) {
+  for (int t = 0; t < T; ++t) acc[t] = L::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const L::F wk = L::load(panel + k * kLanes);
+    for (int t = 0; t < T; ++t) acc[t] = L::fma(wk, L::set1(x[(b0 + t) * K + k]), acc[t]);
+  }
+}
+
+// Lanes h of group g widened into panel [K][kLanes]: dense weights transposed, quantized ones
+// through for_each_k (the same values the on-the-fly path computes).
+inline void widen_lanes(const QMat& w, int64_t g, int h, float* panel) {
+  const int64_t K = w.K;
+  if (w.dense) {
+    for (int r = 0; r < kLanes; ++r) {
+      const int64_t n = g * GROUP + h * kLanes + r;
+      const float* row = static_cast<const float*>(w.qs) + n * K;
+      for (int64_t k = 0; k < K; ++k) panel[k * kLanes + r] = n < w.N ? row[k] : 0.f;
+    }
+    return;
+  }
+  for_each_k(w, g, h, [&](int64_t k, L::F wk) { L::store(panel + k * kLanes, wk); });
+}
+
+template <int T>
+inline void store_lanes(const QMat& w, int64_t g, int h, int64_t b0, const L::F acc[T],
+                        float* out, int64_t ldo) {
+  const int64_t n0 = g * GROUP + h * kLanes;
+  const int64_t rows = std::min<int64_t>(kLanes, w.N - n0);
+  for (int t = 0; t < T; ++t) {
+    float* o = out + (b0 + t) * ldo + n0;
+    if (rows == kLanes) {
+      L::store(o, acc[t]);
+    } else if (rows > 0) {
+      float buf[kLanes];
+      L::store(buf, acc[t]);
+      std::copy_n(buf, rows, o);
     }
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < rows; ++r) out[(b0 + t) * ldo + n0 + r] = hsum(acc[r][t]);
 }
 #endif  // LE_AVX2
 
@@ -438,32 +506,35 @@ void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int6
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1) {
 #if LE_AVX2
-  // Groups are widened a chunk at a time into a buffer that stays in L2; then each tile of
-  // three activation rows (in L1) runs past every four-row panel of the chunk.
-  const int64_t per = GROUP * w.K;
-  const int64_t chunk = std::max<int64_t>(1, kPanelBytes / (4 * per));
-  thread_local std::vector<float> panels;
-  if (static_cast<int64_t>(panels.size()) < chunk * per) panels.resize(chunk * per);
-  for (int64_t c0 = g0; c0 < g1; c0 += chunk) {
-    const int64_t c1 = std::min(g1, c0 + chunk);
-    for (int64_t g = c0; g < c1; ++g) widen_group(w, g, panels.data() + (g - c0) * per);
-    auto run = [&](auto tile, int64_t b0) {
-      constexpr int T = decltype(tile)::value;
-      for (int64_t n0 = c0 * GROUP; n0 < std::min(w.N, c1 * GROUP); n0 += 4)
-        panel_f32<T>(panels.data() + (n0 - c0 * GROUP) * w.K, w.K, x, n0, b0,
-                     std::min<int64_t>(4, w.N - n0), out, ldo);
-    };
-    int64_t b0 = 0;
-    for (; b0 + 3 <= B; b0 += 3) run(std::integral_constant<int, 3>{}, b0);
-    if (B - b0 == 2) run(std::integral_constant<int, 2>{}, b0);
-    if (B - b0 == 1) run(std::integral_constant<int, 1>{}, b0);
-  }
+  // Few rows widen each weight as it is read; many rows (or dense weights) widen each group's
+  // lanes once into a panel that stays in L2 and stream every row past it.
+  const bool panel = B >= kPanelRows || w.dense;
+  thread_local std::vector<float> buf;
+  if (panel && static_cast<int64_t>(buf.size()) < w.K * kLanes) buf.resize(w.K * kLanes);
+  for (int64_t g = g0; g < g1; ++g)
+    for (int h = 0; h < GROUP / kLanes; ++h) {
+      if (g * GROUP + h * kLanes >= w.N) break;
+      if (panel) widen_lanes(w, g, h, buf.data());
+      auto run = [&](auto tile, int64_t b0) {
+        constexpr int T = decltype(tile)::value;
+        L::F acc[T];
+        if (panel)
+          panel_f32<T>(buf.data(), w.K, x, b0, acc);
+        else
+          lanes_f32<T>(w, x, g, h, b0, acc);
+        store_lanes<T>(w, g, h, b0, acc, out, ldo);
+      };
+      int64_t b0 = 0;
+      for (; b0 + 8 <= B; b0 += 8) run(std::integral_constant<int, 8>{}, b0);
+      for (; b0 + 4 <= B; b0 += 4) run(std::integral_constant<int, 4>{}, b0);
+      for (; b0 < B; ++b0) run(std::integral_constant<int, 1>{}, b0);
+    }
 #else
   const int64_t n1 = std::min(w.N, g1 * GROUP);
   for (int64_t n = g0 * GROUP; n < n1; ++n)
     for (int64_t b = 0; b < B; ++b) {
       float acc = 0.f;
-      for (int64_t k = 0; k < w.K; ++k) acc += weight_at(w, n, k) * x[b * w.K + k];
+      for (int64_t k = 0; k < w.K; ++k) acc = std::fma(weight_at(w, n, k), x[b * w.K + k], acc);
       out[b * ldo + n] = acc;
     }
 #endif
