@@ -1,7 +1,8 @@
-"""Where one decode step's time goes, per op, after a prompt of --context tokens.
+"""Where one decode step's time goes, per op, after a prompt of --context tokens (or, with
+--phase prompt, where the prompt chunks' steps go).
 
     python bench/decode_profile.py [--decode int8|exact|torch] [--context 512] [--steps 64]
-                                   [--batch 1] [--threads 2]
+                                   [--batch 1] [--threads 2] [--phase decode|prompt]
 
 decode int8 / exact (the fused native step): the step's own per-phase timers
 (csrc/decode.cpp). decode torch (op by op): the torch profiler around each forward on the
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    ap.add_argument("--phase", default="decode", choices=["decode", "prompt"],
+                    help="profile decode steps, or the prompt chunks' steps instead")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -51,11 +54,13 @@ def main() -> None:
 
     def timed_step(*a: Any) -> Any:
         nonlocal profiled
-        decoding = all(s.n_new == 1 for s in a[2])  # one new token each: a decode step
-        before = dict(native.profile()) if native is not None and decoding else {}
+        # one new token each: a decode step; else prompt chunks (the same native step)
+        decoding = all(s.n_new == 1 for s in a[2])
+        counted = decoding == (args.phase == "decode")
+        before = dict(native.profile()) if native is not None and counted else {}
         t0 = time.perf_counter()
         out = run_step(*a)
-        if decoding:  # prompt chunks run through the same native step: count decode steps only
+        if counted:
             step_times.append(time.perf_counter() - t0)
             if native is not None:
                 for k, v in native.profile().items():
@@ -97,7 +102,7 @@ def main() -> None:
     total = sum(ops.values())
     step_us = sorted(step_times)[len(step_times) // 2] * 1e6 if step_times else None
     print(json.dumps({
-        "model": args.model, "decode": args.decode, "context": args.context,
+        "model": args.model, "decode": args.decode, "phase": args.phase, "context": args.context,
         "batch": args.batch, "threads": args.threads, "steps_profiled": steps,
         "step_us_median": round(step_us, 1) if step_us else None,
         "tok_s_from_step": round(1e6 * args.batch / step_us, 1) if step_us else None,

@@ -27,8 +27,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: the physical cores)")
     p.add_argument("--context-length", type=int, default=None, help="cap the context")
     p.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
-                   help="decode kernel: int8 (the CPU default, llama.cpp's scheme), exact "
-                        "(float activations), torch (op by op)")
+                   help="kernel: int8 (the CPU default: 8-bit activations for prompts and "
+                        "generated tokens, llama.cpp's scheme), exact (float activations), torch "
+                        "(op by op)")
     p.add_argument("--kv-dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache dtype (auto: float16 beside int8 decode on a CPU, else the "

@@ -251,6 +251,10 @@ inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float
       __m256i isum[T];
       for (int t = 0; t < T; ++t) isum[t] = _mm256_setzero_si256();
       if (w.q4) {
+        // a nibble x an activation pair is at most 2 * 15 * 127 = 3810, so the block's eight
+        // pair sums fit 16 bits (30480): one madd a block instead of one per maddubs
+        __m256i pairs[T];
+        for (int t = 0; t < T; ++t) pairs[t] = _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
           const __m256i lo = _mm256_and_si256(v, low);
@@ -258,10 +262,11 @@ inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float
           for (int t = 0; t < T; ++t) {
             const __m256i xl = _mm256_set1_epi32(load_i32(xj + t * K + 4 * c));
             const __m256i xh = _mm256_set1_epi32(load_i32(xj + t * K + 16 + 4 * c));
-            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones));
-            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones));
+            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                                                                   _mm256_maddubs_epi16(hi, xh)));
           }
         }
+        for (int t = 0; t < T; ++t) isum[t] = _mm256_madd_epi16(pairs[t], ones);
       } else {
         for (int c = 0; c < 8; ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));

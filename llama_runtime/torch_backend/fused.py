@@ -6,12 +6,11 @@ outweighs the arithmetic. `FusedDecoder` hands the whole forward to csrc/decode.
 norms, quantized products, RoPE, the KV write, attention read in place from the paged cache,
 the MLP and the output projection, with work buffers reused between steps.
 
-Two kernels: "int8" quantizes activations per 32-block to 8 bits before each product (llama.cpp's
-CPU scheme: ~0.5% relative error per product, so a near-tie between two tokens can flip), and
-"exact" widens the weights to float (the reference's arithmetic up to summation order). With
-quantized weights each row's result depends only on that row, so batching never changes a
-sequence's tokens; dense float weights (types kept dequantized) go through the BLAS GEMM, whose
-summation order may depend on the batch.
+Two kernels: "int8" quantizes activations per 32-block to 8 bits before each product, for
+prompt chunks and generated tokens alike (llama.cpp's CPU scheme: ~0.5% relative error per
+product, so a near-tie between two tokens can flip), and "exact" widens the weights to float
+(the reference's arithmetic up to summation order). Each row's result depends only on that row,
+so batching never changes a sequence's tokens.
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
 """Weights kept quantized in memory, and the compiled kernels that multiply them.
 
 GGUF Q4_0, Q4_1, Q8_0 and Q4_K tensors are repacked at load (no requantization: the same values)
-into `QWeight`s in the kernels' row-interleaved layout (csrc/qgemm.h). csrc/qgemm.cpp multiplies
-them directly, two ways:
-- exact: weights widened to float in registers (for many rows, once per 4-row panel) and
-  multiplied with float activations: dequantize-then-matmul's arithmetic up to summation order
-  (and one FMA rounding in d * q + m).
-  Prompts always take this path.
+into `QWeight`s in the kernels' layout (csrc/qgemm.h: 16-row groups, a vector lane per row).
+csrc/qgemm.cpp multiplies them directly, two ways:
+- exact: float activations against weights widened to float (dequantize-then-matmul's
+  arithmetic up to summation order, and one FMA rounding in d * q + m).
 - int8: activations quantized per 32-block to 8 bits and dot products on integers (llama.cpp's CPU
-  scheme); the fused decode step uses it by default (see fused.py).
-Either way a row's result depends only on that row. The kernels are compiled on first use with
-torch's extension builder (cached by torch).
+  scheme); the fused step uses it by default (see fused.py).
+Either way a row's result depends only on that row, and every build (AVX-512 VNNI, AVX2, plain
+C++) gives the same bits. The kernels are compiled on first use with torch's extension builder
+(cached by torch).
 """
 
 from __future__ import annotations
