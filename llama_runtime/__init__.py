@@ -43,14 +43,14 @@ def create_engine(
     fails at once with KVCacheFull), weights ("auto": "quantized" on CPU when the kernels
     compile, else "dequant"; "quantized": GGUF Q4_0/Q4_1/Q8_0 stay quantized in memory and are
     multiplied by a compiled kernel, exact up to summation order; "dequant": every weight
-    dequantized to the compute dtype at load), decode (how generated tokens are computed:
-    "auto" = "int8" on a CPU in float32, else "torch"; "int8": one native call per step with
-    activations quantized to 8 bits per 32-block, llama.cpp's CPU scheme, ~0.5% relative error
-    per product; "exact": the same native step with float activations, the reference's
-    arithmetic up to summation order; "torch": op by op in torch, the reference path),
-    kv_dtype (the KV cache's dtype: "auto" = "float16" beside the int8 decode on a CPU, as
-    llama.cpp keeps it, else the compute dtype; or "float32", "float16", "bfloat16"). Prompts
-    always take the exact kernels on the CPU (for many rows they are also the faster ones).
+    dequantized to the compute dtype at load), decode (how prompts and generated tokens are
+    computed: "auto" = "int8" on a CPU in float32, else "torch"; "int8": one native call per
+    step with activations quantized to 8 bits per 32-block for every product with a quantized
+    weight, llama.cpp's CPU scheme, ~0.5% relative error per product; "exact": the same native
+    step with float activations, the reference's arithmetic up to summation order; "torch": op
+    by op in torch, the reference path), kv_dtype (the KV cache's dtype: "auto" = "float16"
+    beside the int8 kernels on a CPU, as llama.cpp keeps it, else the compute dtype; or
+    "float32", "float16", "bfloat16").
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:

@@ -56,8 +56,15 @@ void QActs::resize(int64_t B_, int64_t K_) {
 
 namespace {
 
-// One 32-block: amax / 127 as the scale, values rounded to nearest even and clamped to
-// [-127, 127] (NaN inputs give garbage values, never undefined behaviour).
+// The reciprocal of a block's scale; 0 for an all-zero block, and for one so small (below about
+// 3.7e-37) that the reciprocal overflows: such a block quantizes to zeros.
+inline float inverse_scale(float scale) {
+  const float inv = scale > 0.f ? 1.f / scale : 0.f;
+  return std::isfinite(inv) ? inv : 0.f;
+}
+
+// One 32-block: amax / 127 as the scale (NaNs ignored), values rounded to nearest even and
+// clamped to [-127, 127], NaN to 0: the same bits with or without vector instructions.
 inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int32_t* sum) {
 #if LE_AVX2
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -65,18 +72,20 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
   __m256 amax = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(xb + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    // maxps returns its second operand when either is NaN: NaNs leave amax as it is
+    amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), amax);
   }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
   const float scale = _mm_cvtss_f32(m4) / 127.f;
-  const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  const __m256 inv = _mm256_set1_ps(inverse_scale(scale));
   __m256i iv[4];
   __m256i total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
-    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[i], inv), _mm256_set1_ps(-127.f)),
-                                   _mm256_set1_ps(127.f));
+    __m256 f = _mm256_mul_ps(v[i], inv);
+    f = _mm256_and_ps(f, _mm256_cmp_ps(f, f, _CMP_ORD_Q));  // NaN -> 0
+    f = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
     iv[i] = _mm256_cvtps_epi32(f);  // round to nearest even (MXCSR's default)
     total = _mm256_add_epi32(total, iv[i]);
   }
@@ -90,9 +99,9 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
   const int32_t total_q = _mm_cvtsi128_si32(t4);
 #else
   float amax = 0.f;
-  for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));
+  for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));  // NaN: keeps amax
   const float scale = amax / 127.f;
-  const float inv = scale > 0.f ? 1.f / scale : 0.f;
+  const float inv = inverse_scale(scale);
   int32_t total_q = 0;
   for (int k = 0; k < QK; ++k) {
     const float f = xb[k] * inv;
@@ -462,8 +471,12 @@ inline void widen_lanes(const QMat& w, int64_t g, int h, float* panel) {
   if (w.dense) {
     for (int r = 0; r < kLanes; ++r) {
       const int64_t n = g * GROUP + h * kLanes + r;
+      if (n >= w.N) {  // padding lanes
+        for (int64_t k = 0; k < K; ++k) panel[k * kLanes + r] = 0.f;
+        continue;
+      }
       const float* row = static_cast<const float*>(w.qs) + n * K;
-      for (int64_t k = 0; k < K; ++k) panel[k * kLanes + r] = n < w.N ? row[k] : 0.f;
+      for (int64_t k = 0; k < K; ++k) panel[k * kLanes + r] = row[k];
     }
     return;
   }

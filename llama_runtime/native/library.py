@@ -10,6 +10,7 @@ root), so a changed source is rebuilt and concurrent processes never see a half-
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -29,14 +30,51 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 
-def _cpu_flags() -> set[str]:
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+# what a compiler's -march=native defines, as /proc/cpuinfo's flag names
+_MACROS = {"__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__AVX512F__": "avx512f",
+           "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
+           "__AVX512VNNI__": "avx512_vnni"}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: /proc/cpuinfo's (Linux), else the features the compiler's
+    -march=native turns on (macOS on x86, say), else none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    compiler = _compiler()
+    if compiler is None:
+        return frozenset()
+    try:
+        done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    defined = {line.split()[1] for line in done.stdout.splitlines()
+               if line.startswith("#define ")}
+    return frozenset(flag for macro, flag in _MACROS.items() if macro in defined)
+
+
+@functools.cache
+def _compiler_accepts(flags: tuple[str, ...]) -> bool:
+    """Whether the compiler knows these -m flags (an old GCC lacks -mavx512vnni)."""
+    compiler = _compiler()
+    if compiler is None or not flags:
+        return True
+    try:
+        done = subprocess.run([compiler, *flags, "-E", "-x", "c++", os.devnull],
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 ISAS = ("avx512-vnni", "avx2", "generic")
@@ -53,22 +91,25 @@ _ISA_FLAGS = {
 
 
 def available_isas() -> list[str]:
-    """The builds this CPU can run, fastest first."""
+    """The builds this CPU runs and the compiler can make, fastest first."""
     cpu = _cpu_flags()
-    return [name for name in ISAS if _ISA_FLAGS[name][0] <= cpu]
+    return [name for name in ISAS
+            if _ISA_FLAGS[name][0] <= cpu and _compiler_accepts(tuple(_ISA_FLAGS[name][1]))]
 
 
 def isa() -> str:
     """The build this CPU runs: the fastest it supports, or LLAMA_ENGINE_ISA's choice (one of
-    ISAS; a build the CPU lacks raises). Every build gives the int8 kernel's exact bits."""
-    cpu = _cpu_flags()
+    ISAS; a build the CPU or the compiler lacks raises). Every build gives the kernels' exact
+    bits."""
     asked = os.environ.get("LLAMA_ENGINE_ISA", "").strip().lower()
     if asked:
         if asked not in _ISA_FLAGS:
             raise RuntimeError(f"LLAMA_ENGINE_ISA={asked!r}: expected one of {', '.join(ISAS)}")
-        if not _ISA_FLAGS[asked][0] <= cpu:
-            raise RuntimeError(f"LLAMA_ENGINE_ISA={asked!r}: this CPU lacks "
-                             f"{', '.join(sorted(_ISA_FLAGS[asked][0] - cpu))}; unset it")
+        if asked not in available_isas():
+            lacking = sorted(_ISA_FLAGS[asked][0] - _cpu_flags())
+            why = (f"this CPU lacks {', '.join(lacking)}" if lacking else
+                   "the C++ compiler does not accept its flags")
+            raise RuntimeError(f"LLAMA_ENGINE_ISA={asked!r}: {why}; unset it")
         return asked
     return available_isas()[0]
 
@@ -110,7 +151,7 @@ def _cache_root() -> Path:
 
 
 def _build() -> Path:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     flags = [*compile_flags(), "-std=c++17", "-shared", "-fPIC"]

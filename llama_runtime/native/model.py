@@ -34,15 +34,22 @@ def le_weight(p: PackedWeight) -> LeWeight:
                     _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
 
 
-def linear(p: PackedWeight, x: np.ndarray, *, int8: bool) -> np.ndarray:
+def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, int8: bool) -> np.ndarray:
     """x [B, K] @ W.T by the library's kernel, the product the fused step computes: float
-    activations, or (int8) activations quantized per 32-block."""
+    activations, or (int8) activations quantized per 32-block. `p` is a packed weight, or a
+    dense float32 [N, K] one (always the float kernel, as in the step)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != p.shape[1]:
-        raise ValueError(f"x must be [B, {p.shape[1]}], got {list(x.shape)}")
-    out = np.empty((x.shape[0], p.shape[0]), dtype=np.float32)
+    if isinstance(p, np.ndarray):
+        p = np.ascontiguousarray(p, dtype=np.float32)
+        w = LeWeight(0, 0, _ptr(p), None, None, p.shape[0], p.shape[1])
+    else:
+        w = le_weight(p)
+    n, k = p.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [B, {k}], got {list(x.shape)}")
+    out = np.empty((x.shape[0], n), dtype=np.float32)
     lib = library()
-    if lib.le_linear(ctypes.byref(le_weight(p)), _ptr(x), x.shape[0], _ptr(out), int(int8)):
+    if lib.le_linear(ctypes.byref(w), _ptr(x), x.shape[0], _ptr(out), int(int8)):
         raise ValueError(lib.le_error().decode())
     return out
 
@@ -140,7 +147,7 @@ class NativeModel:
             release_pages(raw.data)
             self._keep.append(dense)
             self.weight_paths[name] = "dequantized to float32"
-            return LeWeight(0, 0, _ptr(dense), None, None, dense.shape[0], dense.shape[1])
+            return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape)
 
         def norm(name: str) -> int:
             a = _dense(w[name])

@@ -44,13 +44,13 @@ def kernels() -> Any:
         if _ext is None and _ext_error is None:
             from torch.utils.cpp_extension import load
 
-            flags = compile_flags()
             csrc = CSRC  # shared with the torch-free build (native/library.py)
             # torch rebuilds when a source or a flag changes, not a header: name the headers'
             # contents in a flag
             headers = b"".join(p.read_bytes() for p in sorted(csrc.glob("*.h")))
-            flags.append(f"-DLE_HEADERS={hashlib.sha256(headers).hexdigest()[:16]}")
             try:
+                flags = compile_flags()
+                flags.append(f"-DLE_HEADERS={hashlib.sha256(headers).hexdigest()[:16]}")
                 _ext = load(name="llama_engine_kernels",
                             sources=[str(csrc / f) for f in _SOURCES],
                             extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
