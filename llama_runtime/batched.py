@@ -74,6 +74,10 @@ class KVStore(Protocol):
 
     def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None: ...
 
+    def kv_shape(self, n: int) -> tuple[int, ...]:
+        """The shape read() returns for n slots: (layers, n, kv_heads, head_dim)."""
+        ...
+
 
 @dataclass(slots=True)
 class _SessionState:
@@ -393,7 +397,7 @@ class BatchedEngine(LlamaEngine):
                 f"{path} was saved from another model ({header.get('model')!r}); load it into an "
                 f"engine running that model (this one runs {self._fingerprint!r})")
         tokens = [int(t) for t in tokens]
-        want = (self._store.k.shape[0], len(tokens), *self._store.k.shape[2:])
+        want = self._store.kv_shape(len(tokens))
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise SessionError(
                 f"{path} holds K/V of shape {tuple(k.shape)}, not {want}; it was not written "

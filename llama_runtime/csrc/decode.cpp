@@ -148,8 +148,13 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
     for (int64_t b = b0; b < b1; ++b) {
       rope(q_.data() + b * hq * hd, hq, hd, cos + b * half, sin + b * half);
       rope(k_.data() + b * kv_row, hkv, hd, cos + b * half, sin + b * half);
-      to_half(k_.data() + b * kv_row, kv_row, kl + write_slots[b] * kv_row);  // or copy
-      to_half(v_.data() + b * kv_row, kv_row, vl + write_slots[b] * kv_row);
+      // a block holds each KV head's rows together: [block][kv head][offset][head_dim]
+      const int64_t blk = write_slots[b] / block_size, o = write_slots[b] % block_size;
+      for (int64_t h = 0; h < hkv; ++h) {
+        const int64_t at = ((blk * hkv + h) * block_size + o) * hd;
+        to_half(k_.data() + b * kv_row + h * hd, hd, kl + at);  // or copy
+        to_half(v_.data() + b * kv_row + h * hd, hd, vl + at);
+      }
     }
   });
   const int64_t* tables = a.block_tables;
@@ -193,9 +198,9 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
       }
       // this KV head's row of each position, read in place through the block table
       for (int64_t p = 0, blk = 0; p < len; ++blk) {
-        const int64_t base = table[blk] * block_size;
+        const int64_t base = (table[blk] * hkv + kvh) * block_size;
         for (int64_t o = 0; o < block_size && p < len; ++o, ++p) {
-          const int64_t at = (base + o) * kv_row + kvh * hd;
+          const int64_t at = (base + o) * hd;
           krows[p] = kl + at;
           vrows[p] = vl + at;
         }

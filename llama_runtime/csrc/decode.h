@@ -23,8 +23,9 @@ struct ModelDims {
 // block ids of each row's sequence (position p lives at slot table[p / block_size] * block_size
 // + p % block_size); ctx_lens [B] context length of each row, its own token included (rows of
 // one prompt chunk share a table and attend causally, as every row's K/V is written before any
-// row attends); k_cache, v_cache [n_layers, n_slots, n_kv_heads, head_dim], float32 or (half_kv)
-// float16, K/V rounded to it as they are written; logit_rows [R] the rows whose logits are
+// row attends); k_cache, v_cache [n_layers, n_slots / block_size, n_kv_heads, block_size,
+// head_dim] (a block keeps each KV head's rows together, so attention reads them as one stretch),
+// float32 or (half_kv) float16, K/V rounded to it as they are written; logit_rows [R] the rows whose logits are
 // wanted, written to logits [R, vocab] (or, when `hidden` is given, their final-normed hidden
 // states to hidden [R, dim] instead: embeddings). int8_acts picks the int8-activation kernels
 // (llama.cpp's scheme) over the exact float ones.

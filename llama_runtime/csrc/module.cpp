@@ -114,8 +114,8 @@ class TorchDecodeModel {
   }
 
   // x [B, dim] float32; cos, sin [B, head_dim / 2]; write_slots, ctx_lens [B] int64;
-  // block_tables [B, max_blocks] int64; k_cache, v_cache float32 or float16 [layers, slots,
-  // kv_heads, head_dim]; logit_rows [R] int64. Returns logits [R, vocab].
+  // block_tables [B, max_blocks] int64; k_cache, v_cache float32 or float16 [layers, blocks,
+  // kv_heads, block_size, head_dim]; logit_rows [R] int64. Returns logits [R, vocab].
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& write_slots, const torch::Tensor& block_tables,
                      const torch::Tensor& ctx_lens, const torch::Tensor& k_cache,
@@ -138,16 +138,18 @@ class TorchDecodeModel {
     const bool half_kv = k_cache.scalar_type() == torch::kHalf;
     TORCH_CHECK((half_kv || k_cache.scalar_type() == torch::kFloat) &&
                     v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
-                    v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                    v_cache.is_contiguous() && k_cache.dim() == 5 &&
                     k_cache.size(0) == d.n_layers && k_cache.size(2) == d.n_kv_heads &&
-                    k_cache.size(3) == d.head_dim && v_cache.sizes() == k_cache.sizes(),
-                "the KV cache must be float32 or float16 [layers, slots, kv_heads, head_dim]");
+                    k_cache.size(3) == block_size && k_cache.size(4) == d.head_dim &&
+                    v_cache.sizes() == k_cache.sizes(),
+                "the KV cache must be float32 or float16 [layers, blocks, kv_heads, block_size, "
+                "head_dim]");
     const int64_t R = logit_rows.numel();
     torch::Tensor logits = torch::empty({R, d.vocab}, torch::kFloat);
     le::StepArgs a{x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
                    write_slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
                    block_tables.size(1), ctx_lens.data_ptr<int64_t>(), B, k_cache.data_ptr(),
-                   v_cache.data_ptr(), half_kv, k_cache.size(1), block_size,
+                   v_cache.data_ptr(), half_kv, k_cache.size(1) * block_size, block_size,
                    logit_rows.data_ptr<int64_t>(), R, int8_acts, logits.data_ptr<float>(),
                    nullptr};
     try {

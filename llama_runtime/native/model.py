@@ -91,13 +91,14 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
 
 
 class NativeKVStore:
-    """K and V of every block: two arrays [layers, num_blocks * block_size, kv_heads, head_dim]
-    (np.empty: pages are touched, and counted in RSS, only as blocks are first written)."""
+    """K and V of every block: two arrays [layers, num_blocks, kv_heads, block_size, head_dim]
+    (csrc/decode.h: a block keeps each KV head's rows together), over memory whose pages are
+    touched, and counted in RSS, only as blocks are first written."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int, dtype: str) -> None:
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
         self.k, self.v = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
         self.dtype_name = dtype
 
@@ -107,20 +108,29 @@ class NativeKVStore:
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write of a forked session's shared last block)."""
-        bs = self.block_size
         for src, dst in copies:
-            self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
-            self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+
+    def _at(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(slots, dtype=np.int64)
+        return idx // self.block_size, idx % self.block_size
 
     def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """K, V [layers, len(slots), kv_heads, head_dim] as float32 (session save)."""
-        idx = np.asarray(slots, dtype=np.int64)
-        return self.k[:, idx].astype(np.float32), self.v[:, idx].astype(np.float32)
+        blk, off = self._at(slots)
+        # the two index arrays, apart, put their dimension first: [n, layers, heads, dim]
+        return (self.k[:, blk, :, off].swapaxes(0, 1).astype(np.float32),
+                self.v[:, blk, :, off].swapaxes(0, 1).astype(np.float32))
 
     def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
-        idx = np.asarray(slots, dtype=np.int64)
-        self.k[:, idx] = k
-        self.v[:, idx] = v
+        blk, off = self._at(slots)
+        self.k[:, blk, :, off] = np.swapaxes(k, 0, 1)
+        self.v[:, blk, :, off] = np.swapaxes(v, 0, 1)
+
+    def kv_shape(self, n: int) -> tuple[int, ...]:
+        """The shape read() returns for n slots."""
+        return (self.k.shape[0], n, self.k.shape[2], self.k.shape[4])
 
 
 class NativeModel:
@@ -201,7 +211,7 @@ class NativeModel:
         sequence's new tokens, in order); int8 overrides the model's decode kernel. With
         `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
         cfg = self.cfg
-        want = (cfg.n_layers, store.k.shape[1], cfg.n_kv_heads, cfg.head_dim)
+        want = (cfg.n_layers, store.num_blocks, cfg.n_kv_heads, store.block_size, cfg.head_dim)
         if store.k.shape != want or store.v.shape != want or store.k.dtype != store.v.dtype:
             raise ValueError(f"a KV store of shape {store.k.shape} does not fit this model")
         rows = row_arrays(positions, seqs, store.block_size)
@@ -213,7 +223,8 @@ class NativeModel:
         args = StepArgs(
             _ptr(x), _ptr(cos), _ptr(sin), _ptr(rows.write_slots), _ptr(rows.block_tables),
             rows.block_tables.shape[1], _ptr(rows.ctx_lens), len(tokens), _ptr(store.k),
-            _ptr(store.v), store.k.dtype == np.float16, store.k.shape[1], store.block_size,
+            _ptr(store.v), store.k.dtype == np.float16, store.num_blocks * store.block_size,
+            store.block_size,
             _ptr(wanted), len(wanted), self.int8 if int8 is None else int8,
             None if hidden else _ptr(out), _ptr(out) if hidden else None)
         if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:

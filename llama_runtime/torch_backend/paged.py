@@ -1,7 +1,8 @@
 """Paged KV storage of the torch backend and the step batch that attention reads it through.
 
-The K and V of every block live in two tensors, [layers, num_blocks * block_size, kv_heads,
-head_dim], addressed by flat slot `block_id * block_size + offset` (llama_kv hands out the slots).
+The K and V of every block live in two tensors, [layers, num_blocks, kv_heads, block_size,
+head_dim] (csrc/decode.h's layout: a block keeps each KV head's rows together), addressed by flat
+slot `block_id * block_size + offset` (llama_kv hands out the slots).
 One model forward serves a whole step: the new tokens of every sequence are flattened into N
 rows; `StepBatch` knows, per sequence, which rows are its queries, which slots receive its new
 keys and values, and which slots hold its whole context.
@@ -29,7 +30,7 @@ class PagedKVStore:
                  block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
         # torch.empty: pages are only touched (and counted in RSS) as blocks are first written
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
@@ -41,25 +42,36 @@ class PagedKVStore:
 
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write of a forked session's shared last block)."""
-        bs = self.block_size
         for src, dst in copies:
-            self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
-            self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
 
     @property
     def dtype_name(self) -> str:
         return str(self.k.dtype).removeprefix("torch.")
 
+    def at(self, slots: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) index tensors of flat slots."""
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        return idx // self.block_size, idx % self.block_size
+
     def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """K, V [layers, len(slots), kv_heads, head_dim] at these slots, as float32 numpy
         arrays (session save)."""
-        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        return self.k[:, idx].float().cpu().numpy(), self.v[:, idx].float().cpu().numpy()
+        blk, off = self.at(list(slots))
+        # the two index tensors, apart, put their dimension first: [n, layers, heads, dim]
+        return (self.k[:, blk, :, off].transpose(0, 1).float().cpu().numpy(),
+                self.v[:, blk, :, off].transpose(0, 1).float().cpu().numpy())
 
     def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
-        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        self.k[:, idx] = torch.from_numpy(np.ascontiguousarray(k)).to(self.device, self.k.dtype)
-        self.v[:, idx] = torch.from_numpy(np.ascontiguousarray(v)).to(self.device, self.v.dtype)
+        blk, off = self.at(list(slots))
+        for dst, src in ((self.k, k), (self.v, v)):
+            t = torch.from_numpy(np.ascontiguousarray(src)).to(self.device, dst.dtype)
+            dst[:, blk, :, off] = t.transpose(0, 1)
+
+    def kv_shape(self, n: int) -> tuple[int, ...]:
+        """The shape read() returns for n slots."""
+        return (self.k.shape[0], n, self.k.shape[2], self.k.shape[4])
 
 
 class StepBatch:
@@ -70,12 +82,12 @@ class StepBatch:
         dev = store.device
         self.store = store
         self.n = sum(s.n_new for s in seqs)
-        self.write_slots = torch.tensor([x for s in seqs for x in s.write_slots],
-                                        dtype=torch.long, device=dev)
+        self.write_at = store.at([x for s in seqs for x in s.write_slots])
         rows: list[int] = []
         decode_rows: list[int] = []
         decode_ctx: list[list[int]] = []
-        self.prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        self.prefills: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor],
+                                  torch.Tensor | None]] = []
         r = 0
         for s in seqs:
             if s.want_logits:
@@ -84,7 +96,7 @@ class StepBatch:
                 decode_rows.append(r)
                 decode_ctx.append(s.context_slots)
             else:
-                ctx = torch.tensor(s.context_slots, dtype=torch.long, device=dev)
+                ctx = store.at(s.context_slots)
                 mask = torch.ones((s.n_new, s.start + s.n_new), dtype=torch.bool,
                                   device=dev).tril(s.start)
                 self.prefills.append((r, r + s.n_new, ctx, mask))
@@ -99,28 +111,30 @@ class StepBatch:
                 idx[i, : len(c)] = torch.tensor(c, dtype=torch.long)
                 valid[i, : len(c)] = True
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            self.decode_idx = idx.to(dev)
+            self.decode_at = store.at(idx.to(dev))
             # [B, 1, 1, width]; None when every row is full (no padding to hide)
             self.decode_mask = None if bool(valid.all()) else valid[:, None, None, :].to(dev)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                scale: float) -> torch.Tensor:
         # q: [N, Hq, D]; k, v: [N, Hkv, D]
-        kc, vc = self.store.k[layer], self.store.v[layer]
-        kc.index_copy_(0, self.write_slots, k.to(kc.dtype))
-        vc.index_copy_(0, self.write_slots, v.to(vc.dtype))
+        kc, vc = self.store.k[layer], self.store.v[layer]  # [blocks, Hkv, block_size, D]
+        wb, wo = self.write_at
+        kc[wb, :, wo] = k.to(kc.dtype)
+        vc[wb, :, wo] = v.to(vc.dtype)
         out = torch.empty_like(q)
         if self.decode_rows is not None:
             qd = q.index_select(0, self.decode_rows)[:, :, None, :]  # [B, Hq, 1, D]
-            kd = kc[self.decode_idx].transpose(1, 2).to(q.dtype)  # [B, Hkv, W, D]
-            vd = vc[self.decode_idx].transpose(1, 2).to(q.dtype)
+            db, do = self.decode_at
+            kd = kc[db, :, do].transpose(1, 2).to(q.dtype)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
+            vd = vc[db, :, do].transpose(1, 2).to(q.dtype)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
         for r0, r1, ctx, mask in self.prefills:
             qp = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
-            kp = kc[ctx].transpose(0, 1)[None].to(q.dtype)
-            vp = vc[ctx].transpose(0, 1)[None].to(q.dtype)
+            kp = kc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
+            vp = vc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale,
                                                 enable_gqa=True)
             out[r0:r1] = op[0].transpose(0, 1)

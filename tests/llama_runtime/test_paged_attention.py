@@ -36,9 +36,9 @@ def test_mixed_decode_and_prefill_step_matches_contiguous() -> None:
     full_v = {s: torch.randn(lengths[s] + new[s], HKV, D) for s in lengths}
     layer = 1
     for s in lengths:  # the cached part, as earlier steps would have written it
-        idx = torch.tensor(slots[s][: lengths[s]])
-        store.k[layer, idx] = full_k[s][: lengths[s]]
-        store.v[layer, idx] = full_v[s][: lengths[s]]
+        blk, off = store.at(slots[s][: lengths[s]])
+        store.k[layer][blk, :, off] = full_k[s][: lengths[s]]
+        store.v[layer][blk, :, off] = full_v[s][: lengths[s]]
     seqs = [SeqStep(start=lengths[s], n_new=new[s], write_slots=slots[s][lengths[s]:],
                     context_slots=slots[s], want_logits=True) for s in lengths]
     batch = StepBatch(store, seqs)
