@@ -819,36 +819,39 @@ void dot_rows_t(const float* q, int64_t nq, const T* const* rows, int64_t n, int
     }
 }
 
+#if LE_AVX2
+// kernel(NQ, g, d0, ahead) for every query, three at a time, over passes of `width` elements;
+// the first pass prefetches whole rows.
+template <class F>
+void by_query_triples(int64_t nq, int64_t d, int64_t width, const F& kernel) {
+  for (int64_t d0 = 0; d0 < d; d0 += width) {
+    int64_t g = 0;
+    int64_t ahead = d0 == 0 ? d : 0;
+    for (; g + 3 <= nq; g += 3, ahead = 0) kernel(std::integral_constant<int, 3>{}, g, d0, ahead);
+    if (nq - g == 2) kernel(std::integral_constant<int, 2>{}, g, d0, ahead);
+    if (nq - g == 1) kernel(std::integral_constant<int, 1>{}, g, d0, ahead);
+  }
+}
+#endif
+
 template <class T>
 void weighted_sum_rows_t(const float* w, int64_t nq, int64_t ldw, const T* const* rows,
                          int64_t n, int64_t d, float* out, int64_t ldo, bool accumulate) {
 #if LE_VNNI512
   if (d % 64 == 0) {
-    for (int64_t d0 = 0; d0 < d; d0 += 64) {
-      int64_t g = 0;
-      int64_t ahead = d0 == 0 ? d : 0;  // the first pass fetches whole rows
-      for (; g + 3 <= nq; g += 3, ahead = 0)
-        wsum_q_d64<3>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
-      if (nq - g == 2)
-        wsum_q_d64<2>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
-      if (nq - g == 1)
-        wsum_q_d64<1>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
-    }
+    by_query_triples(nq, d, 64, [&](auto nq_, int64_t g, int64_t d0, int64_t ahead) {
+      wsum_q_d64<decltype(nq_)::value>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo,
+                                       accumulate, ahead);
+    });
     return;
   }
 #endif
 #if LE_AVX2
   if (d % 32 == 0) {
-    for (int64_t d0 = 0; d0 < d; d0 += 32) {
-      int64_t g = 0;
-      int64_t ahead = d0 == 0 ? d : 0;  // the first pass fetches whole rows
-      for (; g + 3 <= nq; g += 3, ahead = 0)
-        wsum_q_d32<3>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
-      if (nq - g == 2)
-        wsum_q_d32<2>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
-      if (nq - g == 1)
-        wsum_q_d32<1>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo, accumulate, ahead);
-    }
+    by_query_triples(nq, d, 32, [&](auto nq_, int64_t g, int64_t d0, int64_t ahead) {
+      wsum_q_d32<decltype(nq_)::value>(w + g * ldw, ldw, rows, n, d0, out + g * ldo, ldo,
+                                       accumulate, ahead);
+    });
     return;
   }
 #endif
