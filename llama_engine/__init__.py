@@ -4,6 +4,8 @@ from llama_engine.engine import ChatMessage, LlamaEngine
 from llama_engine.errors import (
     ConfigError,
     ContextOverflowError,
+    EngineClosedError,
+    GenerationError,
     InvalidParamsError,
     InvalidTokenError,
     KVCacheFull,
@@ -35,7 +37,9 @@ __all__ = [
     "Completion",
     "ConfigError",
     "ContextOverflowError",
+    "EngineClosedError",
     "FinishReason",
+    "GenerationError",
     "InvalidParamsError",
     "InvalidTokenError",
     "KVCacheFull",

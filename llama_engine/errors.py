@@ -10,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "ContextOverflowError",
+    "EngineClosedError",
+    "GenerationError",
     "InvalidParamsError",
     "InvalidTokenError",
     "KVCacheFull",
@@ -71,6 +73,15 @@ class ContextOverflowError(LlamaError, ValueError):
 
 class SessionError(LlamaError):
     """A session is closed, unknown, or used by two requests at once."""
+
+
+class EngineClosedError(SessionError):
+    """The engine was closed: it serves nothing more (create a new one)."""
+
+
+class GenerationError(LlamaError):
+    """A request failed for a reason of its own while it was being served (the message says
+    which stage); other requests are unaffected."""
 
 
 class OutOfKVMemoryError(LlamaError):

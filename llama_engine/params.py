@@ -10,7 +10,18 @@ from typing import Any
 
 from llama_engine.errors import InvalidParamsError
 
-__all__ = ["SamplingParams"]
+__all__ = ["GREEDY_BELOW", "MAX_LOGIT_BIAS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS",
+           "MAX_STOP_TOKEN_IDS", "SamplingParams"]
+
+GREEDY_BELOW = 1e-5
+"""A temperature below this is greedy: dividing logits by it would overflow float32 (vLLM's
+threshold)."""
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1 << 20
+"""Bounds on one request's lists, so that no request makes every step of the batch slow. (The
+engine also checks ids against the model's vocabulary when the request is submitted.)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +39,8 @@ class SamplingParams:
     max_tokens: int = 256
     """Most tokens to generate; must be >= 1."""
     temperature: float = 0.8
-    """Softmax temperature, >= 0. 0 means greedy (argmax)."""
+    """Softmax temperature, finite and >= 0. 0 (or anything below `GREEDY_BELOW`) means greedy
+    (argmax)."""
     top_k: int = 40
     """Keep the k most likely tokens; 0 disables."""
     top_p: float = 0.95
@@ -62,12 +74,18 @@ class SamplingParams:
     "cancelled", KV freed); None = no limit."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.stop_token_ids, tuple):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", _as_tuple("stop", self.stop, MAX_STOP_STRINGS,
+                                                   single=str))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(
+            "stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS, single=int))
+        if not isinstance(self.logit_bias, Mapping):
+            raise InvalidParamsError(
+                "logit_bias must be a mapping of token id -> bias, got "
+                f"{type(self.logit_bias).__name__}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidParamsError(
+                f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are "
+                "allowed")
         _check_int("max_tokens", self.max_tokens, lo=1)
         _check_float("temperature", self.temperature, lo=0.0, hi=None, allowed=">= 0")
         _check_int("top_k", self.top_k, lo=0)
@@ -96,6 +114,9 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidParamsError(f"stop must hold non-empty strings, got {s!r}")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidParamsError(
+                    f"a stop string is {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids[]", t, lo=0)
         if self.logprobs is not None:
@@ -105,7 +126,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax decoding: temperature 0, or one too small to divide logits by."""
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
@@ -121,6 +143,22 @@ class SamplingParams:
     def replace(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed (validated like a new one)."""
         return SamplingParams.from_kwargs(**{**dataclasses.asdict(self), **changes})
+
+
+def _as_tuple(name: str, value: Any, limit: int, *, single: type) -> tuple[Any, ...]:
+    """`value` as a tuple (a lone `single` becomes a 1-tuple), at most `limit` long."""
+    if isinstance(value, single) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
+        raise InvalidParamsError(
+            f"{name} must be a list of {single.__name__}, got {type(value).__name__}")
+    items: list[Any] = []
+    for item in value:
+        items.append(item)
+        if len(items) > limit:
+            raise InvalidParamsError(f"{name} holds more than {limit} entries; pass at most "
+                                     f"{limit}")
+    return tuple(items)
 
 
 def _check_int(name: str, value: Any, *, lo: int, hi: int | None = None) -> None:
@@ -145,11 +183,12 @@ def _check_float(
         raise InvalidParamsError(f"{name} must be a number {allowed}, got {value!r}")
     v = float(value)
     bad = (
-        math.isnan(v)
+        not math.isfinite(v)
         or (v <= lo if lo_open else v < lo)
         or (hi is not None and (v >= hi if hi_open else v > hi))
     )
     if bad:
-        raise InvalidParamsError(f"{name} must be {allowed}, got {value}")
+        finite = "" if math.isfinite(v) else "a finite number "
+        raise InvalidParamsError(f"{name} must be {finite}{allowed}, got {value}")
 
 

@@ -16,9 +16,15 @@ class BlockTable:
     Position ``p`` lives in block ``block_ids[p // block_size]`` at offset ``p % block_size``,
     i.e. at flat slot ``block_ids[p // block_size] * block_size + p % block_size``.
 
+    A table is *shared* (its full blocks are registered for prefix sharing) unless it holds K/V
+    the engine did not compute itself (a session loaded from a file): a private table registers
+    nothing, since its K/V (and everything computed after it) is only as good as the file. It
+    becomes shared again once truncated to nothing.
+
     Invariants (checked by `check`):
       - ``len(block_ids) == ceil(num_tokens / block_size)``;
-      - ``len(block_hashes) == num_tokens // block_size`` (one chained hash per full block);
+      - ``len(block_hashes) == num_tokens // block_size`` (one chained hash per full block) when
+        shared, 0 when private;
       - no block id appears twice.
     """
 
@@ -26,6 +32,7 @@ class BlockTable:
     block_ids: list[int] = field(default_factory=list)  # block i holds positions [i*bs, (i+1)*bs)
     token_ids: list[int] = field(default_factory=list)  # the tokens whose K/V the blocks hold
     block_hashes: list[BlockHash] = field(default_factory=list)  # chain hash per full block
+    shared: bool = True  # False: K/V from outside (a session file); never registered
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +51,7 @@ class BlockTable:
     def copy(self) -> BlockTable:
         """A table holding the same blocks (the caller adjusts ref counts)."""
         return BlockTable(self.block_size, list(self.block_ids), list(self.token_ids),
-                          list(self.block_hashes))
+                          list(self.block_hashes), self.shared)
 
     def check(self) -> None:
         """Raise RuntimeError if the table's own invariants are broken."""
@@ -53,8 +60,10 @@ class BlockTable:
             raise RuntimeError(
                 f"table holds {n} tokens in {len(self.block_ids)} blocks; "
                 f"expected ceil({n}/{bs}) = {-(-n // bs)}")
-        if len(self.block_hashes) != n // bs:
+        want = n // bs if self.shared else 0
+        if len(self.block_hashes) != want:
             raise RuntimeError(
-                f"table has {len(self.block_hashes)} block hashes for {n // bs} full blocks")
+                f"table has {len(self.block_hashes)} block hashes for {n // bs} full blocks "
+                f"({'shared' if self.shared else 'private'})")
         if len(set(self.block_ids)) != len(self.block_ids):
             raise RuntimeError(f"table holds a block twice: {self.block_ids}")

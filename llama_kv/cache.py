@@ -236,17 +236,22 @@ class PagedKVCache:
             "block_hashes": [h.hex() for h in table.block_hashes],
         }
 
-    def import_session(self, session_id: str, token_ids: Sequence[int]) -> list[int]:
+    def import_session(self, session_id: str, token_ids: Sequence[int], *,
+                       shared: bool = False) -> list[int]:
         """Create `session_id` holding `token_ids` in fresh blocks and return those block ids,
         in position order, for the backend to fill with the saved K/V (position p goes to slot
-        ``block_ids[p // block_size] * block_size + p % block_size``). Full blocks are
-        registered for prefix sharing. On `OutOfKVMemoryError` nothing changes."""
+        ``block_ids[p // block_size] * block_size + p % block_size``). On `OutOfKVMemoryError`
+        nothing changes.
+
+        The table is private unless `shared`: K/V read from a file serves only this session,
+        and its blocks never enter the prefix cache (a crafted file would otherwise answer
+        other sessions' prompts). Pass shared=True only for K/V this process computed."""
         self._new_id(session_id)
         tokens = _as_tokens(token_ids)
         need = -(-len(tokens) // self.block_size)
         if not self.pool.can_allocate(need):
             raise out_of_kv_memory(self.pool, need, f"importing session {session_id!r}")
-        table = BlockTable(self.block_size, self.pool.allocate(need), tokens)
+        table = BlockTable(self.block_size, self.pool.allocate(need), tokens, shared=shared)
         self._register_full_blocks(table)
         self._tables[session_id] = table
         return list(table.block_ids)
@@ -325,8 +330,17 @@ class PagedKVCache:
         if invalidate and n % bs:
             self.pool.drop_hash(table.block_ids[-1])
         self.pool.release(reversed(released), uncache=invalidate)
+        if n == 0:
+            table.shared = True  # nothing from outside is left
+
+    def is_shared(self, session_id: str) -> bool:
+        """Whether the session's full blocks enter the prefix cache (False for K/V from a
+        file, until the session is truncated to nothing)."""
+        return self._table(session_id).shared
 
     def _register_full_blocks(self, table: BlockTable) -> None:
+        if not table.shared:
+            return
         bs = self.block_size
         parent = table.block_hashes[-1] if table.block_hashes else self._root
         for i in range(len(table.block_hashes), table.num_tokens // bs):
@@ -346,7 +360,7 @@ class PagedKVCache:
         # Whole blocks from the prefix cache, right after `keep` (only at a block boundary),
         # always leaving the last token to compute.
         hits: list[tuple[int, BlockHash]] = []
-        if reuse and keep % bs == 0:
+        if reuse and keep % bs == 0 and (table.shared or keep == 0):
             parent = table.block_hashes[keep // bs - 1] if keep else self._root
             for i in range(max(0, (len(new) - 1) // bs)):
                 parent = hash_block_tokens(parent, new[i * bs : (i + 1) * bs])

@@ -6,7 +6,6 @@ here, so every backend behaves the same. No torch here."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ import threading
 import time
 import weakref
 from abc import abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from llama_engine import (
     ChatMessage,
     ContextOverflowError,
+    EngineClosedError,
     InvalidParamsError,
     InvalidTokenError,
     LlamaEngine,
@@ -42,6 +43,7 @@ from llama_models import ModelFiles, open_model
 from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_options, check_texts
 from llama_runtime.generation import Generation
 from llama_runtime.scheduler import Request, Scheduler
+from llama_runtime.session_file import read_session, write_session
 from llama_runtime.step import SeqStep
 from llama_tokenizer import Tokenizer
 
@@ -50,7 +52,6 @@ __all__ = ["AUTO_KV_CAP_BYTES", "DECODER", "DEFAULT_EMBED_MODEL", "BatchedEngine
 
 log = logging.getLogger(__name__)
 
-SESSION_FORMAT = "llama-engine-session/2"
 AUTO_KV_CAP_BYTES = 4 * 2**30  # kv_memory="auto" never takes more than this
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
 DECODER = "decoder"
@@ -108,8 +109,14 @@ class BatchedEngine(LlamaEngine):
         self._prefill_chunk = prefill_chunk
         self._progress = progress
         self._scheduler: Scheduler | None = None
+        self._stop_finalizer: weakref.finalize | None = None
+        self._closed = False
         self._lock = threading.RLock()
-        self._sessions: dict[str, Session] = {}
+        self._sessions: weakref.WeakValueDictionary[str, Session] = (
+            weakref.WeakValueDictionary())
+        """The live sessions. Held weakly: a session its caller dropped is freed (its id is
+        queued in `_orphans` by a finalizer and freed by `_reap`, under the scheduler lock)."""
+        self._orphans: deque[str] = deque()
         self._handle: ModelHandle | None = None
         self._tokenizer: Tokenizer | None = None
         self._weight_paths: dict[str, str] | None = None
@@ -137,6 +144,7 @@ class BatchedEngine(LlamaEngine):
 
     # -- loading (the backend) ------------------------------------------------------------------
     def load_model(self, spec: ModelSpec) -> ModelHandle:
+        self._check_open()
         # One bar for the whole load, shown only if it takes over a second: reading the file
         # (metadata, tokenizer) is its first step, then one step per weight tensor.
         bar = tqdm(total=1, desc=f"loading {spec.model}", unit="step", delay=1.0,
@@ -223,15 +231,17 @@ class BatchedEngine(LlamaEngine):
         then `activate` (the backend swaps in its model), a fresh KV cache over `store` and a
         new scheduler."""
         with self._lock:
+            self._check_open()
             if self._scheduler is not None:
                 self._scheduler.shutdown()
                 if not self._scheduler.stopped:
                     raise SessionError(
                         "the previous model is still computing a step; load the new model "
                         "again once it has finished")
-            for s in list(self._sessions.values()):
-                s.closed, s.backend_state = True, None
-            self._sessions.clear()
+            self._drop_sessions()
+            if self._stop_finalizer is not None:  # it holds the old scheduler, cache and store
+                self._stop_finalizer.detach()
+            self._scheduler = self._store = None
             with self._forward_lock:  # no forward (nor decoder embedding) sees half a swap
                 activate()
             self._weight_paths = weight_paths
@@ -246,16 +256,54 @@ class BatchedEngine(LlamaEngine):
                 self._cache, _weakly(self._locked_step), store.copy_blocks,
                 get_logits=_weakly(self._logits_of), set_logits=_weakly(self._set_logits),
                 free_session=_weakly(self._free_session), max_batch=self._max_batch,
-                max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy)
+                max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy,
+                housekeeping=_weakly(self._reap))
             # Stop the model thread before the interpreter tears down (a thread still inside
             # native code at exit aborts the process) or when the engine is dropped.
-            weakref.finalize(self, self._scheduler.shutdown)
+            self._stop_finalizer = weakref.finalize(self, self._scheduler.shutdown)
             self._handle = handle
 
     def close(self) -> None:
-        """Stop the model thread; the engine cannot serve requests afterwards."""
-        if self._scheduler is not None:
-            self._scheduler.shutdown()
+        """Stop the model thread and release the model, its KV cache and the embedder. Running
+        streams end with finish reason "cancelled"; afterwards every method raises
+        EngineClosedError at once. Calling it again does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sched = self._scheduler
+        if sched is not None:
+            sched.shutdown()
+            with sched.lock:
+                self._drop_sessions()
+        if self._stop_finalizer is not None:
+            self._stop_finalizer.detach()
+        with self._forward_lock:  # no decoder embedding is half way through the model
+            self._release_model()
+        with self._embed_load_lock:
+            self._embedder = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _release_model(self) -> None:
+        """Drop the backend's model and KV tensors (close(); a subclass adds its own)."""
+        self._store = None
+
+    def _drop_sessions(self) -> None:
+        """Mark every session closed (the model they belong to is going away)."""
+        for sid in list(self._sessions.keys()):
+            s = self._sessions.get(sid)
+            if s is not None:
+                s.closed, s.backend_state, s.tokens = True, None, []
+        self._sessions.clear()
+        self._orphans.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(
+                "the engine is closed; create a new one with create_engine()")
 
     def __enter__(self) -> BatchedEngine:
         return self
@@ -266,18 +314,21 @@ class BatchedEngine(LlamaEngine):
     def weight_paths(self) -> dict[str, str]:
         """How each weight tensor is held: kept quantized (multiplied by the compiled kernel) or
         dequantized to the compute dtype."""
+        self._check_open()
         if self._weight_paths is None:
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
         return dict(self._weight_paths)
 
     @property
     def model(self) -> ModelHandle:
+        self._check_open()
         if self._handle is None:
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
         return self._handle
 
     @property
     def tokenizer(self) -> Tokenizer:
+        self._check_open()
         if self._tokenizer is None:
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
         return self._tokenizer
@@ -301,6 +352,7 @@ class BatchedEngine(LlamaEngine):
         `embed_model`, default all-minilm-l6-v2), or with embed_model="decoder" the mean of the
         generating model's final hidden states, L2-normalized. A text longer than the model
         reads is cut (truncate=True) or raises ContextOverflowError."""
+        self._check_open()
         texts = check_texts(texts)
         check_options(truncate, batch_size)
         if not texts:
@@ -320,6 +372,7 @@ class BatchedEngine(LlamaEngine):
         """Load the sentence encoder `embed` uses (a registered name or a sentence-transformers
         / HF BERT directory), replacing any loaded before; "decoder" switches to the
         generating model's mean-pooled states."""
+        self._check_open()
         with self._embed_load_lock:
             if model == DECODER:
                 self.model  # noqa: B018 - raises unless a generating model is loaded
@@ -344,11 +397,29 @@ class BatchedEngine(LlamaEngine):
         s = Session()
         s.backend_state = _SessionState()
         with sched.lock:
+            self._reap()
             self._cache.allocate(s.id)
-            self._sessions[s.id] = s
+            self._register(s, sched)
         return s
 
+    def _register(self, s: Session, sched: Scheduler) -> None:
+        """Track `s`; if its caller drops it without close_session, its blocks are freed."""
+        self._sessions[s.id] = s
+        weakref.finalize(s, _orphaned, self._orphans, s.id, weakref.ref(sched))
+
+    def _reap(self) -> None:
+        """Free the sessions their callers dropped (with the scheduler lock held)."""
+        while self._orphans:
+            sid = self._orphans.popleft()
+            if sid not in self._sessions and sid in self._cache:
+                self._cache.free(sid)
+
     def close_session(self, session: Session) -> None:
+        """Release the session's KV blocks (cancelling its request, if one runs). Does nothing
+        for a session already closed, or once the engine is closed."""
+        if self._closed:
+            session.closed = True
+            return
         sched = self._sched()
         with sched.lock:
             if self._sessions.get(session.id) is not session:
@@ -361,7 +432,8 @@ class BatchedEngine(LlamaEngine):
 
     def save_session(self, session: Session, path: str | os.PathLike[str]) -> None:
         """Write the session's tokens and K/V (float32) to `path`, with a format version and the
-        model's fingerprint so another model refuses it. Any backend reads it back."""
+        model's fingerprint so another model refuses it. Any backend reads it back. The write is
+        atomic: if it fails, a file already at `path` is left as it was."""
         self._state(session)
         session.acquire()
         try:
@@ -369,48 +441,35 @@ class BatchedEngine(LlamaEngine):
                 tokens = list(session.tokens)
                 slots = self._cache.slot_mapping(session.id, 0, len(tokens))
             k, v = self._store.read(slots)
-            header = json.dumps({"format": SESSION_FORMAT, "model": self._fingerprint})
-            with open(os.fspath(path), "wb") as f:  # a file object: savez adds no suffix
-                np.savez(f, header=np.array(header), tokens=np.asarray(tokens, dtype=np.int64),
-                         k=k, v=v)
+            try:
+                write_session(path, model=self._fingerprint, tokens=tokens, k=k, v=v)
+            except OSError as e:
+                raise SessionError(f"cannot write the session to {path}: {e}") from e
         finally:
             session.release()
 
     def load_session(self, path: str | os.PathLike[str]) -> Session:
         """A new session holding what `save_session` wrote; it continues exactly where the
-        saved one stopped."""
-        try:
-            with np.load(os.fspath(path), allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                tokens, k, v = data["tokens"], data["k"], data["v"]
-        except FileNotFoundError as e:
-            raise SessionError(f"no saved session at {path}") from e
-        except Exception as e:
-            raise SessionError(
-                f"{path} is not a saved llama-engine session ({e}); save it again with "
-                f"save_session() ({SESSION_FORMAT})") from e
-        if not isinstance(header, dict) or header.get("format") != SESSION_FORMAT:
-            raise SessionError(
-                f"{path} is not a {SESSION_FORMAT} session file; save it again with this version")
-        if header.get("model") != self._fingerprint:
-            raise SessionError(
-                f"{path} was saved from another model ({header.get('model')!r}); load it into an "
-                f"engine running that model (this one runs {self._fingerprint!r})")
-        tokens = [int(t) for t in tokens]
-        want = self._store.kv_shape(len(tokens))
-        if tuple(k.shape) != want or tuple(v.shape) != want:
-            raise SessionError(
-                f"{path} holds K/V of shape {tuple(k.shape)}, not {want}; it was not written "
-                "by save_session() for this model")
+        saved one stopped. The file is checked in full before anything is allocated, and its
+        K/V serve this session only (never another session's prompt through the prefix
+        cache)."""
+        sched = self._sched()
+        saved = read_session(path, model=self._fingerprint, context_length=self._ctx,
+                             vocab_size=self.model.vocab_size, kv_shape=self._store.kv_shape)
         s = Session()
         s.backend_state = _SessionState()
-        with self._sched().lock:
-            blocks = self._cache.import_session(s.id, tokens)
-            bs = self._cache.block_size
-            slots = [blocks[p // bs] * bs + p % bs for p in range(len(tokens))]
-            self._store.write(slots, k, v)
-            s.tokens = tokens
-            self._sessions[s.id] = s
+        with sched.lock:
+            self._reap()
+            blocks = self._cache.import_session(s.id, saved.tokens)
+            try:
+                bs = self._cache.block_size
+                slots = [blocks[p // bs] * bs + p % bs for p in range(len(saved.tokens))]
+                self._store.write(slots, saved.k, saved.v)
+            except BaseException:
+                self._cache.free(s.id)
+                raise
+            s.tokens = saved.tokens
+            self._register(s, sched)
         return s
 
     def _free_session(self, session: Session) -> None:
@@ -422,12 +481,14 @@ class BatchedEngine(LlamaEngine):
         session.tokens = []
 
     def stats(self) -> dict[str, Any]:
+        self._check_open()
         if self._scheduler is None and self._embedder is not None:  # an embeddings-only engine
             return {"kv_blocks_total": 0, "kv_blocks_free": 0, "kv_blocks_cached": 0,
                     "kv_blocks_used": 0, "sessions_active": 0, "requests_running": 0,
                     "requests_waiting": 0}
         sched = self._sched()
         with sched.lock:
+            self._reap()
             kv = self._cache.stats()
             return {
                 **kv,
@@ -440,11 +501,13 @@ class BatchedEngine(LlamaEngine):
             }
 
     def _sched(self) -> Scheduler:
+        self._check_open()
         if self._scheduler is None:
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
         return self._scheduler
 
     def _state(self, session: Session) -> _SessionState:
+        self._check_open()
         if session.closed or session.backend_state is None:
             raise SessionError(
                 f"session {session.id} is closed; create a new one with new_session()")
@@ -499,6 +562,7 @@ class BatchedEngine(LlamaEngine):
     def next_token_logits(self, session: Session) -> np.ndarray:
         """float32 [vocab]: the model's logits for the token after the session's context (for
         parity checks and custom samplers)."""
+        self._check_open()
         logits = self._logits_of(session) if not session.closed else None
         if logits is None:
             raise SessionError(f"session {session.id} has no prompt; call prefill() first")
@@ -521,8 +585,23 @@ class BatchedEngine(LlamaEngine):
         self._state(session)
         return self._request_stream(session, tokens, params, own=False)
 
+    def _check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: ids against this model's vocabulary."""
+        vocab = self.model.vocab_size
+        for what, ids in (("logit_bias", params.logit_bias), ("stop_token_ids",
+                                                                params.stop_token_ids)):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise InvalidTokenError(
+                    f"{what} names token id {bad}, outside the vocabulary [0, {vocab}); use ids "
+                    "from tokenize()")
+
     def _request_stream(self, session: Session | None, prompt: list[int] | None,
                         params: SamplingParams, *, own: bool) -> TokenStream:
+        if not isinstance(params, SamplingParams):
+            raise InvalidParamsError(
+                f"params must be a SamplingParams, got {type(params).__name__}")
+        self._check_params(params)
         if session is not None:
             session.acquire()  # fail now, in the caller's frame, if it is busy or closed
             session.release()
@@ -560,6 +639,15 @@ class BatchedEngine(LlamaEngine):
 
 
 _RELEASE_WAIT_S = 10.0
+
+
+def _orphaned(orphans: deque[str], session_id: str, sched: weakref.ref[Scheduler]) -> None:
+    """A session was garbage-collected: queue its id to be freed (no lock may be taken here:
+    the collector runs on whichever thread allocated)."""
+    orphans.append(session_id)
+    s = sched()
+    if s is not None:
+        s.wake()
 
 
 def _weakly(method: Any) -> Any:

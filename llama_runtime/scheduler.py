@@ -15,6 +15,16 @@ Requests arrive from any thread (or asyncio task) through `submit`. The schedule
 Decoding requests are served every step before any prefill, so no one starves: a long prompt
 slows each step but never stops the others. Only this thread touches the model and the KV
 tensors; the KV bookkeeping is guarded by `lock`, which callers take for session bookkeeping.
+
+Isolation: whatever goes wrong while admitting, planning, sampling or streaming one request
+(any exception) ends that request alone with a typed `LlamaError`; only a failed forward fails
+the requests of its step. Preemption (``kv_policy="wait"``): when a decoding request needs a
+block and none is free, the newest request that is not yet part of this step is preempted, as
+vLLM does: its blocks are released (full ones stay in the prefix cache) and it goes back to the
+front of the queue with its whole context (prompt and tokens generated so far) as the prompt to
+recompute; its generation state is kept, so it resumes with exactly the tokens it would have
+produced alone. A request fails for lack of memory only when nothing else is running to give
+room (it cannot fit the pool by itself, beside the idle sessions' blocks).
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from llama_engine import (
+    EngineClosedError,
+    GenerationError,
     LlamaError,
     OutOfKVMemoryError,
     PrefillResult,
@@ -72,6 +84,8 @@ class Request:
     prefill: PrefillResult | None = None
     prefill_started: float = 0.0
     cached_tokens: int = 0
+    preemptions: int = 0
+    """Times this request was preempted (its context is recomputed when it is readmitted)."""
     done: bool = False
     released: threading.Event = field(default_factory=threading.Event)
     """Set once the request is over and what it held is freed."""
@@ -83,7 +97,8 @@ class Scheduler:
                  get_logits: Callable[[Session], np.ndarray | None],
                  set_logits: Callable[[Session, np.ndarray], None],
                  max_batch: int = 32, max_step_tokens: int = 512, kv_policy: str = "wait",
-                 free_session: Callable[[Session], None]) -> None:
+                 free_session: Callable[[Session], None],
+                 housekeeping: Callable[[], None] | None = None) -> None:
         self.cache = cache
         self.lock = threading.RLock()
         self._run_step = run_step
@@ -91,6 +106,8 @@ class Scheduler:
         self._get_logits = get_logits
         self._set_logits = set_logits
         self._free_session = free_session
+        self._housekeeping = housekeeping
+        """Run under `lock` before each step (the engine frees sessions nobody holds)."""
         self.max_batch = max_batch
         self.max_step_tokens = max_step_tokens
         self.kv_policy = kv_policy
@@ -105,9 +122,20 @@ class Scheduler:
 
     # -- from any thread ------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
+        if self._stopping:
+            raise EngineClosedError("the engine is closed; create a new one with create_engine()")
         self._inbox.put(req)
         self._wake.set()
+        if self._stopping:  # shut down meanwhile: make sure the request is ended
+            with self.lock:
+                self._drain_inbox()
+                self._finish(req, "cancelled", EngineClosedError(
+                    "the engine was closed while this request was queued"))
         return req
+
+    def wake(self) -> None:
+        """Have the thread look at its queues now (e.g. sessions to free)."""
+        self._wake.set()
 
     def waiting(self) -> int:
         return len(self._waiting) + self._inbox.qsize()
@@ -138,8 +166,16 @@ class Scheduler:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
         with self.lock:
+            self._drain_inbox()
             for r in [*self._running, *self._waiting]:
                 self._finish(r, "cancelled")
+
+    def _drain_inbox(self) -> None:
+        try:
+            while True:
+                self._waiting.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
 
     @property
     def stopped(self) -> bool:
@@ -149,11 +185,10 @@ class Scheduler:
     # -- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:
-            try:
-                while True:
-                    self._waiting.append(self._inbox.get_nowait())
-            except queue.Empty:
-                pass
+            with self.lock:
+                self._drain_inbox()
+                if self._housekeeping is not None:
+                    self._housekeeping()
             if not self._running and not self._waiting:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -162,8 +197,9 @@ class Scheduler:
                 self._step()
             except Exception as e:  # a broken step fails its requests, never the thread
                 log.exception("scheduler step failed")
-                for r in list(self._running):
-                    self._finish(r, "error", e)
+                with self.lock:
+                    for r in list(self._running):
+                        self._finish(r, "error", e)
 
     def _step(self) -> None:
         now = time.perf_counter()
@@ -190,12 +226,17 @@ class Scheduler:
             for r, s in zip(order, seqs, strict=True):
                 if not s.want_logits:
                     continue
-                self._on_logits(r, logits[row])
+                try:
+                    self._on_logits(r, logits[row])
+                except Exception as e:  # this request's sampling or streaming: it alone fails
+                    self._fail(r, e, "sampling")
                 row += 1
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
             r = self._waiting[0]
+            if r.preemptions and self._running and not self._room_to_resume(r):
+                return  # readmitted only with room to grow, else it is preempted again at once
             try:
                 self._start(r)
             except OutOfKVMemoryError as e:
@@ -204,12 +245,17 @@ class Scheduler:
                 self._waiting.popleft()
                 self._finish(r, "error", e)
                 continue
-            except LlamaError as e:
+            except Exception as e:
                 self._waiting.popleft()
-                self._finish(r, "error", e)
+                self._fail(r, e, "admission")
                 continue
             self._waiting.popleft()
             self._running.append(r)
+
+    def _room_to_resume(self, r: Request) -> bool:
+        """Blocks for the preempted request's context plus one per running request."""
+        need = -(-len(r.prompt or ()) // self.cache.block_size) + len(self._running) + 1
+        return self.cache.num_free_blocks_with_eviction() >= need
 
     def _start(self, r: Request) -> None:
         sid = r.session.id
@@ -227,7 +273,9 @@ class Scheduler:
         if plan.copies:
             self._copy_blocks(list(plan.copies))
         r.session.tokens = list(r.prompt[: plan.start_pos])
-        r.pos = r.cached_tokens = plan.start_pos
+        r.pos = plan.start_pos
+        if not r.preemptions:
+            r.cached_tokens = plan.start_pos
         r.todo, r.todo_slots = list(plan.token_ids), list(plan.slot_mapping)
         r.ctx_slots = self.cache.slot_mapping(sid, 0, plan.start_pos) + r.todo_slots
 
@@ -238,15 +286,17 @@ class Scheduler:
         order: list[Request] = []
         budget = self.max_step_tokens
         for r in list(self._running):
-            if r.next_token is None:
+            if r.next_token is None or r.done or r not in self._running:  # preempted meanwhile
                 continue
             try:
-                plan = self.cache.append_tokens(r.session.id, [r.next_token])
-            except OutOfKVMemoryError as e:
-                self._finish(r, "error", e)
+                plan = self._append_or_preempt(r, order)
+                if plan is None:
+                    continue
+                if plan.copies:
+                    self._copy_blocks(list(plan.copies))
+            except Exception as e:
+                self._fail(r, e, "planning its step")
                 continue
-            if plan.copies:
-                self._copy_blocks(list(plan.copies))
             r.ctx_slots.extend(plan.slot_mapping)
             seqs.append(SeqStep(start=r.pos, n_new=1, write_slots=list(plan.slot_mapping),
                                 context_slots=r.ctx_slots, want_logits=True))
@@ -279,6 +329,53 @@ class Scheduler:
                 del r.todo_slots[: step.n_new]
             r.pos += step.n_new
         return seqs, tokens, positions, order
+
+    def _append_or_preempt(self, r: Request, planned: list[Request]) -> Any:
+        """Reserve the slot of `r`'s next token, preempting newer requests under "wait" when
+        the pool is full. None when `r` itself was preempted or failed."""
+        assert r.next_token is not None
+        while True:
+            try:
+                return self.cache.append_tokens(r.session.id, [r.next_token])
+            except OutOfKVMemoryError as e:
+                victims = [v for v in self._running if v not in planned and not v.done]
+                if self.kv_policy != "wait" or (victims == [r] and not planned):
+                    self._finish(r, "error", e)  # nothing else runs: it cannot fit by itself
+                    return None
+                victim = max(victims, key=lambda v: v.submitted)
+                self._preempt(victim)
+                if victim is r:
+                    return None
+
+    def _preempt(self, r: Request) -> None:
+        """Release `r`'s blocks and queue it to recompute its context (see the module doc)."""
+        sid = r.session.id
+        if r.next_token is not None:  # decoding: the context is every token it has seen
+            r.prompt = [*r.session.tokens, r.next_token]
+            r.next_token = None
+        # else: prefilling, r.prompt is still the whole context to compute
+        r.todo, r.todo_slots, r.ctx_slots = [], [], []
+        r.preemptions += 1
+        self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
+        self.cache.truncate(sid, 0)  # full blocks stay in the prefix cache for the recompute
+        r.session.tokens = []
+        self._running.remove(r)
+        i = 0  # back in the queue by arrival, ahead of everything newer
+        while i < len(self._waiting) and self._waiting[i].submitted <= r.submitted:
+            i += 1
+        self._waiting.insert(i, r)
+        log.info("preempted request of session %s (KV cache full); it resumes when room "
+                 "returns", sid)
+
+    def _fail(self, r: Request, error: BaseException, stage: str) -> None:
+        """End `r` alone with a typed error (an untyped one is a bug: logged)."""
+        if not isinstance(error, LlamaError):
+            log.error("request of session %s failed while %s", r.session.id, stage,
+                      exc_info=error)
+            error = GenerationError(
+                f"the request failed while {stage}: {type(error).__name__}: {error}; other "
+                "requests are unaffected. Please report this with the request's parameters")
+        self._finish(r, "error", error)
 
     def _on_logits(self, r: Request, logits: np.ndarray) -> None:
         self._set_logits(r.session, logits)
@@ -324,21 +421,27 @@ class Scheduler:
         if r in self._waiting:
             self._waiting.remove(r)
         if reason is not None and r.gen is not None:
-            r.out.put(r.gen.final(reason))  # type: ignore[arg-type]
+            try:
+                r.out.put(r.gen.final(reason))  # type: ignore[arg-type]
+            except Exception:  # the request is over either way
+                log.exception("closing the stream of session %s failed", r.session.id)
         if error is not None:
-            r.out.put(error if isinstance(error, LlamaError) else LlamaError(
-                f"generation failed: {error}"))
+            r.out.put(error if isinstance(error, LlamaError) else GenerationError(
+                f"generation failed: {type(error).__name__}: {error}"))
         elif reason is not None and r.gen is None and r.make_generation is not None:
             r.out.put(StreamChunk(text="", token_id=None, finish_reason=reason,  # type: ignore[arg-type]
                                   usage=Usage()))
         r.out.put(None)  # end of stream
         sid = r.session.id
-        if sid in self.cache and self.cache.num_tokens(sid) > len(r.session.tokens):
-            # planned but never computed (cancelled mid-prefill, failed step): nobody may reuse it
-            self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
-        if r.own_session:
-            self._free_session(r.session)
-        r.released.set()
+        try:
+            if sid in self.cache and self.cache.num_tokens(sid) > len(r.session.tokens):
+                # planned but never computed (cancelled mid-prefill, failed step): nobody may
+                # reuse it
+                self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
+            if r.own_session:
+                self._free_session(r.session)
+        finally:
+            r.released.set()
 
 
 def _never_fits(cache: PagedKVCache, r: Request) -> bool:

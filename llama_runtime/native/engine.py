@@ -95,6 +95,10 @@ class NativeEngine(BatchedEngine):
                       activate=lambda: setattr(self, "_native", model))
         return handle
 
+    def _release_model(self) -> None:
+        super()._release_model()
+        self._native = None
+
     def _run_step(self, tokens: list[int], positions: list[int],
                   seqs: list[SeqStep]) -> np.ndarray:
         native = self._native

@@ -193,6 +193,10 @@ class TorchEngine(BatchedEngine):
         return decoder_embeddings(self._model, tokens, self._device, batch_size=batch_size,
                                   run=locked)
 
+    def _release_model(self) -> None:
+        super()._release_model()
+        self._model = self._fused = None
+
     def _run_step(self, tokens: list[int], positions: list[int],
                   seqs: list[SeqStep]) -> np.ndarray:
         with torch.inference_mode():

@@ -409,7 +409,7 @@ def test_export_then_import_into_a_fresh_cache(fake_kv) -> None:
     other_kv = fake_kv(other)
     other.allocate("x")
     other.append_tokens("x", [0])
-    blocks = other.import_session("restored", saved["token_ids"])
+    blocks = other.import_session("restored", saved["token_ids"], shared=True)
     assert blocks == [1, 2, 3] == other.block_ids("restored")
     assert other.num_tokens("restored") == 10
     other_kv.write_saved("restored", saved_kv)
@@ -423,6 +423,36 @@ def test_export_then_import_into_a_fresh_cache(fake_kv) -> None:
         other.import_session("big", list(range(40)))
     assert "big" not in other
     other.check()
+
+
+def test_imported_session_is_private_until_truncated_to_nothing(fake_kv) -> None:
+    """K/V from a file serves only its session: nothing it holds or computes after it enters the
+    prefix cache, so another session's prompt never reuses it."""
+    cache = PagedKVCache(16, block_size=4)
+    kv = fake_kv(cache)
+    tokens = list(range(100, 110))
+    blocks = cache.import_session("loaded", tokens)
+    assert not cache.is_shared("loaded")
+    assert cache.match_prefix(tokens) == ([], 0)
+    kv.run("loaded", cache.append_tokens("loaded", list(range(110, 120))))
+    assert cache.num_tokens("loaded") == 20
+    assert cache.match_prefix([*tokens, *range(110, 120)]) == ([], 0)
+    cache.allocate("other")
+    plan = cache.prefill_plan("other", [*tokens, 1, 2, 3])
+    assert plan.prefix_hit_tokens == 0 and plan.start_pos == 0
+    cache.check()
+    # a prompt that keeps part of the loaded context stays private; one that replaces it all
+    # (or a truncate to nothing) makes the session an ordinary one again
+    kv.run("loaded", cache.prefill_plan("loaded", [*tokens[:6], 7, 7]))
+    assert not cache.is_shared("loaded")
+    kv.run("loaded", cache.prefill_plan("loaded", [5, 5, 5, 5, 5, 5]))
+    assert cache.is_shared("loaded")
+    assert cache.match_prefix([5, 5, 5, 5, 5]) == ([cache.block_ids("loaded")[0]], 4)
+    cache.free("loaded")
+    cache.free("other")
+    cache.check()
+    assert cache.stats()["kv_blocks_used"] == 0
+    del blocks
 
 
 # --- stats, checks, imports ----------------------------------------------------------------------

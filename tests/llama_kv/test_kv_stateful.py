@@ -166,7 +166,8 @@ class KVMachine(RuleBasedStateMachine):
         dst = self._new_id()
         before = self._snapshot()
         try:
-            blocks = self.cache.import_session(dst, saved["token_ids"])
+            blocks = self.cache.import_session(dst, saved["token_ids"],
+                                               shared=data.draw(st.booleans()))
         except OutOfKVMemoryError:
             assert self._snapshot() == before
             return
