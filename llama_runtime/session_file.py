@@ -111,7 +111,7 @@ def _read(archive: zipfile.ZipFile, name: str, *, model: str, context_length: in
             f"{name} was saved from another model ({str(header.get('model'))[:200]!r}); load "
             f"it into an engine running that model (this one runs {model!r})")
     tokens_arr = _member(archive, members["tokens.npy"], name, "i8", None,
-                         8 * context_length)
+                         8 * (context_length + 4096))  # a little over: say "context" below
     if tokens_arr.ndim != 1:
         raise _not_a_session(name, f"its tokens have shape {tokens_arr.shape}, not [n]")
     n = int(tokens_arr.shape[0])
