@@ -21,21 +21,27 @@ Tools reach the model in one of two ways:
 `ToolCallParser` reads a reply, whole or delta by delta, into text and tool calls. It accepts
 the Hermes tags anywhere in the reply, and a reply that is nothing but a JSON call (Llama 3's
 `{"name": ..., "parameters": ...}`, Mistral's `[TOOL_CALLS] [...]`, a ```json fence).
+
+Whatever the model writes, parsing yields text, `ToolCall`s and `InvalidToolCall`s and raises
+nothing else: JSON nested deeper than `MAX_JSON_DEPTH` is refused before it reaches the
+(recursive) JSON decoder, and so are non-finite numbers (`1e999`, `NaN`, `Infinity`), which
+would otherwise come back as floats that serialise to invalid JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llama_engine import LlamaEngine, LlamaError
+from llama_engine import InvalidParamsError, LlamaEngine, LlamaError
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
     "InvalidToolCall",
@@ -53,6 +59,9 @@ __all__ = [
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _PROBE_TOOL = "llama_engine_probe_tool"
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects `loads_lenient` parses (far beyond any tool's
+arguments, far below the decoder's recursion limit)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +123,15 @@ def tools_system_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def render_tool_call(name: str, arguments: Any) -> str:
-    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    """An earlier call as the model would have written it. Raises InvalidParamsError when the
+    arguments are not JSON (a non-finite number, an object of no JSON type, nesting too deep)."""
+    try:
+        body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False,
+                          allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InvalidParamsError(
+            f"the arguments of the earlier call to {name!r} are not JSON ({e}); pass finite "
+            "numbers, strings, booleans, None, lists and dicts only") from None
     return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
 
 
@@ -292,8 +309,17 @@ def _looks_like_bare_json(text: str) -> bool:
 
 
 def _strip_fence(text: str) -> str:
-    m = re.fullmatch(r"```(?:json)?\s*(.*?)\s*(?:```)?", text, flags=re.S)
-    return m.group(1) if m else text
+    """The inside of a ``` or ```json fence (the closing fence may be missing). Plain string
+    operations: a regex with a lazy group here backtracks quadratically on long whitespace."""
+    if not text.startswith("```"):
+        return text
+    body = text[3:]
+    if body.startswith("json"):
+        body = body[4:]
+    body = body.strip()
+    if body.endswith("```"):
+        body = body[:-3].rstrip()
+    return body
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -306,28 +332,67 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 def loads_lenient(text: str) -> Any:
     """`json.loads`, forgiving what small models get wrong at the end: trailing text after the
-    value, and a value cut off before its closing quotes and brackets. Raises ValueError."""
+    value, and a value cut off before its closing quotes and brackets.
+
+    Strict where JSON is: non-finite numbers (`1e999`, `NaN`, `Infinity`) and nesting deeper
+    than `MAX_JSON_DEPTH` are refused. Raises InvalidParamsError (a ValueError), nothing else.
+    """
     text = text.strip()
     try:
-        return json.loads(text)
+        return _decode(text)
     except json.JSONDecodeError:
         pass
     start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
     if start < 0:
-        raise ValueError(f"no JSON value in {text[:80]!r}")
+        raise InvalidParamsError(f"no JSON value in {text[:80]!r}")
     text = text[start:]
     try:
-        return json.JSONDecoder().raw_decode(text)[0]
+        return _decode(text, raw=True)
     except json.JSONDecodeError:
         pass
     try:
-        return json.loads(_close_open_json(text))
+        return _decode(_close_open_json(text))
     except json.JSONDecodeError as e:
-        raise ValueError(str(e)) from None
+        raise InvalidParamsError(f"not valid JSON: {e}") from None
 
 
-def _close_open_json(text: str) -> str:
+def _decode(text: str, *, raw: bool = False) -> Any:
+    """One JSON value (with `raw`, the value at the start of `text`, ignoring what follows).
+    The nesting is measured first, on the whole text, which bounds what the decoder sees."""
+    depth = _scan(text)[0]
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidParamsError(
+            f"JSON nested {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed; tool "
+            "arguments must be flatter")
+    try:
+        return _DECODER.raw_decode(text)[0] if raw else _DECODER.decode(text)
+    except RecursionError:  # unreachable given the depth check; belt and braces
+        raise InvalidParamsError("JSON nested too deep to parse") from None
+    except ValueError as e:  # JSONDecodeError passes on (the caller tries the next repair)
+        if isinstance(e, json.JSONDecodeError | InvalidParamsError):
+            raise
+        raise InvalidParamsError(f"not valid JSON: {e}") from None  # e.g. a 5000-digit int
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidParamsError(
+            f"the number {text[:40]} is out of range (JSON numbers must be finite)")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidParamsError(f"{name} is not JSON (JSON numbers must be finite)")
+
+
+_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def _scan(text: str) -> tuple[int, list[str], bool]:
+    """(deepest nesting, closers still open, inside a string at the end) of JSON-ish text."""
     stack: list[str] = []
+    deepest = 0
     in_string = escaped = False
     for ch in text:
         if in_string:
@@ -341,8 +406,14 @@ def _close_open_json(text: str) -> str:
             in_string = True
         elif ch in "{[":
             stack.append("}" if ch == "{" else "]")
+            deepest = max(deepest, len(stack))
         elif ch in "}]" and stack:
             stack.pop()
+    return deepest, stack, in_string
+
+
+def _close_open_json(text: str) -> str:
+    _, stack, in_string = _scan(text)
     tail = '"' if in_string else ""
     body = (text + tail).rstrip().rstrip(",")
     return body + "".join(reversed(stack))

@@ -52,11 +52,18 @@ try:
     from langchain_core.runnables import Runnable
     from langchain_core.tools import BaseTool
     from langchain_core.utils.function_calling import convert_to_openai_tool
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from pydantic import BaseModel, ConfigDict, Field
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise missing_extra("adapters.langchain", "langchain", e) from e
 
 from adapters._chat import ChatCall, Event, Final, normalize_tool_choice
+from adapters._shared import (
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_MODEL,
+    adapter_keywords,
+    check_engine_options,
+    shared_engine,
+)
 from adapters._tools import InvalidToolCall, ToolCall
 from llama_engine import (
     InvalidParamsError,
@@ -68,7 +75,6 @@ from llama_engine import (
 
 __all__ = ["ChatLlamaEngine", "LlamaEngineEmbeddings"]
 
-_DEFAULT_MODEL = "smollm2-135m-instruct"
 _SAMPLING_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "min_p",
                     "repetition_penalty", "seed", "timeout")
 # Call keywords LangChain callers pass that mean nothing to a local engine.
@@ -80,21 +86,27 @@ class ChatLlamaEngine(BaseChatModel):
 
     Pass `engine=` (one engine can serve many chat models and threads at once; its scheduler
     batches them). Without it, `model=` (a registered name or a path, default
-    "smollm2-135m-instruct") is loaded with `llama_runtime.create_engine`.
+    "smollm2-135m-instruct") is loaded with `llama_runtime.create_engine(model,
+    **engine_options)`, once per process: every adapter naming the same model and options
+    shares that engine (see `adapters._shared`).
 
     The sampling fields are those of `llama_engine.SamplingParams` (None keeps the engine's
-    default); `sampling` holds any other SamplingParams field, and keyword arguments to
-    `invoke`/`stream` override both for one call. `timeout` cancels a request after that many
-    seconds. Requests that end (or are cancelled: a closed stream, a cancelled asyncio task)
-    free their KV blocks at once.
+    default); any other SamplingParams field may be given as a keyword too (it is kept in
+    `sampling`), and keyword arguments to `invoke`/`stream` override both for one call. An
+    unknown keyword raises InvalidParamsError listing the allowed ones. `timeout` cancels a
+    request after that many seconds. Requests that end (or are cancelled: a closed stream, a
+    cancelled asyncio task) free their KV blocks at once.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     engine: LlamaEngine | None = Field(default=None, exclude=True)
     """The engine that generates; built from `model` when not given."""
     model: str | None = None
     """The model's name (filled in from the engine); with no engine, the model to load."""
+    engine_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    """`create_engine` keywords (backend, device, threads, kv_memory, ...) for an engine built
+    from `model`; not allowed with `engine=`."""
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -112,17 +124,25 @@ class ChatLlamaEngine(BaseChatModel):
     """A Jinja chat template to use instead of the model's own (e.g. one that renders tools)."""
     streaming: bool = False
     """Use the streaming path for `invoke` too (callbacks see every token)."""
+    max_retries: int | None = Field(default=None, exclude=True)
+    """Accepted as one of LangChain's standard chat-model parameters; a local engine makes no
+    network call to retry, so it has no effect."""
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
+    """Accepted as one of LangChain's standard chat-model parameters; a local engine needs no
+    key, so it has no effect."""
 
-    @model_validator(mode="after")
-    def _attach_engine(self) -> ChatLlamaEngine:
+    def __init__(self, **data: Any) -> None:
+        # Checked here rather than in a validator, so errors reach the caller typed (pydantic
+        # wraps a ValueError raised in a validator into its ValidationError).
+        super().__init__(**adapter_keywords(
+            "ChatLlamaEngine", data, type(self).model_fields, sampling=True))
+        check_engine_options("ChatLlamaEngine", self.engine, self.engine_options)
         if self.engine is None:
-            from llama_runtime import create_engine
-
-            self.engine = create_engine(self.model or _DEFAULT_MODEL)
+            self.engine = shared_engine(self.model or DEFAULT_MODEL,
+                                        options=self.engine_options)
         if self.model is None:
             self.model = self.engine.model.name
         self._params({})  # fail at construction on bad sampling values
-        return self
 
     @property
     def _llm_type(self) -> str:
@@ -357,23 +377,45 @@ def _text(content: str | list[Any], n: int) -> str:
 class LlamaEngineEmbeddings(BaseModel, Embeddings):
     """LangChain embeddings from `LlamaEngine.embed`.
 
-    `engine` must have an embedding model (e.g. `create_engine(embed_model="all-minilm-l6-v2")`).
-    Texts go to the engine `batch_size` at a time; the async forms run in a worker thread.
+    Pass `engine=` (`create_engine(embed_model="all-minilm-l6-v2")` names its encoder), or
+    `model=` alone (default "all-minilm-l6-v2"): an embeddings-only engine for it is built once
+    per process and shared by every adapter naming the same model and `engine_options` (see
+    `adapters._shared`). Texts go to the engine `batch_size` at a time; the async forms run in a
+    worker thread. An unknown keyword raises InvalidParamsError listing the allowed ones.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    engine: LlamaEngine = Field(exclude=True)
+    engine: LlamaEngine | None = Field(default=None, exclude=True)
+    """The engine that embeds; built from `model` when not given."""
+    model: str | None = None
+    """The embedding model to load when no engine is given."""
+    engine_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    """`create_engine` keywords for an engine built from `model`; not allowed with `engine=`."""
     batch_size: int = Field(default=64, ge=1)
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**adapter_keywords(
+            "LlamaEngineEmbeddings", data, type(self).model_fields, sampling=False))
+        check_engine_options("LlamaEngineEmbeddings", self.engine, self.engine_options)
+        if self.engine is None:
+            self.model = self.model or DEFAULT_EMBED_MODEL
+            self.engine = shared_engine(None, embed_model=self.model,
+                                        options=self.engine_options)
+
+    @property
+    def _engine(self) -> LlamaEngine:
+        assert self.engine is not None  # set in __init__
+        return self.engine
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         out: list[list[float]] = []
         for i in range(0, len(texts), self.batch_size):
-            out.extend(self.engine.embed(texts[i:i + self.batch_size]))
+            out.extend(self._engine.embed(texts[i:i + self.batch_size]))
         return out
 
     def embed_query(self, text: str) -> list[float]:
-        return self.engine.embed([text])[0]
+        return self._engine.embed([text])[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         return await asyncio.to_thread(self.embed_documents, texts)

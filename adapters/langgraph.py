@@ -36,6 +36,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise missing_extra("adapters.langgraph", "langgraph", e) from e
 
+from adapters._shared import SAMPLING_FIELDS, check_keywords
 from adapters.langchain import ChatLlamaEngine
 from llama_engine import InvalidParamsError, LlamaEngine
 
@@ -58,15 +59,13 @@ def chat_node(
     `add_messages` reducer. `system` is put first unless the conversation already starts with a
     system message. `tools` (LangChain tools, functions or schemas) are bound with
     `tool_choice` (see `ChatLlamaEngine.bind_tools`), so the reply may carry `tool_calls` for a
-    `ToolNode`. `options` are `ChatLlamaEngine` fields: temperature, max_tokens, top_p, seed,
-    stop, timeout, sampling, ...
+    `ToolNode`. `options` are `ChatLlamaEngine` keywords: temperature, max_tokens, top_p, seed,
+    stop, timeout, sampling, any other SamplingParams field, ...; an unknown one raises
+    InvalidParamsError listing the allowed ones.
     """
-    unknown = sorted(set(options) - set(ChatLlamaEngine.model_fields) - {"engine"})
-    if unknown or "engine" in options:
-        raise InvalidParamsError(
-            f"unknown chat_node option(s) {', '.join(unknown or ['engine'])}; pass the engine "
-            "first and ChatLlamaEngine fields as keywords (temperature, max_tokens, top_p, "
-            "top_k, min_p, seed, stop, timeout, sampling, ...)")
+    # The engine is the first argument, so engine_options (for building one) mean nothing here.
+    allowed = (set(ChatLlamaEngine.model_fields) | SAMPLING_FIELDS) - {"engine", "engine_options"}
+    check_keywords("chat_node", options, allowed, noun="option(s)")
     chat = ChatLlamaEngine(engine=engine, **options)
     model: Runnable[Any, AIMessage] = (
         chat.bind_tools(tools, tool_choice=tool_choice) if tools else chat)

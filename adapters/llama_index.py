@@ -44,11 +44,18 @@ try:
     )
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
     from llama_index.core.llms.llm import LLM
-    from pydantic import ConfigDict, Field, model_validator
+    from pydantic import ConfigDict, Field
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise missing_extra("adapters.llama_index", "llama-index", e) from e
 
 from adapters._chat import ChatCall, Final
+from adapters._shared import (
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_MODEL,
+    adapter_keywords,
+    check_engine_options,
+    shared_engine,
+)
 from llama_engine import (
     InvalidParamsError,
     LlamaEngine,
@@ -60,6 +67,9 @@ from llama_engine import (
 
 __all__ = ["LlamaEngineEmbedding", "LlamaEngineLLM"]
 
+# The SamplingParams fields LlamaEngineLLM declares (the rest go in `sampling`).
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                    "seed", "stop", "timeout")
 _ROLES = {MessageRole.DEVELOPER: "system", MessageRole.CHATBOT: "assistant",
           MessageRole.MODEL: "assistant", MessageRole.FUNCTION: "tool"}
 
@@ -67,26 +77,59 @@ _ROLES = {MessageRole.DEVELOPER: "system", MessageRole.CHATBOT: "assistant",
 class LlamaEngineLLM(LLM):
     """A LlamaIndex LLM backed by a `LlamaEngine` (one engine can serve many at once).
 
+    Pass `engine=`, or `model=` alone (a registered name or a path, default
+    "smollm2-135m-instruct"): its engine is built with `create_engine(model, **engine_options)`
+    once per process and shared by every adapter naming the same model and options (see
+    `adapters._shared`).
+
     `max_tokens` is the reply budget (`metadata.num_output`); `context_window` defaults to the
-    loaded model's context. `temperature`, `top_p` and `seed` are `SamplingParams` fields
-    (None keeps the engine's defaults), `sampling` takes any other one, and keyword arguments
-    to a call override both.
+    loaded model's context. `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`,
+    `seed`, `stop` and `timeout` are `SamplingParams` fields (None keeps the engine's
+    defaults); any other SamplingParams field may be given as a keyword too (it is kept in
+    `sampling`), and keyword arguments to a call override them all. An unknown keyword raises
+    InvalidParamsError listing the allowed ones.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    engine: LlamaEngine = Field(exclude=True)
+    engine: LlamaEngine | None = Field(default=None, exclude=True)
+    """The engine that generates; built from `model` when not given."""
+    model: str | None = None
+    """The model's name (filled in from the engine); with no engine, the model to load."""
+    engine_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    """`create_engine` keywords (backend, device, threads, kv_memory, ...) for an engine built
+    from `model`; not allowed with `engine=`."""
     max_tokens: int = Field(default=256, ge=1)
     temperature: float | None = None
+    top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
+    stop: list[str] | None = None
+    timeout: float | None = None
+    """Seconds after which a request is cancelled (and its KV freed)."""
     context_window: int | None = None
     sampling: dict[str, Any] = Field(default_factory=dict)
+    """More `SamplingParams` fields (typical_p, penalties, logit_bias, ignore_eos, ...)."""
 
-    @model_validator(mode="after")
-    def _check(self) -> LlamaEngineLLM:
+    def __init__(self, **data: Any) -> None:
+        # Checked here rather than in a validator, so errors reach the caller typed (pydantic
+        # wraps a ValueError raised in a validator into its ValidationError).
+        super().__init__(**adapter_keywords(
+            "LlamaEngineLLM", data, type(self).model_fields, sampling=True))
+        check_engine_options("LlamaEngineLLM", self.engine, self.engine_options)
+        if self.engine is None:
+            self.engine = shared_engine(self.model or DEFAULT_MODEL,
+                                        options=self.engine_options)
+        if self.model is None:
+            self.model = self.engine.model.name
         self._params({})  # fail at construction on bad sampling values
-        return self
+
+    @property
+    def _engine(self) -> LlamaEngine:
+        assert self.engine is not None  # set in __init__
+        return self.engine
 
     @classmethod
     def class_name(cls) -> str:
@@ -94,7 +137,7 @@ class LlamaEngineLLM(LLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        model = self.engine.model
+        model = self._engine.model
         return LLMMetadata(
             context_window=self.context_window or model.context_length,
             num_output=self.max_tokens,
@@ -182,7 +225,7 @@ class LlamaEngineLLM(LLM):
     def _complete_gen(
         self, prompt: str, formatted: bool, kwargs: dict[str, Any]
     ) -> CompletionResponseGen:
-        stream = self.engine.stream(self._prompt(prompt, formatted), params=self._params(kwargs))
+        stream = self._engine.stream(self._prompt(prompt, formatted), params=self._params(kwargs))
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -198,7 +241,7 @@ class LlamaEngineLLM(LLM):
     def _acomplete_gen(
         self, prompt: str, formatted: bool, kwargs: dict[str, Any]
     ) -> CompletionResponseAsyncGen:
-        stream = self.engine.astream(self._prompt(prompt, formatted), params=self._params(kwargs))
+        stream = self._engine.astream(self._prompt(prompt, formatted), params=self._params(kwargs))
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
@@ -213,17 +256,19 @@ class LlamaEngineLLM(LLM):
 
     # -- helpers --------------------------------------------------------------------------------
     def _params(self, overrides: dict[str, Any]) -> SamplingParams:
-        fields = {"max_tokens": self.max_tokens, "temperature": self.temperature,
-                  "top_p": self.top_p, "seed": self.seed}
+        fields = {k: getattr(self, k) for k in _SAMPLING_FIELDS}
         merged = {k: v for k, v in fields.items() if v is not None}
-        return SamplingParams.from_kwargs(**{**merged, **self.sampling, **overrides})
+        merged = {**merged, **self.sampling, **overrides}
+        if merged.get("stop") is not None:
+            merged["stop"] = tuple(merged["stop"])
+        return SamplingParams.from_kwargs(**merged)
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         return prompt if formatted or self.completion_to_prompt is None else (
             self.completion_to_prompt(prompt))
 
     def _chat_call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatCall:
-        return ChatCall(self.engine, [_to_openai(m, n) for n, m in enumerate(messages)],
+        return ChatCall(self._engine, [_to_openai(m, n) for n, m in enumerate(messages)],
                         params=self._params(kwargs))
 
 
@@ -274,27 +319,48 @@ def _usage(usage: Usage, finish_reason: str | None) -> dict[str, Any]:
 class LlamaEngineEmbedding(BaseEmbedding):
     """LlamaIndex embeddings from `LlamaEngine.embed`, `embed_batch_size` texts per call.
 
-    `engine` must have an embedding model (e.g. `create_engine(embed_model="all-minilm-l6-v2")`).
-    Queries and documents are embedded alike; the async forms run in a worker thread.
+    Pass `engine=` (`create_engine(embed_model="all-minilm-l6-v2")` names its encoder), or
+    `model_name=` alone (default "all-minilm-l6-v2"): an embeddings-only engine for it is built
+    once per process and shared by every adapter naming the same model and `engine_options`
+    (see `adapters._shared`). Queries and documents are embedded alike; the async forms run in
+    a worker thread. An unknown keyword raises InvalidParamsError listing the allowed ones.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    engine: LlamaEngine = Field(exclude=True)
+    engine: LlamaEngine | None = Field(default=None, exclude=True)
+    """The engine that embeds; built from `model_name` when not given."""
+    engine_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    """`create_engine` keywords for an engine built from `model_name`; not with `engine=`."""
     embed_batch_size: int = Field(default=32, gt=0, le=2048)
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**adapter_keywords(
+            "LlamaEngineEmbedding", data, type(self).model_fields, sampling=False))
+        check_engine_options("LlamaEngineEmbedding", self.engine, self.engine_options)
+        if self.engine is None:
+            if self.model_name == "unknown":  # BaseEmbedding's default: none was named
+                self.model_name = DEFAULT_EMBED_MODEL
+            self.engine = shared_engine(None, embed_model=self.model_name,
+                                        options=self.engine_options)
+
+    @property
+    def _engine(self) -> LlamaEngine:
+        assert self.engine is not None  # set in __init__
+        return self.engine
 
     @classmethod
     def class_name(cls) -> str:
         return "LlamaEngineEmbedding"
 
     def _get_query_embedding(self, query: str) -> Embedding:
-        return self.engine.embed([query])[0]
+        return self._engine.embed([query])[0]
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        return self.engine.embed([text])[0]
+        return self._engine.embed([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self.engine.embed(texts) if texts else []
+        return self._engine.embed(texts) if texts else []
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return await asyncio.to_thread(self._get_query_embedding, query)
