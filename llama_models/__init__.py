@@ -13,7 +13,7 @@ from typing import Any
 from llama_engine.errors import UnsupportedArchitectureError
 from llama_models import bert, llama
 from llama_models.bert import EncoderFiles, open_encoder
-from llama_models.checkpoint import Checkpoint, RawTensor, read_checkpoint
+from llama_models.checkpoint import Checkpoint, RawTensor, read_checkpoint, typed_errors
 from llama_models.ops import Ops, RopeSpec
 from llama_models.registry import KNOWN_MODELS, resolve_model_path
 
@@ -54,7 +54,13 @@ class ModelFiles:
 
 
 def open_model(model: str) -> ModelFiles:
-    """Resolve a registered name or path, read it, and check it against its architecture."""
+    """Resolve a registered name or path, read it, and check it against its architecture.
+    Every failure is a `LlamaError`."""
+    with typed_errors(f"model {model!r}"):
+        return _open_model(model)
+
+
+def _open_model(model: str) -> ModelFiles:
     path = resolve_model_path(model)
     ckpt = read_checkpoint(path)
     family = _ARCHITECTURES.get((ckpt.format, ckpt.architecture))

@@ -20,11 +20,21 @@ from typing import Any
 
 from llama_engine.errors import ConfigError, UnsupportedArchitectureError
 from llama_models.checkpoint import (
+    MAX_CONFIG_BYTES,
+    MAX_CONTEXT,
+    MAX_DIM,
+    MAX_FFN_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB,
     Checkpoint,
     RawTensor,
+    check_float,
+    check_int,
     check_tensors,
     read_hf_dir,
     rename_hf_tensors,
+    typed_errors,
 )
 from llama_models.ops import POOLING_MODES, Ops
 from llama_models.registry import resolve_model_path
@@ -97,7 +107,7 @@ class BertConfig:
             return cfg[key]
 
         act = cfg.get("hidden_act", "gelu")
-        if act not in _GELU:
+        if not isinstance(act, str) or act not in _GELU:
             raise UnsupportedArchitectureError(
                 f"{source}: hidden_act {act!r} is not supported (only {', '.join(_GELU)}); use "
                 "another model")
@@ -105,19 +115,25 @@ class BertConfig:
         if kind != "absolute":
             raise UnsupportedArchitectureError(
                 f"{source}: position_embedding_type {kind!r} is not supported (only absolute)")
-        dim, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+
+        def num(key: str, hi: int, default: Any = None) -> int:
+            value = get(key) if default is None else cfg.get(key, default)
+            return check_int(value, key, source, hi=hi)
+
+        dim, heads = num("hidden_size", MAX_DIM), num("num_attention_heads", MAX_HEADS)
         if dim % heads:
             raise ConfigError(f"{source}: hidden_size {dim} is not a multiple of "
                               f"num_attention_heads {heads}; the file is inconsistent")
         return cls(
-            vocab_size=int(get("vocab_size")),
+            vocab_size=num("vocab_size", MAX_VOCAB),
             dim=dim,
-            n_layers=int(get("num_hidden_layers")),
+            n_layers=num("num_hidden_layers", MAX_LAYERS),
             n_heads=heads,
-            ffn_dim=int(get("intermediate_size")),
-            max_positions=int(get("max_position_embeddings")),
-            type_vocab_size=int(cfg.get("type_vocab_size", 2)),
-            norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+            ffn_dim=num("intermediate_size", MAX_FFN_DIM),
+            max_positions=num("max_position_embeddings", MAX_CONTEXT),
+            type_vocab_size=num("type_vocab_size", MAX_VOCAB, 2),
+            norm_eps=check_float(cfg.get("layer_norm_eps", 1e-12), "layer_norm_eps", source,
+                                 hi=1.0),
             gelu_tanh=_GELU[act],
         )
 
@@ -189,7 +205,8 @@ def read_sentence_config(path: Path) -> SentenceConfig:
     return SentenceConfig(
         pooling=pooling or ("mean",),
         normalize=normalize,
-        max_seq_length=int(max_len) if max_len else _default_max_len(transformer_dir),
+        max_seq_length=(check_int(max_len, "max_seq_length", str(st_file), hi=MAX_CONTEXT)
+                        if max_len else _default_max_len(transformer_dir)),
         do_lower_case=bool(st.get("do_lower_case", False)),
         transformer_dir=transformer_dir,
     )
@@ -223,7 +240,9 @@ def _default_max_len(path: Path) -> int:
     """No length in sentence_bert_config.json: the tokenizer's model_max_length (where
     sentence-transformers >= 6 saves it), at most the position table."""
     cfg = _json(path / "config.json") if (path / "config.json").is_file() else {}
-    limit = int(cfg.get("max_position_embeddings", 512)) if isinstance(cfg, Mapping) else 512
+    limit = (check_int(cfg.get("max_position_embeddings", 512), "max_position_embeddings",
+                       str(path / "config.json"), hi=MAX_CONTEXT)
+             if isinstance(cfg, Mapping) else 512)
     tok_file = path / "tokenizer_config.json"
     tok = _json(tok_file) if tok_file.is_file() else {}
     tok_max = tok.get("model_max_length") if isinstance(tok, Mapping) else None
@@ -234,8 +253,11 @@ def _default_max_len(path: Path) -> int:
 
 def _json(file: Path) -> Any:
     try:
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{file} is larger than the {MAX_CONFIG_BYTES} bytes a "
+                              "configuration file may have; restore the file")
         return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(f"{file} is not valid JSON ({e}); restore the file") from e
 
 
@@ -267,7 +289,12 @@ class EncoderFiles:
 
 def open_encoder(model: str) -> EncoderFiles:
     """Resolve a registered name or a path to a sentence-transformers (or plain HF BERT)
-    directory, and read and check it."""
+    directory, and read and check it; every failure is a `LlamaError`."""
+    with typed_errors(f"embedding model {model!r}"):
+        return _open_encoder(model)
+
+
+def _open_encoder(model: str) -> EncoderFiles:
     path = resolve_model_path(model)
     if not path.is_dir():
         raise UnsupportedArchitectureError(

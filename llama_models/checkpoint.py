@@ -9,23 +9,37 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import os
 import re
-import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from llama_engine.errors import ModelNotFoundError, WeightLoadError
-from llama_models.gguf_file import read_gguf_file
+from llama_engine.errors import ConfigError, LlamaError, ModelNotFoundError, WeightLoadError
+from llama_models.gguf_file import MAX_TENSORS, read_gguf_file
 
-__all__ = ["Checkpoint", "RawTensor", "check_tensors", "read_checkpoint", "read_gguf",
-           "read_hf_dir", "release_pages", "rename_hf_tensors"]
+__all__ = ["Checkpoint", "RawTensor", "check_float", "check_int", "check_tensors",
+           "read_checkpoint", "read_gguf", "read_hf_dir", "release_pages", "rename_hf_tensors",
+           "typed_errors"]
 
 GGUF_MAGIC = b"GGUF"
+
+# Bounds on a model's configuration, checked before anything is sized from it: generous for real
+# models (Llama 3 405B: 126 layers, 128 heads, dim 16384, ffn 53248; Gemma 3: 262144 tokens).
+MAX_LAYERS = 1024
+MAX_HEADS = 4096
+MAX_DIM = 1 << 17
+"""embedding width, and head width"""
+MAX_FFN_DIM = 1 << 20
+MAX_VOCAB = 1 << 20
+MAX_CONTEXT = 1 << 24
+MAX_CONFIG_BYTES = 16 << 20
+"""config.json (real ones are a few KB)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +90,60 @@ class Checkpoint:
         return counts
 
 
+def check_int(value: Any, key: str, source: str, *, lo: int = 1, hi: int) -> int:
+    """`value` of config key `key` as an int in [lo, hi], or a ConfigError naming key and file."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or (not isinstance(value, numbers.Integral) and not float(value).is_integer())):
+        raise ConfigError(
+            f"{source}: {key} should be an integer, got {value!r} ({type(value).__name__}); the "
+            "file is corrupt or was edited by hand, restore it")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ConfigError(
+            f"{source}: {key} is {v}, outside the range [{lo}, {hi}] llama-engine accepts; the "
+            "file is corrupt or was edited by hand, restore it")
+    return v
+
+
+def check_float(value: Any, key: str, source: str, *, lo: float = 0.0,
+                hi: float = math.inf) -> float:
+    """`value` of config key `key` as a finite float with lo < value <= hi, or a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(
+            f"{source}: {key} should be a number, got {value!r} ({type(value).__name__}); the "
+            "file is corrupt or was edited by hand, restore it")
+    v = float(value)
+    if not (math.isfinite(v) and lo < v <= hi):
+        raise ConfigError(
+            f"{source}: {key} is {v}, not a finite number in ({lo}, {hi}]; the file is corrupt "
+            "or was edited by hand, restore it")
+    return v
+
+
+@contextlib.contextmanager
+def typed_errors(what: str) -> Iterator[None]:
+    """Let `LlamaError`s through and turn anything else raised inside into a `WeightLoadError`
+    about `what` (the original kept as its cause): a malformed file must never surface as a
+    KeyError, RecursionError, MemoryError or Rust panic from deep inside a parser."""
+    try:
+        yield
+    except LlamaError:
+        raise
+    except BaseException as e:  # pyo3's PanicException (safetensors) is a BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise WeightLoadError(
+            f"{what} could not be read ({type(e).__name__}: {e}); the file is corrupt or not a "
+            "model llama-engine can read, restore it or use another") from e
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a GGUF file or an HF model directory."""
+    """Read a GGUF file or an HF model directory; every failure is a `LlamaError`."""
+    with typed_errors(f"model {str(path)!r}"):
+        return _read_checkpoint(path)
+
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise ModelNotFoundError(
@@ -159,11 +225,7 @@ def read_gguf(path: Path) -> Checkpoint:
         raise WeightLoadError(
             f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf "
             "model file, or convert the model with llama.cpp's convert_hf_to_gguf.py")
-    try:
-        metadata, infos = read_gguf_file(path)
-    except (ValueError, IndexError, OSError, KeyError, struct.error) as e:
-        raise WeightLoadError(
-            f"{path} is a corrupt or truncated GGUF file ({e}); download or copy it again") from e
+    metadata, infos = read_gguf_file(path)  # raises WeightLoadError on anything malformed
     tensors = {t.name: RawTensor(t.name, t.qtype, t.shape, t.data) for t in infos}
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
@@ -181,10 +243,7 @@ def read_hf_dir(path: Path) -> Checkpoint:
         raise ModelNotFoundError(
             f"{path} is a directory without config.json; give a Hugging Face model directory "
             "(config.json + *.safetensors) or a .gguf file")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightLoadError(f"{cfg_path} is not valid JSON ({e}); fix or replace it") from e
+    config = read_config_json(cfg_path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightLoadError(
@@ -194,14 +253,43 @@ def read_hf_dir(path: Path) -> Checkpoint:
     for fp in files:
         try:
             with safe_open(fp, framework="pt") as sf:
-                for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                names = list(sf.keys())
+                if len(tensors) + len(names) > MAX_TENSORS:
+                    raise WeightLoadError(
+                        f"{path} holds more than {MAX_TENSORS} tensors, more than llama-engine "
+                        "accepts; is this a model directory?")
+                for name in names:
                     t = sf.get_tensor(name)
                     tensors[name] = RawTensor(name, 0, tuple(t.shape), t)
+        except LlamaError:
+            raise
         except (SafetensorError, OSError) as e:
             raise WeightLoadError(f"{fp} is corrupt or truncated ({e}); copy it again") from e
-    archs = config.get("architectures") or []
-    arch = config.get("model_type") or (archs[0] if archs else None)
+        except Exception as e:  # e.g. a dtype torch cannot hold
+            raise WeightLoadError(
+                f"{fp} could not be read ({type(e).__name__}: {e}); the file is corrupt or holds "
+                "a tensor type torch cannot load, copy it again") from e
+    archs = config.get("architectures")
+    first = archs[0] if isinstance(archs, list) and archs else None
+    arch = config.get("model_type") or first
     if not isinstance(arch, str):
         raise WeightLoadError(f"{cfg_path} has no model_type; cannot tell the architecture")
     return Checkpoint(path=path, format="hf", architecture=arch, metadata=config,
                       tensors=tensors, hf_dir=path)
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """An HF config.json as a dict: size-bounded, valid JSON, an object."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path} is {size} bytes, more than the {MAX_CONFIG_BYTES} a config.json may "
+                "have; restore the file")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightLoadError(f"{path} is not valid JSON ({e}); fix or replace it") from e
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{path} should hold a JSON object, got a {type(config).__name__}; fix or replace it")
+    return config

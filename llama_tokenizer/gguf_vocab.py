@@ -28,6 +28,12 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from llama_engine.errors import ConfigError, UnsupportedArchitectureError, WeightLoadError
+from llama_tokenizer._limits import (
+    MAX_ADDED_TOKEN_BYTES,
+    MAX_MERGES,
+    MAX_TOKEN_BYTES,
+    check_vocab,
+)
 from llama_tokenizer._pieces import (
     SPM_SPACE,
     byte_level_piece_bytes,
@@ -42,6 +48,10 @@ __all__ = ["PRE_TOKENIZER_SPLITS", "tokenizer_from_gguf_metadata"]
 logger = logging.getLogger(__name__)
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# Merges derived from a "llama" vocabulary: Gemma 3 gets 2 per token, holding 2.1 times the
+# vocabulary's characters; a vocabulary of ever-longer runs of one letter would get n**2 / 2.
+_DERIVED_MERGES_PER_TOKEN = 8
+_DERIVED_MERGE_CHARS_PER_CHAR = 8
 _SPECIAL_TYPES = (UNKNOWN, CONTROL, UNUSED)
 
 # -- pre-tokenizers: llama.cpp's regex lists (src/llama-vocab.cpp), applied one after another --
@@ -155,7 +165,7 @@ def _get_id(meta: Mapping[str, Any], key: str, n: int) -> int | None:
         return None
     try:
         i = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             f"GGUF metadata {key} should be a token id, got {value!r}; re-convert the model"
         ) from None
@@ -206,11 +216,12 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> TokenizersTokenizer
             "GGUF metadata tokenizer.ggml.tokens holds non-string entries; "
             "the file's tokenizer data is corrupt, re-convert the model"
         )
+    check_vocab(tokens, "GGUF metadata", what="tokenizer.ggml.tokens")
     n = len(tokens)
     types = _get_list(meta, "tokenizer.ggml.token_type", n) or [NORMAL] * n
     try:
         types = [int(t) for t in types]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             "GGUF metadata tokenizer.ggml.token_type holds non-integer entries; "
             "the file's tokenizer data is corrupt, re-convert the model"
@@ -276,6 +287,17 @@ def _add_tokens(
 ) -> None:
     """Control/unknown tokens as special added tokens, user-defined ones as plain added tokens."""
     skipped = set(skip)
+    added = sum(
+        len(t.encode("utf-8", "replace"))
+        for i, (t, ty) in enumerate(zip(tokens, types, strict=True))
+        if ty in (CONTROL, UNKNOWN, USER_DEFINED) and i not in skipped
+    )
+    if added > MAX_ADDED_TOKEN_BYTES:
+        raise ConfigError(
+            f"the GGUF vocabulary's control and user-defined tokens hold {added} bytes, more "
+            f"than the {MAX_ADDED_TOKEN_BYTES} llama-engine accepts; the file's tokenizer data "
+            "is corrupt, re-convert the model"
+        )
     special = [
         AddedToken(t, special=True, normalized=False)
         for i, (t, ty) in enumerate(zip(tokens, types, strict=True))
@@ -324,9 +346,16 @@ def _build_byte_level(
             "GGUF metadata has a gpt2 (BPE) vocabulary but no tokenizer.ggml.merges; "
             "the file is incomplete, re-convert the model"
         )
+    if len(raw_merges) > MAX_MERGES:
+        raise ConfigError(
+            f"GGUF metadata tokenizer.ggml.merges has {len(raw_merges)} entries, more than the "
+            f"{MAX_MERGES} llama-engine accepts; the file's tokenizer data is corrupt, "
+            "re-convert the model"
+        )
     merges: list[tuple[str, str]] = []
     for m in raw_merges:
-        left, sep, right = m.partition(" ") if isinstance(m, str) else ("", "", "")
+        ok = isinstance(m, str) and len(m) <= 2 * MAX_TOKEN_BYTES + 1
+        left, sep, right = m.partition(" ") if ok else ("", "", "")
         if not sep or not left or not right:
             raise ConfigError(
                 f"GGUF metadata tokenizer.ggml.merges holds {m!r}, not 'left right'; "
@@ -349,19 +378,35 @@ def _build_byte_level(
 
 
 def _derive_merges(
-    keys: Sequence[str], vocab: Mapping[str, int], order: Iterable[int]
+    keys: Sequence[str],
+    vocab: Mapping[str, int],
+    order: Iterable[int],
+    *,
+    max_merges: int,
+    max_chars: int,
 ) -> list[tuple[str, str]]:
-    """Every split of each token in `order` into two vocabulary tokens, longer left part first."""
+    """Every split of each token in `order` into two vocabulary tokens, longer left part first.
+    Refused once there are more than `max_merges`, or they hold more than `max_chars`."""
     merges: list[tuple[str, str]] = []
     append = merges.append
+    chars = 0
     for i in order:
         t = keys[i]
+        before = len(merges)
         for k in range(len(t) - 1, 0, -1):
             left = t[:k]
             if left in vocab:
                 right = t[k:]
                 if right in vocab:
                     append((left, right))
+        chars += (len(merges) - before) * len(t)
+        if len(merges) > max_merges or chars > max_chars:
+            raise ConfigError(
+                f"the GGUF vocabulary of {len(keys)} tokens splits into more than "
+                f"{len(merges)} BPE merges holding {chars} characters (at most {max_merges} and "
+                f"{max_chars} are accepted); the file's tokenizer data is corrupt or "
+                "adversarial, re-convert the model"
+            )
     return merges
 
 
@@ -391,8 +436,21 @@ def _build_sentencepiece(
         if (ty == NORMAL or i in mergeable) and len(keys[i]) > 1 and vocab[keys[i]] == i
     ]
     if not gemma and scores is not None:
-        candidates.sort(key=lambda i: (-float(scores[i]), i))
-    merges = _derive_merges(keys, vocab, candidates)
+        try:
+            rank = [float(x) for x in scores]
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(
+                "GGUF metadata tokenizer.ggml.scores holds non-numeric entries; "
+                "the file's tokenizer data is corrupt, re-convert the model"
+            ) from None
+        candidates.sort(key=lambda i: (-rank[i], i))
+    merges = _derive_merges(
+        keys,
+        vocab,
+        candidates,
+        max_merges=_DERIVED_MERGES_PER_TOKEN * n + (1 << 16),
+        max_chars=_DERIVED_MERGE_CHARS_PER_CHAR * sum(map(len, keys)) + (1 << 20),
+    )
     unk_id = _get_id(meta, "tokenizer.ggml.unknown_token_id", n)
     try:
         model = models.BPE(

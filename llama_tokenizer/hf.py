@@ -24,6 +24,17 @@ from typing import Any
 import tokenizers
 
 from llama_engine.errors import ConfigError, ModelNotFoundError, WeightLoadError
+from llama_tokenizer._limits import (
+    MAX_ADDED_TOKEN_BYTES,
+    MAX_CONFIG_BYTES,
+    MAX_MERGES,
+    MAX_TOKEN_BYTES,
+    MAX_TOKENIZER_JSON_BYTES,
+    MAX_VOCAB,
+    check_file_size,
+    check_vocab,
+    max_id_for,
+)
 from llama_tokenizer._pieces import SPM_SPACE, byte_level_piece_bytes, spm_piece_bytes
 from llama_tokenizer.backends import TokenizersTokenizer
 from llama_tokenizer.base import CHAT_END_TOKENS, Tokenizer
@@ -55,12 +66,13 @@ class HFConfig:
 
 def _load_json(path: Path) -> Any:
     try:
+        check_file_size(path, MAX_CONFIG_BYTES, "tokenizer configuration file")
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelNotFoundError(
             f"{path} does not exist; pass the path of an existing file"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore the file") from e
 
 
@@ -111,7 +123,13 @@ def read_hf_config(
                 if getattr(cfg, name) is None:
                     setattr(cfg, name, _token_text(smap.get(name)))
     if (d / "chat_template.jinja").is_file():
-        cfg.chat_template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        check_file_size(d / "chat_template.jinja", MAX_CONFIG_BYTES, "chat template")
+        try:
+            cfg.chat_template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"{d / 'chat_template.jinja'} cannot be read as UTF-8 text ({e}); restore the file"
+            ) from e
     elif (d / "chat_template.json").is_file():
         loaded = _load_json(d / "chat_template.json")
         if isinstance(loaded, Mapping):
@@ -191,13 +209,15 @@ def tokenizer_from_json(
         raise ModelNotFoundError(
             f"tokenizer file {p} does not exist; pass the path of a tokenizer.json"
         )
+    check_file_size(p, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")
     try:
         text = p.read_text(encoding="utf-8")
         spec = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightLoadError(
             f"{p} is not a readable tokenizer.json ({e}); restore the file"
         ) from e
+    _check_spec(spec, p)
     try:
         backend = tokenizers.Tokenizer.from_str(text)
     except Exception as e:
@@ -261,6 +281,73 @@ def tokenizer_from_json(
         template_tokens=template_tokens(config),
         source=f"tokenizer {p}",
     )
+
+
+def _bad_id(value: Any) -> bool:
+    return type(value) is not int or not 0 <= value < MAX_VOCAB
+
+
+def _check_spec(spec: Any, p: Path) -> None:
+    """Bounds on a parsed tokenizer.json (see `_limits`), before `tokenizers` builds from it:
+    vocabulary size and token lengths, merges, added tokens, and ids that are integers below
+    MAX_VOCAB and not far past the number of tokens (one id of 10**8 would size a table)."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{p}: {what}; the file is corrupt, restore it")
+
+    if not isinstance(spec, Mapping):
+        raise WeightLoadError(
+            f"{p} holds a JSON {type(spec).__name__}, not a tokenizer object; restore the file"
+        )
+    model = spec.get("model")
+    if not isinstance(model, Mapping):
+        raise WeightLoadError(f"{p} has no \"model\" object; restore the file")
+    vocab = model.get("vocab")
+    ids: set[int] = set()
+    if isinstance(vocab, Mapping):  # BPE, WordPiece, WordLevel: {token: id}
+        tokens: list[Any] = list(vocab)
+        for t, i in vocab.items():
+            if _bad_id(i):
+                raise bad(f"model.vocab gives the token {t[:80]!r} the id {str(i)[:80]}, not an "
+                          f"integer in [0, {MAX_VOCAB})")
+        ids.update(vocab.values())
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], ids are positions
+        tokens = [e[0] if isinstance(e, list) and e else e for e in vocab]
+        ids.update(range(len(vocab)))
+    elif vocab is None:
+        tokens = []
+    else:
+        raise bad(f"model.vocab is a {type(vocab).__name__}, not an object or a list")
+    check_vocab(tokens, str(p), what="model.vocab")
+    merges = model.get("merges")
+    if merges is not None and not isinstance(merges, list):
+        raise bad(f"model.merges is a {type(merges).__name__}, not a list")
+    if merges is not None and len(merges) > MAX_MERGES:
+        raise bad(f"model.merges has {len(merges)} entries, more than the {MAX_MERGES} accepted")
+    added = spec.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise bad(f"added_tokens is a {type(added).__name__}, not a list")
+    if len(added) > MAX_VOCAB:
+        raise bad(f"added_tokens has {len(added)} entries, more than the {MAX_VOCAB} accepted")
+    added_bytes = 0
+    for t in added:
+        if not isinstance(t, Mapping) or not isinstance(t.get("content"), str):
+            raise bad(f"added_tokens holds {str(t)[:80]}, not a token with a string content")
+        if _bad_id(t.get("id")):
+            raise bad(f"the added token {t['content'][:80]!r} has the id {str(t.get('id'))[:80]}, "
+                      f"not an integer in [0, {MAX_VOCAB})")
+        n = len(t["content"].encode("utf-8", "replace"))
+        if n > MAX_TOKEN_BYTES:
+            raise bad(f"the added token with id {t['id']} is {n} bytes long, more than the "
+                      f"{MAX_TOKEN_BYTES} accepted")
+        added_bytes += n
+        ids.add(t["id"])
+    if added_bytes > MAX_ADDED_TOKEN_BYTES:
+        raise bad(f"added_tokens hold {added_bytes} bytes, more than the "
+                  f"{MAX_ADDED_TOKEN_BYTES} accepted")
+    if ids and max(ids) > max_id_for(len(ids)):
+        raise bad(f"the token id {max(ids)} is far beyond the {len(ids)} tokens the file "
+                  f"defines (ids up to {max_id_for(len(ids))} are accepted)")
 
 
 def tokenizer_from_hf_dir(path: str | os.PathLike[str]) -> Tokenizer:

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 import sentencepiece
 
-from llama_engine.errors import ModelNotFoundError, WeightLoadError
+from llama_engine.errors import ConfigError, ModelNotFoundError, WeightLoadError
+from llama_tokenizer._limits import (
+    MAX_ADDED_TOKEN_BYTES,
+    MAX_SPM_BYTES,
+    MAX_VOCAB,
+    check_file_size,
+    check_vocab,
+)
 from llama_tokenizer._pieces import SPM_SPACE, parse_byte_token
 from llama_tokenizer.backends import SentencePieceTokenizer
 from llama_tokenizer.base import CHAT_END_TOKENS
@@ -35,6 +42,7 @@ def tokenizer_from_sentencepiece(
         raise ModelNotFoundError(
             f"SentencePiece model {p} does not exist; pass the path of a .model file"
         )
+    check_file_size(p, MAX_SPM_BYTES, "SentencePiece model")
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.Load(str(p))
@@ -44,10 +52,16 @@ def tokenizer_from_sentencepiece(
         ) from e
     config = config or HFConfig()
     n = sp.get_piece_size()
+    if not 0 < n <= MAX_VOCAB:
+        raise ConfigError(
+            f"{p} has {n} pieces; llama-engine accepts 1 to {MAX_VOCAB}. The file is corrupt, "
+            "restore it"
+        )
+    names = [sp.id_to_piece(i) for i in range(n)]
+    check_vocab(names, str(p), what="its vocabulary")
     pieces: list[bytes] = []
     special: list[int] = []
-    for i in range(n):
-        piece = sp.id_to_piece(i)
+    for i, piece in enumerate(names):
         if sp.is_byte(i) and (b := parse_byte_token(piece)) is not None:
             pieces.append(bytes((b,)))
         elif sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
@@ -55,6 +69,12 @@ def tokenizer_from_sentencepiece(
             special.append(i)
         else:
             pieces.append(piece.replace(SPM_SPACE, " ").encode("utf-8"))
+    special_bytes = sum(len(pieces[i]) for i in special)
+    if special_bytes > MAX_ADDED_TOKEN_BYTES:
+        raise ConfigError(
+            f"{p}: its control tokens hold {special_bytes} bytes, more than the "
+            f"{MAX_ADDED_TOKEN_BYTES} llama-engine accepts; the file is corrupt, restore it"
+        )
 
     def piece_id(piece: str | None) -> int | None:
         if piece is None:
