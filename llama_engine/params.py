@@ -50,7 +50,8 @@ class SamplingParams:
     typical_p: float = 1.0
     """Locally typical sampling mass; in (0, 1], 1 disables."""
     repetition_penalty: float = 1.0
-    """Divide positive (multiply negative) logits of tokens seen in the window; > 0, 1 disables."""
+    """Divide positive (multiply negative) logits of tokens seen in the window; in [0.01, 100]
+    (beyond, logits overflow), 1 disables."""
     frequency_penalty: float = 0.0
     """Subtract this times a token's count in the window; in [-2, 2]."""
     presence_penalty: float = 0.0
@@ -94,10 +95,8 @@ class SamplingParams:
         _check_float(
             "typical_p", self.typical_p, lo=0.0, hi=1.0, lo_open=True, allowed="in (0, 1]"
         )
-        _check_float(
-            "repetition_penalty", self.repetition_penalty, lo=0.0, hi=None, lo_open=True,
-            allowed="> 0",
-        )
+        _check_float("repetition_penalty", self.repetition_penalty, lo=0.01, hi=100.0,
+                     allowed="in [0.01, 100]")
         _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0,
                      allowed="in [-2, 2]")
         _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0,

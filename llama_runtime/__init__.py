@@ -34,23 +34,24 @@ def create_engine(
     builds an embeddings-only engine (embed_model defaults to "all-minilm-l6-v2"); its
     generating methods raise SessionError.
 
-    Options: context_length (cap the context), dtype ("auto", "float32", "bfloat16",
-    "float16"), threads (CPU threads; default: the physical cores), progress (show a bar on
-    loads over a second), prefill_chunk (most tokens in one step's forward), kv_memory (KV
-    cache budget: bytes, "2GiB", "30%" of free memory, or "auto" = half the free memory, at
-    most 4 GiB), kv_block_size (tokens per KV block, 16), max_batch (requests served per step, 32),
-    kv_policy ("wait": a request that does not fit the KV cache waits for room; "fail": it
-    fails at once with KVCacheFull), weights ("auto": "quantized" on CPU when the kernels
-    compile, else "dequant"; "quantized": GGUF Q4_0/Q4_1/Q8_0 stay quantized in memory and are
-    multiplied by a compiled kernel, exact up to summation order; "dequant": every weight
-    dequantized to the compute dtype at load), decode (how prompts and generated tokens are
-    computed: "auto" = "int8" on a CPU in float32, else "torch"; "int8": one native call per
-    step with activations quantized to 8 bits per 32-block for every product with a quantized
-    weight, llama.cpp's CPU scheme, ~0.5% relative error per product; "exact": the same native
-    step with float activations, the reference's arithmetic up to summation order; "torch": op
-    by op in torch, the reference path), kv_dtype (the KV cache's dtype: "auto" = "float16"
-    beside the int8 kernels on a CPU, as llama.cpp keeps it, else the compute dtype; or
-    "float32", "float16", "bfloat16").
+    Options: context_length (cap the context), dtype ("auto", "float32", "bfloat16", "float16"),
+    threads (CPU threads; default: the physical cores), progress (show a bar on loads over a
+    second), prefill_chunk (most tokens in one step's forward), kv_memory (KV cache budget:
+    bytes, "2GiB", "30%" of free memory, or "auto" = half the free memory, at most 4 GiB),
+    kv_block_size (tokens per KV block, 16), max_batch (requests served per step, 32), kv_policy
+    ("wait": a prompt that does not fit the KV cache waits for room, and a running request that
+    needs a block when none is free preempts the newest one, which resumes later with the same
+    tokens; "fail": either fails at once with KVCacheFull), weights ("auto": "quantized" on CPU
+    when the kernels compile, else "dequant"; "quantized": GGUF Q4_0/Q4_1/Q8_0 stay quantized in
+    memory and are multiplied by a compiled kernel, exact up to summation order; "dequant":
+    every weight dequantized to the compute dtype at load), decode (how prompts and generated
+    tokens are computed: "auto" = "int8" on a CPU in float32, else "torch"; "int8": one native
+    call per step with activations quantized to 8 bits per 32-block for every product with a
+    quantized weight, llama.cpp's CPU scheme, ~0.5% relative error per product; "exact": the
+    same native step with float activations, the reference's arithmetic up to summation order;
+    "torch": op by op in torch, the reference path), kv_dtype (the KV cache's dtype: "auto" =
+    "float16" beside the int8 kernels on a CPU, as llama.cpp keeps it, else the compute dtype;
+    or "float32", "float16", "bfloat16").
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:

@@ -29,6 +29,7 @@ room (it cannot fit the pool by itself, beside the idle sessions' blocks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -188,7 +189,9 @@ class Scheduler:
             with self.lock:
                 self._drain_inbox()
                 if self._housekeeping is not None:
-                    self._housekeeping()
+                    # a LlamaError: the engine is being collected, and shutdown follows
+                    with contextlib.suppress(LlamaError):
+                        self._housekeeping()
             if not self._running and not self._waiting:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
