@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llama_engine import SessionError
 
@@ -158,3 +160,48 @@ def test_a_failed_save_keeps_the_previous_file(engine, saved, monkeypatch) -> No
     engine.close_session(s)
     with pytest.raises(SessionError, match="cannot write"):
         engine.save_session(engine.new_session(), saved.parent / "missing-dir" / "x.npz")
+
+
+@pytest.fixture(scope="module")
+def saved_bytes(engine, tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("fuzz") / "seed.npz"
+    s = engine.new_session()
+    engine.prefill(s, engine.tokenize("A short context to mutate."))
+    engine.save_session(s, path)
+    engine.close_session(s)
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_session_files_load_or_fail_typed(engine, saved_bytes, tmp_path, data) -> None:
+    """Random byte flips, truncations and splices of a real session file: each loads (and then
+    holds exactly its own blocks) or raises SessionError, quickly, allocating nothing."""
+    raw = bytearray(saved_bytes)
+    for _ in range(data.draw(st.integers(1, 6))):
+        op = data.draw(st.sampled_from(["flip", "cut", "splice", "zero"]))
+        at = data.draw(st.integers(0, len(raw) - 1))
+        if op == "flip":
+            raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            raw = raw[:at]
+        elif op == "splice":
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=64))
+        else:
+            raw[at:at + 8] = bytes(8)
+        if not raw:
+            break
+    path = tmp_path / "fuzzed.npz"
+    path.write_bytes(bytes(raw))
+    before = engine.stats()
+    started = time.perf_counter()
+    try:
+        s = engine.load_session(path)
+    except SessionError:
+        assert _used(engine) == before["kv_blocks_used"]
+    else:
+        assert engine.stats()["kv_blocks_used"] >= before["kv_blocks_used"]
+        engine.close_session(s)
+    assert time.perf_counter() - started < 5
+    assert engine.stats()["sessions_active"] == before["sessions_active"]
