@@ -10,19 +10,11 @@ import time
 
 import numpy as np
 import pytest
+from prompts import PROMPTS as ALL_PROMPTS
 
 from llama_engine import KVCacheFull
 
-PROMPTS = [
-    "The capital of Italy is",
-    "def add(a, b):\n    return",
-    "A haiku about rain:",
-    "The three laws of motion are",
-    "In 1969, astronauts",
-    "Water is made of",
-    "My favourite fruit is the",
-    "The quick brown fox",
-]
+PROMPTS = ALL_PROMPTS[:8]
 
 
 def _settle(engine, before: dict, keys=("kv_blocks_used", "sessions_active")) -> dict:

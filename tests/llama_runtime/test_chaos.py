@@ -12,17 +12,11 @@ import threading
 import time
 
 import pytest
+from prompts import PROMPTS
 
 from llama_engine import LlamaError
 
-NORMAL = [
-    "The capital of Italy is",
-    "def add(a, b):\n    return",
-    "A haiku about rain:",
-    "The three laws of motion are",
-    "In 1969, astronauts",
-    "Water is made of",
-]
+NORMAL = PROMPTS[:6]
 N_TOKENS = 32
 EVENTS = 1000
 HOSTILE = [

@@ -9,6 +9,7 @@ import time
 import weakref
 
 import pytest
+from prompts import PROMPTS
 
 from llama_engine import (
     EngineClosedError,
@@ -22,20 +23,6 @@ from llama_engine import (
 )
 from llama_runtime.generation import Generation
 
-PROMPTS = [
-    "The capital of Italy is",
-    "def add(a, b):\n    return",
-    "A haiku about rain:",
-    "The three laws of motion are",
-    "In 1969, astronauts",
-    "Water is made of",
-    "My favourite fruit is the",
-    "The quick brown fox",
-    "Once upon a time",
-    "Dear diary, today",
-    "The best way to learn a language",
-    "In the beginning there was",
-]
 # K and V of 30 layers, 3 KV heads of 64 in float16 (the CPU default): bytes per block of 16
 BLOCK_BYTES = 2 * 30 * 3 * 64 * 2 * 16
 

@@ -8,55 +8,22 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
-import resource
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from bounded_calls import FUZZ, bounded, check_worst_cases_in_a_fresh_process
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama_engine.errors import ConfigError, LlamaError, WeightLoadError
 from llama_tokenizer import Tokenizer
 from llama_tokenizer._pieces import bytes_to_unicode
 
-SECONDS = 5.0
-MB = 1 << 20
-RSS_GROWTH = 300 * MB
-FUZZ = settings(
-    max_examples=60,
-    deadline=None,  # `bounded` checks the time of each call itself
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 SPACE = "\u2581"
-
-
-def peak_rss() -> int:
-    """This process's peak resident set, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def bounded(call: Callable[[], Any]) -> Any:
-    """`call()`'s result or the `LlamaError` it raised; anything else fails the test, as does a
-    call slower than SECONDS or one that raises the peak RSS by more than RSS_GROWTH."""
-    rss, start = peak_rss(), time.perf_counter()
-    try:
-        result = call()
-    except LlamaError as e:
-        result = e
-    elapsed = time.perf_counter() - start
-    assert elapsed < SECONDS, f"took {elapsed:.1f} s"
-    assert peak_rss() - rss < RSS_GROWTH, f"peak RSS grew by {(peak_rss() - rss) / MB:.0f} MB"
-    return result
 
 
 def open_checked(call: Callable[[], Tokenizer]) -> Tokenizer | LlamaError:
@@ -289,37 +256,9 @@ def test_named_case_is_refused_with_a_typed_error(name: str, tmp_path: Path) -> 
 def test_named_cases_stay_small_in_a_fresh_process(tmp_path: Path) -> None:
     """ru_maxrss is a high-water mark, so measure the worst cases where nothing came before:
     a fresh interpreter, with its address space capped at 4 GiB in case a bound is missing."""
-    code = f"""
-import importlib.util, json, resource, sys, time
-from pathlib import Path
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-spec = importlib.util.spec_from_file_location("fuzz_cases", {__file__!r})
-mod = sys.modules["fuzz_cases"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-import gguf, sentencepiece, tokenizers, llama_tokenizer.gguf_vocab, llama_models.gguf_file
-out = {{}}
-for name, case in mod.WORST_CASES.items():
-    tmp = Path({str(tmp_path)!r}) / name
-    tmp.mkdir()
-    call, error, phrase = case(tmp)
-    before, start = mod.peak_rss(), time.perf_counter()
-    try:
-        call()
-        kind = "opened"
-    except Exception as e:
-        kind = type(e).__name__
-    out[name] = [kind, time.perf_counter() - start, mod.peak_rss() - before]
-print(json.dumps(out))
-"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, (kind, seconds, growth) in report.items():
-        assert kind in ("ConfigError", "WeightLoadError"), (name, kind)
-        assert seconds < SECONDS, (name, seconds)
-        assert growth < RSS_GROWTH, (name, growth / MB)
+    check_worst_cases_in_a_fresh_process(
+        __file__, tmp_path,
+        "gguf, sentencepiece, tokenizers, llama_tokenizer.gguf_vocab, llama_models.gguf_file")
 
 
 # -- fuzzing -------------------------------------------------------------------------------------
