@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_engine import InvalidParamsError, LlamaEngine, LlamaError
+from llama_engine.messages import check_messages
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -141,7 +142,7 @@ def inline_tools(
     """Rewrite OpenAI-style messages (with `tool_calls` and role "tool") for a chat template that
     knows no tools: the tools become a system prompt, calls and results become plain text."""
     out: list[dict[str, Any]] = []
-    for m in messages:
+    for m in check_messages(messages):
         role, content = m["role"], m.get("content") or ""
         if role == "assistant" and m.get("tool_calls"):
             calls = [render_tool_call(c["function"]["name"], c["function"]["arguments"])

@@ -116,6 +116,16 @@ def test_inline_tools_turns_calls_and_results_into_text() -> None:
     assert out[3]["content"].count("<tool_response>") == 2
 
 
+def test_inline_tools_joins_content_parts() -> None:
+    out = inline_tools([
+        {"role": "user", "content": [{"type": "text", "text": "Weather"},
+                                     {"type": "text", "text": "in Paris?"}]},
+        {"role": "tool", "content": [{"type": "text", "text": "sunny"}], "tool_call_id": "c1"},
+    ], [WEATHER])
+    assert out[1]["content"] == "Weather\nin Paris?"
+    assert out[2]["content"] == "<tool_response>\nsunny\n</tool_response>"
+
+
 def test_forced_writer_fills_only_values_and_keeps_the_schema() -> None:
     # What the "model" writes at each step: free text, then one biased token for the boolean.
     said = iter([("Paris", []), (" 3,", []), (" true", [11])])

@@ -160,3 +160,17 @@ def test_closed_or_unprefilled_sessions_are_refused(engine) -> None:
     engine.close_session(s)
     with pytest.raises(SessionError, match="closed"):
         engine.generate("hi", session=s)
+
+
+def test_chat_accepts_openai_content_parts(engine) -> None:
+    plain = engine.chat([{"role": "user", "content": "Name a colour.\nOne word."}],
+                        max_tokens=6, temperature=0)
+    parts = engine.chat([{"role": "user", "content": [
+        {"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]}],
+        max_tokens=6, temperature=0)
+    assert parts.token_ids == plain.token_ids
+    with pytest.raises(InvalidParamsError, match="only 'text' parts"):
+        engine.chat([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    with pytest.raises(InvalidParamsError, match="content part 0"):
+        engine.chat([{"role": "user", "content": ["just a string"]}])
