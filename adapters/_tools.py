@@ -38,8 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llama_engine import InvalidParamsError, LlamaEngine, LlamaError
-from llama_engine.messages import check_messages
+from llama_engine import InvalidParamsError, LlamaEngine, LlamaError, check_messages
 
 __all__ = [
     "MAX_JSON_DEPTH",

@@ -19,6 +19,7 @@ from llama_engine.errors import (
     UnsupportedQuantizationError,
     WeightLoadError,
 )
+from llama_engine.messages import check_messages
 from llama_engine.params import SamplingParams
 from llama_engine.stream import TokenStream
 from llama_engine.types import (
@@ -61,4 +62,5 @@ __all__ = [
     "UnsupportedQuantizationError",
     "Usage",
     "WeightLoadError",
+    "check_messages",
 ]
