@@ -114,7 +114,7 @@ def index(rag: ModuleType, embed_engine: Any) -> Any:
 
 
 RETRIEVAL = [
-    ("What command runs the test suite?", "README.md"),
+    ("How do I install the model packages and run pytest?", "README.md"),
     ("What prefill tok/s, TTFT, decode tok/s and peak RSS does each engine reach in the "
      "benchmark table?", "docs/performance.md"),
     ("When no KV block is free, which cached block is evicted?", "docs/architecture.md"),
@@ -124,7 +124,9 @@ RETRIEVAL = [
     ("How are stop strings matched across token boundaries?", "docs/architecture.md"),
     ("How much faster is continuous batching with many concurrent sessions?",
      "docs/performance.md"),
-    ("How does the adapter force a tool call with logit_bias?", "docs/architecture.md"),
+    ("How does the forced-call writer use logit_bias to write a tool call?",
+     "docs/architecture.md"),
+    ("What do the fuzz and chaos suites check?", "docs/reliability.md"),
 ]
 
 
