@@ -222,10 +222,7 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> TokenizersTokenizer
     try:
         types = [int(t) for t in types]
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(
-            "GGUF metadata tokenizer.ggml.token_type holds non-integer entries; "
-            "the file's tokenizer data is corrupt, re-convert the model"
-        ) from None
+        raise _corrupt("tokenizer.ggml.token_type", "non-integer") from None
     arch = str(meta.get("general.architecture", ""))
     if kind == "gpt2":
         tok = _build_byte_level(meta, tokens, types)
@@ -439,10 +436,7 @@ def _build_sentencepiece(
         try:
             rank = [float(x) for x in scores]
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(
-                "GGUF metadata tokenizer.ggml.scores holds non-numeric entries; "
-                "the file's tokenizer data is corrupt, re-convert the model"
-            ) from None
+            raise _corrupt("tokenizer.ggml.scores", "non-numeric") from None
         candidates.sort(key=lambda i: (-rank[i], i))
     merges = _derive_merges(
         keys,
@@ -485,3 +479,8 @@ def _build_sentencepiece(
             pieces.append(t.encode("utf-8"))
     kwargs = _common(meta, tokens, types, add_bos_default=True)
     return TokenizersTokenizer(backend, pieces=pieces, strip_leading_space=add_prefix, **kwargs)
+
+
+def _corrupt(key: str, kind: str) -> ConfigError:
+    return ConfigError(f"GGUF metadata {key} holds {kind} entries; the file's tokenizer data is "
+                       "corrupt, re-convert the model")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -47,6 +48,15 @@ def bounded(call: Callable[[], Any]) -> Any:
     assert elapsed < SECONDS, f"took {elapsed:.1f} s"
     assert peak_rss() - rss < RSS_GROWTH, f"peak RSS grew by {(peak_rss() - rss) / MB:.0f} MB"
     return result
+
+
+def check_named_case(case: Callable[[Path], Any], tmp_path: Path) -> None:
+    """A WORST_CASES entry, run in this process: its call ends, bounded, in the error it names
+    with a message matching its phrase."""
+    call, error, phrase = case(tmp_path)
+    result = bounded(call)
+    assert isinstance(result, error), result
+    assert re.search(phrase, str(result)), str(result)
 
 
 def check_worst_cases_in_a_fresh_process(test_file: str, tmp_path: Path, preload: str) -> None:
