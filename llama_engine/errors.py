@@ -7,6 +7,9 @@ inherit from it too, so `except ValueError` keeps working for code that does not
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 __all__ = [
     "ConfigError",
     "ContextOverflowError",
@@ -24,6 +27,7 @@ __all__ = [
     "UnsupportedOperationError",
     "UnsupportedQuantizationError",
     "WeightLoadError",
+    "file_read_errors",
 ]
 
 
@@ -90,3 +94,19 @@ class OutOfKVMemoryError(LlamaError):
 
 # The name the KV-cache issue uses; one class, two spellings.
 KVCacheFull = OutOfKVMemoryError
+
+
+@contextlib.contextmanager
+def file_read_errors(what: str, *, fix: str) -> Iterator[None]:
+    """Let `LlamaError`s through and turn anything else raised inside (a KeyError from a
+    malformed field, a RecursionError, a MemoryError, a Rust panic from `safetensors` or
+    `tokenizers`) into a `WeightLoadError` saying `what` could not be read and `fix`, with the
+    original as its cause: a malformed file must never surface as an untyped error."""
+    try:
+        yield
+    except LlamaError:
+        raise
+    except BaseException as e:  # pyo3's PanicException derives from BaseException
+        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise WeightLoadError(f"{what} could not be read ({type(e).__name__}: {e}); {fix}") from e

@@ -13,14 +13,20 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from llama_engine.errors import ConfigError, LlamaError, ModelNotFoundError, WeightLoadError
+from llama_engine.errors import (
+    ConfigError,
+    LlamaError,
+    ModelNotFoundError,
+    WeightLoadError,
+    file_read_errors,
+)
 from llama_models.gguf_file import MAX_TENSORS, read_gguf_file
 
 __all__ = ["Checkpoint", "RawTensor", "check_float", "check_int", "check_tensors",
@@ -120,21 +126,11 @@ def check_float(value: Any, key: str, source: str, *, lo: float = 0.0,
     return v
 
 
-@contextlib.contextmanager
-def typed_errors(what: str) -> Iterator[None]:
-    """Let `LlamaError`s through and turn anything else raised inside into a `WeightLoadError`
-    about `what` (the original kept as its cause): a malformed file must never surface as a
-    KeyError, RecursionError, MemoryError or Rust panic from deep inside a parser."""
-    try:
-        yield
-    except LlamaError:
-        raise
-    except BaseException as e:  # pyo3's PanicException (safetensors) is a BaseException
-        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
-            raise
-        raise WeightLoadError(
-            f"{what} could not be read ({type(e).__name__}: {e}); the file is corrupt or not a "
-            "model llama-engine can read, restore it or use another") from e
+def typed_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """Every failure inside becomes a `LlamaError` about the model file `what`."""
+    return file_read_errors(
+        what, fix="the file is corrupt or not a model llama-engine can read, restore it or use "
+        "another")
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

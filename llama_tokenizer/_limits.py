@@ -9,10 +9,10 @@ ever-longer tokens, one token id of 10**8 or a million special tokens is refused
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from llama_engine.errors import ConfigError, LlamaError, WeightLoadError
+from llama_engine.errors import ConfigError, file_read_errors
 
 __all__ = [
     "MAX_ADDED_TOKEN_BYTES",
@@ -90,24 +90,8 @@ def check_file_size(path: Any, limit: int, what: str) -> int:
     return size
 
 
-def _is_fatal(e: BaseException) -> bool:
-    return isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit)
-
-
-@contextlib.contextmanager
-def typed_errors(what: str) -> Iterator[None]:
-    """Let `LlamaError`s through and turn anything else raised inside (a KeyError from a
-    malformed field, a RecursionError, a MemoryError, a panic inside `tokenizers`) into a
-    `WeightLoadError` about `what`, keeping the original as its cause."""
-    try:
-        yield
-    except LlamaError:
-        raise
-    except BaseException as e:  # pyo3's PanicException derives from BaseException
-        if _is_fatal(e):
-            raise
-        raise WeightLoadError(
-            f"{what} could not be read ({type(e).__name__}: {e}); the tokenizer data is corrupt "
-            "or of a kind llama-engine cannot read, restore it or load the tokenizer from "
-            "another file"
-        ) from e
+def typed_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    """Every failure inside becomes a `LlamaError` about the tokenizer data `what`."""
+    return file_read_errors(
+        what, fix="the tokenizer data is corrupt or of a kind llama-engine cannot read, restore "
+        "it or load the tokenizer from another file")
