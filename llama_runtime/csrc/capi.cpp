@@ -1,9 +1,14 @@
 // C entry points of the kernels, for a caller without torch (llama_runtime/native, over ctypes):
 // plain pointers in, 0 or -1 out, and the failure's message from le_error(). The caller owns
 // and checks its buffers; these functions check what they can see (dims, block ids, slots).
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
+#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "decode.h"
@@ -98,6 +103,74 @@ LE_API int32_t le_model_step(void* model, const le::StepArgs* args) {
 
 LE_API void le_model_set_profiling(void* model, int32_t on) {
   static_cast<le::DecodeModel*>(model)->set_profiling(on != 0);
+}
+
+// A check of parallel_for for tests (tests/llama_runtime/test_parallel_pool.py): adds
+// value(i) to out[i - begin] for every i in [begin, end), split with `grain`; value(i) is
+// (i * 7919) % 1000003, plus, when nested > 0, a count made by a parallel_for over [0, nested)
+// run inside the chunk (which runs serially). The chunk holding throw_at (when in the range)
+// throws instead: -1 and le_error(). *threads_used: how many distinct threads ran chunks.
+LE_API int32_t le_parallel_test(int64_t begin, int64_t end, int64_t grain, int64_t nested,
+                                int64_t throw_at, int64_t* out, int32_t* threads_used) {
+  return guarded([&] {
+    std::mutex mu;
+    std::vector<std::thread::id> seen;
+    le::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
+          seen.push_back(std::this_thread::get_id());
+      }
+      if (b0 <= throw_at && throw_at < b1)
+        throw std::runtime_error("parallel_test: failure at " + std::to_string(throw_at));
+      for (int64_t i = b0; i < b1; ++i) {
+        int64_t inner = 0;
+        if (nested > 0) {
+          const std::thread::id me = std::this_thread::get_id();
+          std::atomic<int64_t> count{0};
+          le::parallel_for(0, nested, 1, [&](int64_t c0, int64_t c1) {
+            if (std::this_thread::get_id() == me) count += c1 - c0;  // serial: all on this one
+          });
+          inner = count.load();
+        }
+        out[i - begin] += (i * 7919) % 1000003 + inner;
+      }
+    });
+    *threads_used = static_cast<int32_t>(seen.size());
+  });
+}
+
+// A stress check of parallel_for for tests: `callers` threads each run `regions` regions back to
+// back over ranges of 1..range_max items with grains of 1..63 (from a fixed-seed generator per
+// caller), each region adding 1 to every item of its own buffer. *bad: how many regions left an
+// item at other than 1 (a chunk run twice, or not at all). Regions this short and this many are
+// where a lost wake-up hangs or a late worker claims from a finished region.
+LE_API int32_t le_parallel_stress(int64_t regions, int32_t callers, int64_t range_max,
+                                  int64_t* bad) {
+  return guarded([&] {
+    std::atomic<int64_t> wrong{0};
+    std::vector<std::thread> threads;
+    for (int32_t c = 0; c < callers; ++c)
+      threads.emplace_back([&, c] {
+        uint64_t state = 0x9E3779B97F4A7C15ull * (c + 1);
+        auto next = [&state] {  // xorshift64
+          state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+          return state;
+        };
+        std::vector<int32_t> items;
+        for (int64_t r = 0; r < regions; ++r) {
+          const int64_t n = 1 + static_cast<int64_t>(next() % range_max);
+          const int64_t grain = 1 + static_cast<int64_t>(next() % 63);
+          items.assign(n, 0);
+          le::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
+            for (int64_t i = b0; i < b1; ++i) ++items[i];
+          });
+          if (std::any_of(items.begin(), items.end(), [](int32_t v) { return v != 1; })) ++wrong;
+        }
+      });
+    for (auto& t : threads) t.join();
+    *bad = wrong.load();
+  });
 }
 
 }  // extern "C"

@@ -115,7 +115,8 @@ def isa() -> str:
 
 
 def compile_flags() -> list[str]:
-    """Flags for csrc/ on this CPU (see isa()): OpenMP on (parallel_for is its pragmas), and
+    """Flags for csrc/ on this CPU (see isa()): OpenMP on (only for its thread count and to
+    see an OpenMP region around a call: parallel_for runs on its own pool), and
     hidden symbols, so the torch extension and this library, both built from csrc/, never
     share one (GCC would otherwise make inline functions' statics process-wide "unique"
     symbols)."""
@@ -190,6 +191,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.le_model_step.argtypes = [p, ctypes.POINTER(StepArgs)]
     lib.le_model_step.restype = i32
     lib.le_model_set_profiling.argtypes = [p, i32]
+    lib.le_parallel_test.argtypes = [i64, i64, i64, i64, i64, p, ctypes.POINTER(i32)]
+    lib.le_parallel_test.restype = i32
+    lib.le_parallel_stress.argtypes = [i64, i32, i64, ctypes.POINTER(i64)]
+    lib.le_parallel_stress.restype = i32
 
 
 def library() -> Any:
