@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_engine.errors import UnsupportedArchitectureError
-from llama_models import bert, llama
+from llama_models import bert, gemma3, llama, qwen2, qwen3
 from llama_models.bert import EncoderFiles, open_encoder
 from llama_models.checkpoint import Checkpoint, RawTensor, read_checkpoint, typed_errors
+from llama_models.decoder import DecoderConfig, DecoderModel, open_decoder
 from llama_models.ops import Ops, RopeSpec
 from llama_models.registry import KNOWN_MODELS, resolve_model_path
 
 __all__ = [
+    "FAMILIES",
     "KNOWN_MODELS",
     "Checkpoint",
+    "DecoderConfig",
     "EncoderFiles",
     "ModelFiles",
     "Ops",
@@ -31,10 +34,13 @@ __all__ = [
     "resolve_model_path",
 ]
 
+FAMILIES = (llama, qwen2, qwen3, gemma3)
+"""The generating families, one module each (see llama_models/decoder.py and docs/models.md)."""
+
 # architecture name (GGUF general.architecture or HF model_type) -> module with the family
 _ARCHITECTURES: dict[tuple[str, str], Any] = {
-    **{("gguf", a): llama for a in llama.GGUF_ARCHITECTURES},
-    **{("hf", a): llama for a in llama.HF_ARCHITECTURES},
+    **{("gguf", a): f for f in FAMILIES for a in f.GGUF_ARCHITECTURES},
+    **{("hf", a): f for f in FAMILIES for a in f.HF_ARCHITECTURES},
 }
 
 
@@ -45,12 +51,12 @@ class ModelFiles:
     name: str
     checkpoint: Checkpoint
     family: Any
-    config: llama.LlamaConfig
+    config: DecoderConfig
     rope: RopeSpec
     weights: dict[str, RawTensor]
 
-    def build(self, prepared: dict[str, Any], ops: Ops) -> llama.LlamaModel:
-        return self.family.LlamaModel(self.config, self.rope, prepared, ops)
+    def build(self, prepared: dict[str, Any], ops: Ops) -> DecoderModel:
+        return DecoderModel(self.config, self.rope, prepared, ops)
 
 
 def open_model(model: str) -> ModelFiles:
@@ -74,12 +80,6 @@ def _open_model(model: str) -> ModelFiles:
         raise UnsupportedArchitectureError(
             f"{path} is a {ckpt.architecture!r} model; llama-engine runs {', '.join(supported)} "
             "architectures so far. Use a model of a supported family")
-    config = family.config_from_checkpoint(ckpt)
-    return ModelFiles(
-        name=model,
-        checkpoint=ckpt,
-        family=family,
-        config=config,
-        rope=family.rope_spec(config, ckpt),
-        weights=family.load_weights(ckpt, config),
-    )
+    config, rope, weights = open_decoder(ckpt, family)
+    return ModelFiles(name=model, checkpoint=ckpt, family=family, config=config, rope=rope,
+                      weights=weights)

@@ -29,13 +29,13 @@ from llama_models.checkpoint import (
     MAX_VOCAB,
     Checkpoint,
     RawTensor,
-    check_float,
     check_int,
     check_tensors,
     read_hf_dir,
     rename_hf_tensors,
     typed_errors,
 )
+from llama_models.config_reader import ConfigReader
 from llama_models.ops import POOLING_MODES, Ops
 from llama_models.registry import resolve_model_path
 
@@ -101,39 +101,29 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any], source: str = "config.json") -> BertConfig:
-        def get(key: str) -> Any:
-            if key not in cfg:
-                raise ConfigError(f"{source} lacks the key {key!r}; restore the file")
-            return cfg[key]
-
-        act = cfg.get("hidden_act", "gelu")
+        r = ConfigReader(cfg, source)
+        act = r.get("hidden_act", "gelu")
         if not isinstance(act, str) or act not in _GELU:
             raise UnsupportedArchitectureError(
                 f"{source}: hidden_act {act!r} is not supported (only {', '.join(_GELU)}); use "
                 "another model")
-        kind = cfg.get("position_embedding_type", "absolute")
+        kind = r.get("position_embedding_type", "absolute")
         if kind != "absolute":
             raise UnsupportedArchitectureError(
                 f"{source}: position_embedding_type {kind!r} is not supported (only absolute)")
-
-        def num(key: str, hi: int, default: Any = None) -> int:
-            value = get(key) if default is None else cfg.get(key, default)
-            return check_int(value, key, source, hi=hi)
-
-        dim, heads = num("hidden_size", MAX_DIM), num("num_attention_heads", MAX_HEADS)
+        dim, heads = r.int("hidden_size", MAX_DIM), r.int("num_attention_heads", MAX_HEADS)
         if dim % heads:
             raise ConfigError(f"{source}: hidden_size {dim} is not a multiple of "
                               f"num_attention_heads {heads}; the file is inconsistent")
         return cls(
-            vocab_size=num("vocab_size", MAX_VOCAB),
+            vocab_size=r.int("vocab_size", MAX_VOCAB),
             dim=dim,
-            n_layers=num("num_hidden_layers", MAX_LAYERS),
+            n_layers=r.int("num_hidden_layers", MAX_LAYERS),
             n_heads=heads,
-            ffn_dim=num("intermediate_size", MAX_FFN_DIM),
-            max_positions=num("max_position_embeddings", MAX_CONTEXT),
-            type_vocab_size=num("type_vocab_size", MAX_VOCAB, 2),
-            norm_eps=check_float(cfg.get("layer_norm_eps", 1e-12), "layer_norm_eps", source,
-                                 hi=1.0),
+            ffn_dim=r.int("intermediate_size", MAX_FFN_DIM),
+            max_positions=r.int("max_position_embeddings", MAX_CONTEXT),
+            type_vocab_size=r.int("type_vocab_size", MAX_VOCAB, 2),
+            norm_eps=r.float("layer_norm_eps", 1e-12, hi=1.0),
             gelu_tanh=_GELU[act],
         )
 

@@ -86,9 +86,11 @@ class Ops(Protocol):
     def rope(self, x: Any, rot: Any) -> Any:
         """Rotate x [N, H, head_dim] by the angles in `rot`."""
 
-    def attention(self, q: Any, k: Any, v: Any, batch: Any, layer: int, scale: float) -> Any:
+    def attention(self, q: Any, k: Any, v: Any, batch: Any, layer: int, scale: float, *,
+                  window: int = 0) -> Any:
         """Write k, v [N, Hkv, D] to the cache for `layer`, attend q [N, Hq, D] over each
-        sequence's cached keys with the causal mask; returns [N, Hq * D]."""
+        sequence's cached keys with the causal mask (and, when `window` > 0, over the last
+        `window` positions only, the query's own included); returns [N, Hq * D]."""
 
     def silu(self, x: Any) -> Any: ...
 

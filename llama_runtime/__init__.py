@@ -81,7 +81,8 @@ def create_engine(
             native.load_model(ModelSpec(model=model, device=device, **{
                 k: v for k, v in options.items() if k in _SPEC_OPTIONS}))
         except UnsupportedBackendError as e:  # a model or machine it cannot run: torch can
-            log.info("the native backend does not serve %s (%s); using torch", model, e)
+            log.warning("the native backend does not serve %s (%s); using torch, op by op "
+                        "where its fused step cannot run the model either", model, e)
         else:
             if embed_model is not None:
                 native.load_embed_model(embed_model)

@@ -174,6 +174,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "dim": cfg.dim,
         "heads": cfg.n_heads,
         "kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "family": cfg.family,
+        "sliding_windows": sorted(set(cfg.windows) - {0}),
+        # which path runs it on a CPU: the fused native step, or op by op on torch, and why
+        "fused_step": cfg.fused_refusal() or "yes",
         "chat_template": tok.chat_template is not None,
         "weight_paths": _weight_paths(files),
     }

@@ -66,6 +66,9 @@ def _dense(raw: RawTensor) -> np.ndarray:
 
 def unsupported(files: ModelFiles) -> str | None:
     """None when this model runs here, else why not."""
+    refusal = files.config.fused_refusal()
+    if refusal is not None:
+        return refusal
     rope = files.rope
     if rope.rotary_dim != rope.head_dim:
         return "partial rotary embeddings are not supported by the native kernels"

@@ -139,21 +139,28 @@ def _special_frame(tok: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 class CausalBatch:
-    """A `batch` for LlamaModel.forward over whole sequences laid end to end: each attends
-    causally to its own keys, nothing touches the KV cache, and every row comes out."""
+    """A `batch` for DecoderModel.forward over whole sequences laid end to end: each attends
+    causally to its own keys (the last `window` of them in a windowed layer), nothing touches
+    the KV cache, and every row comes out."""
 
     def __init__(self, lengths: Sequence[int]) -> None:
         self.spans = list(itertools.pairwise(np.cumsum([0, *lengths]).tolist()))
         self.logits_rows = slice(None)  # take_rows: all of them
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-               scale: float) -> torch.Tensor:
+               scale: float, *, window: int = 0) -> torch.Tensor:
         # q: [N, Hq, D]; k, v: [N, Hkv, D]
         out = torch.empty_like(q)
         for r0, r1 in self.spans:
+            mask = None
+            if window and r1 - r0 > window:
+                n = r1 - r0
+                mask = torch.ones((n, n), dtype=torch.bool, device=q.device).tril()
+                mask = mask.triu(1 - window)
             o = F.scaled_dot_product_attention(
                 q[r0:r1].transpose(0, 1)[None], k[r0:r1].transpose(0, 1)[None],
-                v[r0:r1].transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
+                v[r0:r1].transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                scale=scale, enable_gqa=True)
             out[r0:r1] = o[0].transpose(0, 1)
         return out.reshape(q.shape[0], -1)
 

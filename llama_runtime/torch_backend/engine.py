@@ -99,7 +99,7 @@ class TorchEngine(BatchedEngine):
         self._quantized = quantized
         prepared = self._prepare_weights(files.weights, device, dtype, bar, quantized)
         ops = TorchOps(device, dtype)
-        kv_dtype = self._kv_dtype(device, dtype, quantized)
+        kv_dtype = self._kv_dtype(device, dtype, quantized and cfg.fused_refusal() is None)
         num_blocks = self._kv_blocks(cfg, torch.empty((), dtype=kv_dtype).element_size(),
                                      _available_memory(device))
         model = files.build(prepared, ops)
@@ -129,13 +129,14 @@ class TorchEngine(BatchedEngine):
         self._model, self._fused, self._device, self._dtype = model, fused, device, dtype
 
     def _kv_dtype(self, device: torch.device, dtype: torch.dtype,
-                  quantized: bool) -> torch.dtype:
+                  fused: bool) -> torch.dtype:
         """The KV cache's dtype: kv_dtype, or for "auto" float16 beside the int8 decode kernels
         on the CPU (llama.cpp's default too: half the bytes attention reads per token, at
-        float16's ~0.05% rounding), else the compute dtype."""
+        float16's ~0.05% rounding), else the compute dtype. `fused`: quantized weights that
+        the fused step can run (else the model runs op by op, in its compute dtype)."""
         if self._kv_dtype_name != "auto":
             return _DTYPES[self._kv_dtype_name]
-        int8_decode = self._decode_mode in ("auto", "int8") and quantized
+        int8_decode = self._decode_mode in ("auto", "int8") and fused
         if int8_decode and device.type == "cpu" and dtype == torch.float32:
             return torch.float16
         return dtype
@@ -154,8 +155,10 @@ class TorchEngine(BatchedEngine):
             except RuntimeError as e:
                 why = str(e)
         if why is not None:
-            if mode != "auto":
+            if mode not in ("auto", "exact"):  # op by op is exact too (float, in order)
                 raise UnsupportedBackendError(f"decode={mode!r}: {why}; pass decode='torch'")
+            log.info("the fused decode step does not serve this model (%s); running it op by "
+                     "op", why)
             return None
         return FusedDecoder(model, int8=mode in ("auto", "int8"))
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama_models.llama import LlamaConfig, LlamaModel
+from llama_models.decoder import DecoderConfig, DecoderModel
 from llama_models.ops import RopeSpec
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 from llama_runtime.torch_backend.paged import PagedKVStore
@@ -34,8 +34,8 @@ _LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_
 
 
 class FusedDecoder:
-    def __init__(self, model: LlamaModel, *, int8: bool) -> None:
-        cfg: LlamaConfig = model.cfg
+    def __init__(self, model: DecoderModel, *, int8: bool) -> None:
+        cfg: DecoderConfig = model.cfg
         norms: list[torch.Tensor] = []
         linears: list[list[torch.Tensor]] = []
         rows: list[int] = []
@@ -58,13 +58,16 @@ class FusedDecoder:
         self._inv_freq = np.asarray(model.rope.inv_freq(), dtype=np.float32)
 
     @staticmethod
-    def supports(model: LlamaModel, device: torch.device, dtype: torch.dtype,
+    def supports(model: DecoderModel, device: torch.device, dtype: torch.dtype,
                  kv_dtype: torch.dtype) -> str | None:
         """None when the fused step can run this model here, else why not."""
         if device.type != "cpu" or dtype != torch.float32:
             return "the fused decode step runs on the CPU in float32"
         if kv_dtype not in (torch.float32, torch.float16):
             return "the fused decode step keeps the KV cache in float32 or float16"
+        refusal = model.cfg.fused_refusal()
+        if refusal is not None:
+            return refusal
         rope: RopeSpec = model.rope
         if rope.rotary_dim != rope.head_dim:
             return "the fused decode step rotates whole heads (partial RoPE is not supported)"

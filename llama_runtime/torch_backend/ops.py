@@ -51,8 +51,8 @@ class TorchOps:
         return x * cos + rotated * sin
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  batch: StepBatch, layer: int, scale: float) -> torch.Tensor:
-        return batch.attend(q, k, v, layer, scale)
+                  batch: StepBatch, layer: int, scale: float, *, window: int = 0) -> torch.Tensor:
+        return batch.attend(q, k, v, layer, scale, window=window)
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x)

@@ -87,7 +87,7 @@ class StepBatch:
         decode_rows: list[int] = []
         decode_ctx: list[list[int]] = []
         self.prefills: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor],
-                                  torch.Tensor | None]] = []
+                                  torch.Tensor]] = []
         r = 0
         for s in seqs:
             if s.want_logits:
@@ -112,26 +112,48 @@ class StepBatch:
                 valid[i, : len(c)] = True
             self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
             self.decode_at = store.at(idx.to(dev))
-            # [B, 1, 1, width]; None when every row is full (no padding to hide)
-            self.decode_mask = None if bool(valid.all()) else valid[:, None, None, :].to(dev)
+            self._decode_valid = valid[:, None, None, :].to(dev)  # [B, 1, 1, width]
+            self._decode_lens = torch.tensor([len(c) for c in decode_ctx], device=dev)
+        self._masks: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+
+    def masks(self, window: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The decode rows' key mask [B, 1, 1, width] (None when every key is visible) and each
+        prefill's [n, context] mask, causal and, when `window` > 0, limited to the last
+        `window` positions (made once per window a step)."""
+        if window not in self._masks:
+            decode: torch.Tensor | None = None
+            if self.decode_rows is not None:
+                decode = self._decode_valid
+                if window:
+                    pos = torch.arange(decode.shape[-1], device=decode.device)
+                    decode = decode & (pos >= self._decode_lens[:, None, None, None] - window)
+                if bool(decode.all()):
+                    decode = None
+            prefill: list[torch.Tensor] = []
+            for *_, mask in self.prefills:
+                start = mask.shape[1] - mask.shape[0]  # positions before the chunk
+                prefill.append(mask.triu(start - window + 1) if window else mask)
+            self._masks[window] = (decode, prefill)
+        return self._masks[window]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-               scale: float) -> torch.Tensor:
+               scale: float, *, window: int = 0) -> torch.Tensor:
         # q: [N, Hq, D]; k, v: [N, Hkv, D]
         kc, vc = self.store.k[layer], self.store.v[layer]  # [blocks, Hkv, block_size, D]
         wb, wo = self.write_at
         kc[wb, :, wo] = k.to(kc.dtype)
         vc[wb, :, wo] = v.to(vc.dtype)
         out = torch.empty_like(q)
+        decode_mask, prefill_masks = self.masks(window)
         if self.decode_rows is not None:
             qd = q.index_select(0, self.decode_rows)[:, :, None, :]  # [B, Hq, 1, D]
             db, do = self.decode_at
             kd = kc[db, :, do].transpose(1, 2).to(q.dtype)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
             vd = vc[db, :, do].transpose(1, 2).to(q.dtype)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask,
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask,
                                                 scale=scale, enable_gqa=True)
             out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
-        for r0, r1, ctx, mask in self.prefills:
+        for (r0, r1, ctx, _), mask in zip(self.prefills, prefill_masks, strict=True):
             qp = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
             kp = kc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
             vp = vc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)

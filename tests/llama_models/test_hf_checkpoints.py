@@ -7,12 +7,12 @@ all-MiniLM-L6-v2 tokenizer.json shipped in its package (the engine needs one to 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from families import assert_same_greedy_tokens, make_hf_model
 
 from llama_engine import WeightLoadError
 from llama_runtime import create_engine
@@ -27,18 +27,8 @@ def _tokenizer_dir() -> Path:
 
 
 def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch.nn.Module]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False, **extra)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
     out = tmp_path / model_type
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(_tokenizer_dir() / name, out / name)
+    model = make_hf_model(out, model_type, _tokenizer_dir(), vocab_size=VOCAB, **extra)
     return out, model
 
 
@@ -51,6 +41,18 @@ def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch
                                     "original_max_position_embeddings": 32}}),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
         ("mistral", {"sliding_window": None}),
+        # a window shorter than the prompt: every layer attends to its last 16 positions
+        ("mistral", {"sliding_window": 16}),
+        ("qwen2", {}),
+        # Qwen2's optional windows, on the layers from max_window_layers on
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1}),
+        ("qwen3", {"head_dim": 32}),  # a head width other than dim / heads
+        ("qwen3", {}),
+        # a windowed layer (16 positions, its own RoPE base) then a global one
+        ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16,
+                         "layer_types": ["sliding_attention", "full_attention"]}),
+        ("gemma3_text", {"head_dim": 32, "sliding_window": 1024,
+                         "layer_types": ["full_attention", "sliding_attention"]}),
     ],
 )
 def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, model_type: str,
@@ -67,7 +69,7 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, 
         want = hf_greedy(ref, ids, 20)
     assert np.abs(ours - theirs).max() < 1e-4
     got = engine.generate(ids, max_tokens=20, temperature=0, ignore_eos=True).token_ids
-    assert got == want
+    assert_same_greedy_tokens(got, want, ref, ids)
 
 
 def test_wrong_shapes_are_refused(tmp_path: Path) -> None:

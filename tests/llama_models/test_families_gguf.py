@@ -1,0 +1,63 @@
+"""Each family's GGUF files, as llama.cpp's converter writes them, against transformers.
+
+A tiny random model per family and shape is made by transformers (with SmolLM2's vocabulary),
+converted by llama.cpp's convert_hf_to_gguf.py (tests/families.py), and loaded by the engine:
+the last prompt position's logits agree with transformers' float32 forward within 1e-4, and
+20 greedy tokens are equal. The prompt (78 tokens) is longer than every sliding window here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from families import assert_same_greedy_tokens, make_hf_model, to_gguf
+
+from llama_models import open_model, resolve_model_path
+from llama_runtime import create_engine
+
+IDS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1123, 5612, 28, 253, 1345, 29, 17] * 5
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+CASES = [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("qwen3", {}),
+    ("qwen3", {"head_dim": 32, "num_key_value_heads": 4}),  # no GQA, head width != dim / heads
+    # six layers in llama.cpp's pattern (the sixth global), windows of 16 positions; GGUF keeps
+    # no query_pre_attn_scalar (llama.cpp takes head_dim, as every released Gemma 3 but 27B has)
+    ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                     "num_hidden_layers": 6,
+                     "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}),
+]
+
+
+@pytest.mark.parametrize(("model_type", "extra"), CASES)
+def test_gguf_logits_and_greedy_tokens_match_transformers(
+        tmp_path: Path, smollm2_tokenizer: Any, hf_greedy: Any, model_type: str,
+        extra: dict[str, Any]) -> None:
+    ref = make_hf_model(tmp_path / "hf", model_type, smollm2_tokenizer, **extra)
+    gguf = to_gguf(tmp_path / "hf", tmp_path / f"{model_type}.gguf")
+    assert open_model(str(gguf)).checkpoint.architecture == model_type.removesuffix("_text")
+    engine = create_engine(str(gguf), progress=False)
+    s = engine.new_session()
+    engine.prefill(s, IDS)
+    ours = engine.next_token_logits(s)
+    engine.close_session(s)
+    with torch.inference_mode():
+        theirs = ref(torch.tensor([IDS])).logits[0, -1].numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
+    got = engine.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
+    assert_same_greedy_tokens(got, hf_greedy(ref, IDS, 20), ref, IDS)
+    engine.close()

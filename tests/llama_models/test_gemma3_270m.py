@@ -1,0 +1,64 @@
+"""The packaged gemma3-270m (GGUF Q4_K_M) runs by name and answers as transformers does in
+float32 on the same dequantized GGUF: the logits of a prompt's last position within 1e-4, and
+greedy tokens equal on eight prompts (it is a base model: plain text, several languages, code,
+arithmetic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from families import assert_same_greedy_tokens
+
+from llama_models import resolve_model_path
+from llama_runtime import create_engine
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Question: What is 17 + 25?\nAnswer:",
+    "La capitale de l'Italie est",
+    "Die Hauptstadt von Deutschland ist",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "import numpy as np\nx = np.arange(10)\nprint(",
+]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def reference() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path("gemma3-270m")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    e = create_engine("gemma3-270m", progress=False)
+    yield e
+    e.close()
+
+
+def test_last_logits_match_transformers(engine: Any, reference: Any) -> None:
+    ids = engine.tokenize(PROMPTS[0])
+    s = engine.new_session()
+    engine.prefill(s, ids)
+    ours = engine.next_token_logits(s)
+    engine.close_session(s)
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert engine.detokenize([int(ours.argmax())]).strip()  # a real word, not padding
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_match_transformers(engine: Any, reference: Any, hf_greedy: Any,
+                                          prompt: str) -> None:
+    ids = engine.tokenize(prompt)
+    got = engine.generate(ids, max_tokens=STEPS, temperature=0, ignore_eos=True).token_ids
+    assert_same_greedy_tokens(got, hf_greedy(reference, ids, STEPS), reference, ids)
