@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_engine.errors import UnsupportedArchitectureError
-from llama_models import bert, gemma3, llama, qwen2, qwen3
+from llama_models import bert, gemma3, llama, phi3, qwen2, qwen3
 from llama_models.bert import EncoderFiles, open_encoder
 from llama_models.checkpoint import Checkpoint, RawTensor, read_checkpoint, typed_errors
 from llama_models.decoder import DecoderConfig, DecoderModel, open_decoder
@@ -34,7 +34,7 @@ __all__ = [
     "resolve_model_path",
 ]
 
-FAMILIES = (llama, qwen2, qwen3, gemma3)
+FAMILIES = (llama, qwen2, qwen3, gemma3, phi3)
 """The generating families, one module each (see llama_models/decoder.py and docs/models.md)."""
 
 # architecture name (GGUF general.architecture or HF model_type) -> module with the family

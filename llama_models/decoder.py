@@ -69,6 +69,8 @@ HF_WEIGHTS: dict[str, str] = {
 """HF names of the tensors most families share (a family's own map is laid over this one)."""
 
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_ROPE_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight",
+                           "rope_factors_short.weight"})  # read into the RopeSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +176,11 @@ def base_config(r: ConfigReader) -> dict[str, Any]:
     """The fields every family reads the same way, from GGUF keys or config.json keys, as
     DecoderConfig keyword arguments (sliding windows and family options are the family's)."""
     g = r.is_gguf
+    for key in (("expert_count",) if g else ("num_local_experts", "num_experts")):
+        if r.get(key, 0) not in (0, None):
+            raise UnsupportedArchitectureError(
+                f"{r.source}: {r.key(key)}={r.get(key)!r}: mixture-of-experts layers are not "
+                "supported yet; use a dense model")
     n_heads = r.int("attention.head_count" if g else "num_attention_heads", MAX_HEADS)
     dim = r.int("embedding_length" if g else "hidden_size", MAX_DIM)
     kv_key = "attention.head_count_kv" if g else "num_key_value_heads"
@@ -257,11 +264,18 @@ def _hf_rope(r: ConfigReader) -> dict[str, Any]:
     # transformers >= 5 writes rope_parameters {rope_type, rope_theta, factor, ...}; older files
     # have rope_theta and rope_scaling side by side
     key = "rope_parameters" if r.has("rope_parameters") else "rope_scaling"
+    if key == "rope_parameters" and r.has("rope_scaling") and _rope_type(r.mapping(key)) in (
+            None, "default"):
+        key = "rope_scaling"  # an older file's scaling beside default parameters
     rope = r.mapping(key)
     if "full_attention" in rope and isinstance(rope["full_attention"], Mapping):
         rope = dict(rope["full_attention"])  # per layer kind (Gemma 3): the global layers'
-    theta = check_float(rope.pop("rope_theta", r.get("rope_theta", 10_000.0)), "rope_theta",
-                        r.source)
+    params = r.mapping("rope_parameters")
+    params = params.get("full_attention", params) if isinstance(
+        params.get("full_attention"), Mapping) else params
+    theta = check_float(rope.pop("rope_theta", params.get("rope_theta",
+                                                          r.get("rope_theta", 10_000.0))),
+                        "rope_theta", r.source)
     if rope.get("rope_type", rope.get("type")) in (None, "default"):
         rope = {}
     if rope.get("rope_type", rope.get("type")) in ("linear", "llama3"):
@@ -270,6 +284,12 @@ def _hf_rope(r: ConfigReader) -> dict[str, Any]:
             if k in rope:
                 check_float(rope[k], k, f"{r.source}: {key}")
     return {"rope_theta": theta, "rope_scaling": rope or None}
+
+
+def _rope_type(rope: Mapping[str, Any]) -> Any:
+    inner = rope.get("full_attention")
+    return _rope_type(inner) if isinstance(inner, Mapping) else rope.get(
+        "rope_type", rope.get("type"))
 
 
 def hf_windows(r: ConfigReader, n_layers: int, *, default_all: bool) -> tuple[int, ...]:
@@ -323,14 +343,17 @@ def open_decoder(ckpt: Checkpoint, family: ModuleType
                               f"{cfg.n_layers} layers")
         out_name = "output.weight" if ckpt.format == "gguf" else "lm_head.weight"
         cfg = replace(cfg, tie_embeddings=cfg.tie_embeddings or out_name not in ckpt.tensors)
-    rope = rope_spec(cfg, ckpt)
+    with typed_errors(f"the rotary embedding of {ckpt.path}"):
+        own = getattr(family, "rope_spec", None)  # a family's own scaling (Phi-3's LongRoPE)
+        rope = own(cfg, ckpt, r) if own is not None else None
+    rope = rope or rope_spec(cfg, ckpt)
     with typed_errors(f"the weights of {ckpt.path}"):
         what = f"a {family.NAME} model"
         if ckpt.format == "hf":
             named = rename_hf_tensors(ckpt, HF_WEIGHTS | getattr(family, "HF_WEIGHTS", {}),
                                       _HF_IGNORED, what)
         else:
-            named = {n: t for n, t in ckpt.tensors.items() if n != "rope_freqs.weight"}
+            named = {n: t for n, t in ckpt.tensors.items() if n not in _ROPE_TENSORS}
         adapt = getattr(family, "adapt_weights", None)
         if adapt is not None:
             named = adapt(named, cfg, ckpt.format)

@@ -20,14 +20,19 @@ the high nibbles; `bit(qh, j)` is bit j of qh read as a little-endian uint32):
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import gguf
+import gguf.quants
 import torch
 
 from llama_engine.errors import UnsupportedQuantizationError, WeightLoadError
 
 __all__ = ["SUPPORTED_TYPES", "dequantize", "row_bytes"]
+
+log = logging.getLogger(__name__)
 
 _Q = gguf.GGMLQuantizationType
 _QK_K = 256
@@ -148,7 +153,12 @@ _BLOCK_DECODERS: dict[gguf.GGMLQuantizationType, Callable[[torch.Tensor], torch.
 
 _FLOAT_TYPES = {_Q.F32: torch.float32, _Q.F16: torch.float16, _Q.BF16: torch.bfloat16}
 
-SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset([*_FLOAT_TYPES, *_BLOCK_DECODERS])
+_REFERENCE_TYPES = frozenset({_Q.Q2_K, _Q.Q3_K, _Q.IQ4_NL, _Q.IQ4_XS})
+"""Types read with gguf's own numpy decoders (the reference the vectorized ones are checked
+against): correct, slower, on the CPU; found in some Q2_K/Q3_K/IQ4 mixes."""
+
+SUPPORTED_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
+    [*_FLOAT_TYPES, *_BLOCK_DECODERS, *_REFERENCE_TYPES])
 
 
 def _supported_names() -> str:
@@ -218,6 +228,17 @@ def dequantize(
             raw = raw.clone()  # view(dtype) needs an aligned start
         return raw.view(dtype).to(torch.float32).reshape(shape)
 
+    if qt in _REFERENCE_TYPES:
+        _log_reference_decoder(qt)
+        values = gguf.quants.dequantize(raw.cpu().numpy(), qt).astype("float32", copy=False)
+        return torch.from_numpy(values).to(raw.device).reshape(shape)
     _, type_size = gguf.GGML_QUANT_SIZES[qt]
     blocks = raw.reshape(-1, type_size)
     return _BLOCK_DECODERS[qt](blocks).reshape(shape)
+
+
+@functools.cache
+def _log_reference_decoder(qt: gguf.GGMLQuantizationType) -> None:
+    log.warning("%s tensors are dequantized to float at load with gguf's reference decoder "
+                "(slower to load, and multiplied as float: no kernel keeps %s quantized)",
+                qt.name, qt.name)

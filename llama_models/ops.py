@@ -12,7 +12,7 @@ sequence and where their keys and values live in the KV cache.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,7 +35,21 @@ class RopeSpec:
     theta: float
     scaling: dict[str, Any] | None = None
     freq_factors: tuple[float, ...] | None = field(default=None, repr=False)
-    """Per-frequency divisors stored in some GGUFs (rope_freqs.weight, Llama 3.1 style)."""
+    """Per-frequency divisors stored in some GGUFs (rope_freqs.weight, Llama 3.1 style), or
+    LongRoPE's short factors."""
+    long_factors: tuple[float, ...] | None = field(default=None, repr=False)
+    """LongRoPE (Phi-3): the divisors for a context longer than `original_context`."""
+    original_context: int = 0
+    attention_factor: float = 1.0
+    """cos and sin are multiplied by it (LongRoPE's sqrt(1 + ln(s) / ln(original)))."""
+
+    def for_context(self, context: int) -> RopeSpec:
+        """The table an engine of `context` positions uses: LongRoPE's long factors when the
+        context exceeds the original one, else its short ones (llama.cpp's rule: pass a
+        context_length at most the original to keep the short factors)."""
+        if self.long_factors is None or context <= self.original_context:
+            return self
+        return replace(self, freq_factors=self.long_factors)
 
     def inv_freq(self) -> np.ndarray:
         """float64 [rotary_dim // 2]: the angle per position of each rotated pair."""

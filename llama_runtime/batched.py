@@ -209,6 +209,7 @@ class BatchedEngine(LlamaEngine):
         else:
             tokenizer = Tokenizer.from_hf_dir(ckpt.path)
         ctx = self.context_length(spec, files.config.context_length)
+        files.rope = files.rope.for_context(ctx)
         bar.total = 1 + len(files.weights)
         bar.update(1)
         return files, tokenizer, ctx

@@ -83,7 +83,7 @@ def make_hf_model(out: Path, model_type: str, tokenizer: Any, **extra: Any
     shape: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=False)
+        rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0)
     cfg = AutoConfig.for_model(model_type, **(shape | extra))
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # norms start at one (or zero, for Gemma's 1 + w): make them count

@@ -70,6 +70,8 @@ def unsupported(files: ModelFiles) -> str | None:
     if refusal is not None:
         return refusal
     rope = files.rope
+    if rope.attention_factor != 1.0:
+        return "the fused step's rotary tables are unscaled (LongRoPE's attention factor)"
     if rope.rotary_dim != rope.head_dim:
         return "partial rotary embeddings are not supported by the native kernels"
     if files.checkpoint.format != "gguf":

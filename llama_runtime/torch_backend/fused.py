@@ -69,6 +69,8 @@ class FusedDecoder:
         if refusal is not None:
             return refusal
         rope: RopeSpec = model.rope
+        if rope.attention_factor != 1.0:
+            return "the fused step's rotary tables are unscaled (LongRoPE's attention factor)"
         if rope.rotary_dim != rope.head_dim:
             return "the fused decode step rotates whole heads (partial RoPE is not supported)"
         return None

@@ -42,7 +42,10 @@ class TorchOps:
             self._inv_freq[id(spec)] = inv
         angles = positions.to(torch.float32)[:, None] * inv[None, :]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [N, 1, rotary_dim]
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if spec.attention_factor != 1.0:
+            cos, sin = cos * spec.attention_factor, sin * spec.attention_factor
+        return cos.to(self.dtype), sin.to(self.dtype)
 
     def rope(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cos, sin = rot

@@ -151,12 +151,36 @@ def test_row_bytes() -> None:
 def test_supported_types() -> None:
     assert {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0} <= SUPPORTED_TYPES
     assert {Q.Q4_K, Q.Q5_K, Q.Q6_K} <= SUPPORTED_TYPES
-    assert len(SUPPORTED_TYPES) == 11
+    assert {Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS} <= SUPPORTED_TYPES  # gguf's own decoders
+    assert len(SUPPORTED_TYPES) == 15
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda q: q.name)
+def test_types_read_by_ggufs_decoders(qtype: Q, caplog: pytest.LogCaptureFixture) -> None:
+    """Random blocks (finite float16 scales) of the types with no vectorized decoder come out
+    as gguf's reference decodes them, in the tensor's shape, with a log line saying so."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (6, 2 * type_size), dtype=np.uint8)
+    blocks = raw.reshape(-1, type_size)
+    f16 = np.float16(rng.uniform(-0.01, 0.01))  # every float16 field of a block: small, finite
+    for at in _F16_OFFSETS[qtype]:
+        blocks[:, at:at + 2] = np.frombuffer(f16.tobytes(), np.uint8)
+    with caplog.at_level("WARNING", logger="llama_models.dequant"):
+        got = dequantize(torch.from_numpy(raw.copy()), qtype, (6, 2 * block_size))
+    want = gguf.quants.dequantize(raw, qtype).reshape(6, 2 * block_size)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert not caplog.records or qtype.name in caplog.text
+
+
+_F16_OFFSETS = {  # byte offsets of each block's float16 scales (ggml-common.h)
+    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 
 
 def test_unsupported_type_raises() -> None:
     raw = torch.zeros(66, dtype=torch.uint8)
-    with pytest.raises(UnsupportedQuantizationError, match="IQ2_XXS") as info:
+    with pytest.raises(UnsupportedQuantizationError, match="IQ2_XXS") as info:  # no decoder
         dequantize(raw, Q.IQ2_XXS, (1, 256))
     msg = str(info.value)
     assert "Q4_K" in msg and "Q8_0" in msg and "llama-quantize" in msg

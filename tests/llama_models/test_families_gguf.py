@@ -8,6 +8,7 @@ the last prompt position's logits agree with transformers' float32 forward withi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ CASES = [
     ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
                      "num_hidden_layers": 6,
                      "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}),
+    ("phi3", {}),  # fused qkv and gate_up in the file, split at load
+    # LongRoPE (factors as tensors, the attention factor as a key), past the original context
+    ("phi3", {"original_max_position_embeddings": 64, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 8.0, 12.0, 20.0, 32.0]}}),
 ]
 
 
@@ -48,6 +55,10 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
         tmp_path: Path, smollm2_tokenizer: Any, hf_greedy: Any, model_type: str,
         extra: dict[str, Any]) -> None:
     ref = make_hf_model(tmp_path / "hf", model_type, smollm2_tokenizer, **extra)
+    if model_type == "phi3":  # the converter reads Phi-3's vocabulary as BPE for this class only
+        cfg_file = tmp_path / "hf" / "tokenizer_config.json"
+        cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text())
+                                       | {"tokenizer_class": "GPT2Tokenizer"}))
     gguf = to_gguf(tmp_path / "hf", tmp_path / f"{model_type}.gguf")
     assert open_model(str(gguf)).checkpoint.architecture == model_type.removesuffix("_text")
     engine = create_engine(str(gguf), progress=False)

@@ -14,10 +14,13 @@ import pytest
 import torch
 from families import assert_same_greedy_tokens, make_hf_model
 
-from llama_engine import WeightLoadError
+from llama_engine import UnsupportedArchitectureError, WeightLoadError
 from llama_runtime import create_engine
 
 VOCAB = 30522  # the MiniLM tokenizer's vocabulary
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0,  # 8 = head_dim / 2 pairs
+            "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 8.0, 12.0, 20.0, 32.0]}
 
 
 def _tokenizer_dir() -> Path:
@@ -53,6 +56,10 @@ def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch
                          "layer_types": ["sliding_attention", "full_attention"]}),
         ("gemma3_text", {"head_dim": 32, "sliding_window": 1024,
                          "layer_types": ["full_attention", "sliding_attention"]}),
+        ("phi3", {}),
+        ("phi3", {"sliding_window": 16}),
+        # LongRoPE: the 78-token prompt is past the original 64 positions: the long factors
+        ("phi3", {"original_max_position_embeddings": 64, "rope_parameters": LONGROPE}),
     ],
 )
 def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, model_type: str,
@@ -80,4 +87,38 @@ def test_wrong_shapes_are_refused(tmp_path: Path) -> None:
     cfg["intermediate_size"] = 96  # the file's MLP weights are 128 wide
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightLoadError, match="ffn_gate.weight has shape"):
+        create_engine(str(path), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "edit", "named"),
+    [
+        ("llama", {"mlp_bias": True}, "mlp_bias"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+        ("llama", {"num_local_experts": 8}, "mixture-of-experts"),
+        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ("qwen3", {"attention_bias": True}, "attention_bias"),
+        ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ],
+)
+def test_options_a_family_does_not_implement_are_refused_by_name(
+        tmp_path: Path, model_type: str, edit: dict[str, object], named: str) -> None:
+    import json
+
+    path, _ = _make(tmp_path, model_type)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | edit))
+    with pytest.raises(UnsupportedArchitectureError, match=named):
+        create_engine(str(path), progress=False)
+
+
+def test_an_unknown_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    import json
+
+    path, _ = _make(tmp_path, "llama")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"model_type": "mixtral"}))
+    with pytest.raises(UnsupportedArchitectureError, match="gemma3_text.*phi3.*qwen3"):
         create_engine(str(path), progress=False)
