@@ -115,3 +115,17 @@ def assert_same_greedy_tokens(got: list[int], want: list[int], ref: torch.nn.Mod
     assert got[step] == second and gap < 1e-4, (
         f"greedy tokens differ at step {step}: ours {got[step]}, the reference's {want[step]} "
         f"(its top two {first}, {second} are {gap:.2e} apart)")
+
+
+def assert_last_logits_match(engine: Any, ref: torch.nn.Module, ids: list[int],
+                             tol: float = 1e-4) -> np.ndarray:
+    """The engine's logits after prefilling `ids` within `tol` of the reference's float32 ones
+    at the last position; returns ours."""
+    s = engine.new_session()
+    engine.prefill(s, ids)
+    ours = engine.next_token_logits(s)
+    engine.close_session(s)
+    with torch.inference_mode():
+        theirs = ref(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(ours - theirs).max() < tol
+    return ours

@@ -12,10 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
-from families import assert_same_greedy_tokens, make_hf_model, to_gguf
+from families import assert_last_logits_match, assert_same_greedy_tokens, make_hf_model, to_gguf
 
 from llama_models import open_model, resolve_model_path
 from llama_runtime import create_engine
@@ -62,13 +60,7 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
     gguf = to_gguf(tmp_path / "hf", tmp_path / f"{model_type}.gguf")
     assert open_model(str(gguf)).checkpoint.architecture == model_type.removesuffix("_text")
     engine = create_engine(str(gguf), progress=False)
-    s = engine.new_session()
-    engine.prefill(s, IDS)
-    ours = engine.next_token_logits(s)
-    engine.close_session(s)
-    with torch.inference_mode():
-        theirs = ref(torch.tensor([IDS])).logits[0, -1].numpy()
-    assert np.abs(ours - theirs).max() < 1e-4
+    assert_last_logits_match(engine, ref, IDS)
     got = engine.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     assert_same_greedy_tokens(got, hf_greedy(ref, IDS, 20), ref, IDS)
     engine.close()

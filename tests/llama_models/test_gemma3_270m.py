@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from families import assert_same_greedy_tokens
+from families import assert_last_logits_match, assert_same_greedy_tokens
 
 from llama_models import resolve_model_path
 from llama_runtime import create_engine
@@ -45,14 +44,7 @@ def engine() -> Any:
 
 
 def test_last_logits_match_transformers(engine: Any, reference: Any) -> None:
-    ids = engine.tokenize(PROMPTS[0])
-    s = engine.new_session()
-    engine.prefill(s, ids)
-    ours = engine.next_token_logits(s)
-    engine.close_session(s)
-    with torch.inference_mode():
-        theirs = reference(torch.tensor([ids])).logits[0, -1].numpy()
-    assert np.abs(ours - theirs).max() < 1e-4
+    ours = assert_last_logits_match(engine, reference, engine.tokenize(PROMPTS[0]))
     assert engine.detokenize([int(ours.argmax())]).strip()  # a real word, not padding
 
 

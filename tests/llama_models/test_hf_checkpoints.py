@@ -9,10 +9,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from families import assert_same_greedy_tokens, make_hf_model
+from families import assert_last_logits_match, assert_same_greedy_tokens, make_hf_model
 
 from llama_engine import UnsupportedArchitectureError, WeightLoadError
 from llama_runtime import create_engine
@@ -67,16 +66,9 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, 
     path, ref = _make(tmp_path, model_type, **extra)
     engine = create_engine(str(path), progress=False)
     ids = [101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 1997, 1996, 3194, 102] * 6
-    s = engine.new_session()
-    engine.prefill(s, ids)
-    ours = engine.next_token_logits(s)
-    engine.close_session(s)
-    with torch.inference_mode():
-        theirs = ref(torch.tensor([ids])).logits[0, -1].numpy()
-        want = hf_greedy(ref, ids, 20)
-    assert np.abs(ours - theirs).max() < 1e-4
+    assert_last_logits_match(engine, ref, ids)
     got = engine.generate(ids, max_tokens=20, temperature=0, ignore_eos=True).token_ids
-    assert_same_greedy_tokens(got, want, ref, ids)
+    assert_same_greedy_tokens(got, hf_greedy(ref, ids, 20), ref, ids)
 
 
 def test_wrong_shapes_are_refused(tmp_path: Path) -> None:
