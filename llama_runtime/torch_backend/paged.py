@@ -79,62 +79,36 @@ class StepBatch:
     reused by every layer)."""
 
     def __init__(self, store: PagedKVStore, seqs: Sequence[SeqStep]) -> None:
-        dev = store.device
         self.store = store
         self.n = sum(s.n_new for s in seqs)
         self.write_at = store.at([x for s in seqs for x in s.write_slots])
         rows: list[int] = []
         decode_rows: list[int] = []
-        decode_ctx: list[list[int]] = []
-        self.prefills: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor],
-                                  torch.Tensor]] = []
+        self._decode_ctx: list[list[int]] = []
+        self._prefill_ctx: list[tuple[int, int, list[int]]] = []  # rows [r0, r1), context slots
         r = 0
         for s in seqs:
             if s.want_logits:
                 rows.append(r + s.n_new - 1)
             if s.n_new == 1:
                 decode_rows.append(r)
-                decode_ctx.append(s.context_slots)
+                self._decode_ctx.append(list(s.context_slots))
             else:
-                ctx = store.at(s.context_slots)
-                mask = torch.ones((s.n_new, s.start + s.n_new), dtype=torch.bool,
-                                  device=dev).tril(s.start)
-                self.prefills.append((r, r + s.n_new, ctx, mask))
+                self._prefill_ctx.append((r, r + s.n_new, list(s.context_slots)))
             r += s.n_new
-        self.logits_rows = torch.tensor(rows, dtype=torch.long, device=dev)
-        self.decode_rows: torch.Tensor | None = None
-        if decode_rows:
-            width = max(len(c) for c in decode_ctx)
-            idx = torch.zeros((len(decode_ctx), width), dtype=torch.long)
-            valid = torch.zeros((len(decode_ctx), width), dtype=torch.bool)
-            for i, c in enumerate(decode_ctx):
-                idx[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-                valid[i, : len(c)] = True
-            self.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            self.decode_at = store.at(idx.to(dev))
-            self._decode_valid = valid[:, None, None, :].to(dev)  # [B, 1, 1, width]
-            self._decode_lens = torch.tensor([len(c) for c in decode_ctx], device=dev)
-        self._masks: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+        self.logits_rows = torch.tensor(rows, dtype=torch.long, device=store.device)
+        self.decode_rows = (torch.tensor(decode_rows, dtype=torch.long, device=store.device)
+                            if decode_rows else None)
+        self._views: dict[int, _WindowView] = {}
 
-    def masks(self, window: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The decode rows' key mask [B, 1, 1, width] (None when every key is visible) and each
-        prefill's [n, context] mask, causal and, when `window` > 0, limited to the last
-        `window` positions (made once per window a step)."""
-        if window not in self._masks:
-            decode: torch.Tensor | None = None
-            if self.decode_rows is not None:
-                decode = self._decode_valid
-                if window:
-                    pos = torch.arange(decode.shape[-1], device=decode.device)
-                    decode = decode & (pos >= self._decode_lens[:, None, None, None] - window)
-                if bool(decode.all()):
-                    decode = None
-            prefill: list[torch.Tensor] = []
-            for *_, mask in self.prefills:
-                start = mask.shape[1] - mask.shape[0]  # positions before the chunk
-                prefill.append(mask.triu(start - window + 1) if window else mask)
-            self._masks[window] = (decode, prefill)
-        return self._masks[window]
+    def view(self, window: int) -> _WindowView:
+        """Where each query's keys are and which it sees, for layers of this window (0: global),
+        made once per window a step. A windowed layer gathers only the slots of its last
+        `window` positions: blocks wholly before them are not read."""
+        if window not in self._views:
+            self._views[window] = _WindowView(self.store, self._decode_ctx, self._prefill_ctx,
+                                              window)
+        return self._views[window]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                scale: float, *, window: int = 0) -> torch.Tensor:
@@ -144,16 +118,16 @@ class StepBatch:
         kc[wb, :, wo] = k.to(kc.dtype)
         vc[wb, :, wo] = v.to(vc.dtype)
         out = torch.empty_like(q)
-        decode_mask, prefill_masks = self.masks(window)
+        view = self.view(window)
         if self.decode_rows is not None:
             qd = q.index_select(0, self.decode_rows)[:, :, None, :]  # [B, Hq, 1, D]
-            db, do = self.decode_at
+            db, do = view.decode_at
             kd = kc[db, :, do].transpose(1, 2).to(q.dtype)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
             vd = vc[db, :, do].transpose(1, 2).to(q.dtype)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask,
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=view.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
-        for (r0, r1, ctx, _), mask in zip(self.prefills, prefill_masks, strict=True):
+        for r0, r1, ctx, mask in view.prefills:
             qp = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
             kp = kc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
             vp = vc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
@@ -161,3 +135,33 @@ class StepBatch:
                                                 enable_gqa=True)
             out[r0:r1] = op[0].transpose(0, 1)
         return out.reshape(self.n, -1)
+
+
+class _WindowView:
+    """One window's gather indices and masks over a step's sequences (see StepBatch.view)."""
+
+    def __init__(self, store: PagedKVStore, decode_ctx: list[list[int]],
+                 prefill_ctx: list[tuple[int, int, list[int]]], window: int) -> None:
+        dev = store.device
+        self.decode_mask: torch.Tensor | None = None
+        if decode_ctx:
+            kept = [c[-window:] if window else c for c in decode_ctx]
+            width = max(len(c) for c in kept)
+            idx = torch.zeros((len(kept), width), dtype=torch.long)
+            valid = torch.zeros((len(kept), width), dtype=torch.bool)
+            for i, c in enumerate(kept):
+                idx[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+                valid[i, : len(c)] = True
+            self.decode_at = store.at(idx.to(dev))
+            if not bool(valid.all()):  # [B, 1, 1, width]: hide the padding
+                self.decode_mask = valid[:, None, None, :].to(dev)
+        self.prefills: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
+        for r0, r1, slots in prefill_ctx:
+            n = r1 - r0
+            start = len(slots) - n  # positions before the chunk
+            first = max(0, start - window + 1) if window else 0  # the first position any sees
+            mask = torch.ones((n, len(slots) - first), dtype=torch.bool,
+                              device=dev).tril(start - first)
+            if window:
+                mask = mask.triu(start - first - window + 1)
+            self.prefills.append((r0, r1, store.at(slots[first:]), mask))

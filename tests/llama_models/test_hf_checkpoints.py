@@ -71,6 +71,23 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, 
     assert_same_greedy_tokens(got, hf_greedy(ref, ids, 20), ref, ids)
 
 
+@pytest.mark.parametrize("model_type", ["mistral", "gemma3_text"])
+def test_windowed_layers_give_the_same_tokens_however_the_prompt_is_chunked(
+        tmp_path: Path, hf_greedy, model_type: str) -> None:
+    """Prompt chunks of 7 tokens and KV blocks of 16 positions against a 12-position window:
+    chunks start mid-window and mid-block, and whole blocks fall out of reach (not read)."""
+    extra: dict[str, object] = {"sliding_window": 12}
+    if model_type == "gemma3_text":
+        extra |= {"head_dim": 16, "query_pre_attn_scalar": 16,
+                  "layer_types": ["sliding_attention", "full_attention"]}
+    path, ref = _make(tmp_path, model_type, **extra)
+    ids = [101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 1997, 1996, 3194, 102] * 5
+    engine = create_engine(str(path), progress=False, prefill_chunk=7, kv_block_size=16)
+    assert_last_logits_match(engine, ref, ids)
+    got = engine.generate(ids, max_tokens=20, temperature=0, ignore_eos=True).token_ids
+    assert_same_greedy_tokens(got, hf_greedy(ref, ids, 20), ref, ids)
+
+
 def test_wrong_shapes_are_refused(tmp_path: Path) -> None:
     import json
 
