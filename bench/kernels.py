@@ -4,9 +4,9 @@
                             [--threads 2]
 
 For each of the layer's weights and each activation row count: milliseconds per product and
-GFLOP/s for the int8 kernel (activations quantized per 32-block) and the float one. Runs the
-native library (no torch); LLAMA_ENGINE_ISA picks another build (avx512-vnni, avx2, generic).
-Prints JSON.
+GFLOP/s for each kernel: int16 and int8 (activations quantized per 32-block, the time includes
+quantizing them) and float ("exact"). Runs the native library (no torch); LLAMA_ENGINE_ISA picks
+another build (avx512-vnni, avx2, generic). Prints JSON.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
 
     from llama_models import open_model
     from llama_runtime.native.layout import pack
-    from llama_runtime.native.library import isa, library
+    from llama_runtime.native.library import ACTS, isa, library
     from llama_runtime.native.model import linear
 
     library().le_set_threads(args.threads)
@@ -54,8 +54,8 @@ def main() -> None:
         for rows in args.rows:
             x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
             row: dict[str, object] = {"weight": name, "shape": [n, k], "rows": rows}
-            for kernel, int8 in (("int8", True), ("float", False)):
-                s = _time(lambda p=packed, x=x, i=int8: linear(p, x, int8=i))
+            for kernel in ACTS:
+                s = _time(lambda p=packed, x=x, a=kernel: linear(p, x, acts=a))
                 row[f"{kernel}_ms"] = round(s * 1e3, 4)
                 row[f"{kernel}_gflops"] = round(2 * n * k * rows / s / 1e9, 1)
             results.append(row)

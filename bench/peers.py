@@ -1,7 +1,8 @@
 """Our engine against llama-cpp-python and transformers on the same GGUF, in one run.
 
     python bench/peers.py [--model smollm2-135m-instruct] [--threads 2] [--prompt-tokens 512]
-                          [--gen-tokens 128] [--only NAME ...] [--decode auto|int8|exact|torch]
+                          [--gen-tokens 128] [--only NAME ...]
+                          [--decode auto|int16|int8|exact|torch]
                           [--backend auto|native|torch]
 
 Also: TTFT of a prompt whose first blocks were served before (prefix-cache hit) against one
@@ -28,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -41,6 +41,7 @@ def _rss_mb() -> float:
 
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     from llama_runtime import create_engine
+    from llama_runtime.bench import generate_all
 
     prompt, gen = job["prompt"], job["gen"]
     t0 = time.perf_counter()
@@ -57,6 +58,8 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
 
     res: dict[str, Any] = {"backend": engine.model.backend,
                            "kernels": library().le_isa().decode(),  # the build it loaded
+                           "decode": engine.decode_kernel,  # the arithmetic that ran
+                           "kv_dtype": engine.stats()["kv_dtype"],
                            "load_s": load_s,
                            "prefill_tok_s": u.prefill_tok_s,
                            "ttft_ms": u.ttft_ms, "decode_tok_s": statistics.median(decode),
@@ -67,19 +70,10 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     res["ttft_ms_prefix_miss"] = engine.generate(miss, max_tokens=1, temperature=0).usage.ttft_ms
     res["ttft_ms_prefix_hit"] = engine.generate(hit, max_tokens=1, temperature=0).usage.ttft_ms
     for n, prompts in job["concurrent"].items():
-        made = [0] * len(prompts)
-
-        def one(i: int, ps: list[list[int]] = prompts, out: list[int] = made) -> None:
-            out[i] = len(engine.generate(ps[i], max_tokens=gen, temperature=0,
-                                         ignore_eos=True).token_ids)
-
         t0 = time.perf_counter()
-        workers = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        res[f"aggregate_tok_s_n{n}"] = sum(made) / (time.perf_counter() - t0)
+        done = generate_all(engine, prompts, max_tokens=gen, temperature=0, ignore_eos=True)
+        made = sum(len(d.token_ids) for d in done)
+        res[f"aggregate_tok_s_n{n}"] = made / (time.perf_counter() - t0)
     return res
 
 
@@ -215,7 +209,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=ENGINES, default=list(ENGINES))
     ap.add_argument("--repeats", type=int, default=3,
                     help="single-request decode runs per engine (the median is reported)")
-    ap.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
+    ap.add_argument("--decode", default="auto",
+                    choices=["auto", "int16", "int8", "exact", "torch"],
                     help="our decode kernel (create_engine's decode option)")
     ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
                     help="our backend (auto: native on a CPU for a GGUF model)")
@@ -268,8 +263,8 @@ def main() -> None:
         "engines": {k: {m: round(x, 2) if isinstance(x, float) else x for m, x in v.items()}
                     for k, v in results.items()},
         "ratios": {f"vs_{k}": _ratio(ours, v) for k, v in results.items() if k != "llama_engine"},
-        # int8 kernels (ours by default, and llama.cpp's) drift from the float reference after a
-        # near-tie, so this counts the leading greedy tokens each peer shares with us
+        # int8 kernels (llama.cpp's, ours with --decode int8) drift from the float reference
+        # after a near-tie, so this counts the leading greedy tokens each peer shares with us
         "greedy_tokens_agreeing_with_ours": {
             k: _agreeing(tokens[k], tokens.get("llama_engine"))
             for k in tokens if k != "llama_engine"},

@@ -9,8 +9,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llama_engine.errors import UnsupportedBackendError
+from llama_runtime.native.library import ACTS
 
-__all__ = ["BackendInfo", "available_backends", "physical_cores", "pick_backend", "pick_device"]
+__all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "physical_cores",
+           "pick_backend", "pick_device"]
+
+CPU_DECODE = "int16"
+"""What decode="auto" runs on a CPU in float32 (the fused native step, either backend): 16-bit
+activations per 32-block, which give the float model's greedy tokens (docs/performance.md) at
+about int8's speed."""
+
+
+def cpu_kv_dtype(decode: str) -> str:
+    """What kv_dtype="auto" means beside the fused CPU step running `decode` (a key of ACTS):
+    float16 beside int8, as llama.cpp keeps K/V (half the bytes attention reads, at a rounding
+    well inside the int8 products' own error); float32 beside int16 and exact, whose point is the
+    float model's own tokens."""
+    return "float16" if decode == "int8" else "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +59,8 @@ def _torch_info() -> BackendInfo:
         dtypes=("float32", "bfloat16", "float16"), quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
         paged_attention=True, compile=True, max_batch=32, default_eligible=True,
         note="CPU: quantized weights and a fused native decode step (compiled C++ kernels, "
-             "built on first use); CUDA: op-by-op torch, weights dequantized to bfloat16",
+             f"built on first use; decode='auto' runs {CPU_DECODE} activations); CUDA: op-by-op "
+             "torch, weights dequantized to bfloat16",
     )
 
 
@@ -63,7 +79,8 @@ def _native_info() -> BackendInfo:
         note="CPU without torch: the torch backend's fused native step and kernels (the same "
              "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "
              "GGUF Llama-family models. backend='auto' tries it first on a CPU and hands "
-             f"anything else to torch; {kernels} (LLAMA_ENGINE_ISA overrides)",
+             f"anything else to torch; {kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
+             f"runs {CPU_DECODE} activations ({', '.join(ACTS)} selectable)",
     )
 
 
@@ -91,7 +108,7 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-_NATIVE_OPTIONS = {"decode": ("auto", "int8", "exact"), "weights": ("auto", "quantized"),
+_NATIVE_OPTIONS = {"decode": ("auto", *ACTS), "weights": ("auto", "quantized"),
                    "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}
 
 

@@ -137,6 +137,12 @@ class BatchedEngine(LlamaEngine):
     def threads(self) -> int:
         """CPU threads a forward uses."""
 
+    @property
+    @abstractmethod
+    def decode_kernel(self) -> str:
+        """The arithmetic of prompts and generated tokens: "int16", "int8" or "exact" (the
+        fused native step's kernels) or "torch" (op by op)."""
+
     @staticmethod
     def check_threads(threads: int | None) -> None:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -496,6 +502,7 @@ class BatchedEngine(LlamaEngine):
                 "kv_block_tokens": self._cache.block_size,
                 "kv_bytes_total": self._store.nbytes,
                 "kv_dtype": self._store.dtype_name,
+                "decode": self.decode_kernel,
                 "sessions_active": len(self._sessions),
                 "requests_running": sched.running(),
                 "requests_waiting": sched.waiting(),

@@ -6,11 +6,12 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from llama_engine import LlamaEngine
+from llama_engine import Completion, LlamaEngine
 
-__all__ = ["make_prompt", "peak_rss_mb", "run_bench"]
+__all__ = ["generate_all", "make_prompt", "peak_rss_mb", "run_bench"]
 
 _FILLER = (
     "The history of computing is a story of abstraction layered on abstraction. Early machines "
@@ -30,6 +31,30 @@ def make_prompt(engine: LlamaEngine, n_tokens: int, variant: int = 0) -> list[in
     while len(ids) < n_tokens:
         ids += engine.tokenize(_FILLER, add_special=False)
     return ids[:n_tokens]
+
+
+def generate_all(engine: LlamaEngine, prompts: Sequence[Sequence[int]],
+                 **sampling: Any) -> list[Completion]:
+    """`engine.generate(ids, **sampling)` for every prompt at once, a thread each, so the
+    engine serves them together (its scheduler batches them); completions in prompt order. The
+    first request's error, if any, is raised once all have ended."""
+    done: list[Completion | BaseException | None] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        try:
+            done[i] = engine.generate(prompts[i], **sampling)
+        except BaseException as e:
+            done[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in done:
+        if isinstance(c, BaseException):
+            raise c
+    return [c for c in done if isinstance(c, Completion)]
 
 
 def peak_rss_mb() -> float:
@@ -54,19 +79,9 @@ def run_bench(engine: LlamaEngine, *, prompt_tokens: int = 512, gen_tokens: int 
         "concurrency": concurrency,
     }
     prompts = [make_prompt(engine, prompt_tokens, variant=i + 1) for i in range(concurrency)]
-    made = [0] * concurrency
-
-    def one(i: int) -> None:
-        made[i] = len(engine.generate(prompts[i], max_tokens=gen_tokens, temperature=0,
-                                      ignore_eos=True).token_ids)
-
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    done = generate_all(engine, prompts, max_tokens=gen_tokens, temperature=0, ignore_eos=True)
     wall = time.perf_counter() - t0
-    result["aggregate_tok_s"] = round(sum(made) / wall, 2)
+    result["aggregate_tok_s"] = round(sum(len(c.token_ids) for c in done) / wall, 2)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result

@@ -26,10 +26,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores)")
     p.add_argument("--context-length", type=int, default=None, help="cap the context")
-    p.add_argument("--decode", default="auto", choices=["auto", "int8", "exact", "torch"],
-                   help="kernel: int8 (the CPU default: 8-bit activations for prompts and "
-                        "generated tokens, llama.cpp's scheme), exact (float activations), torch "
-                        "(op by op)")
+    p.add_argument("--decode", default="auto",
+                   choices=["auto", "int16", "int8", "exact", "torch"],
+                   help="kernel for prompts and generated tokens: int16 (the CPU default: 16-bit "
+                        "activations, the float model's greedy tokens), int8 (8-bit activations, "
+                        "llama.cpp's scheme), exact (float activations), torch (op by op)")
     p.add_argument("--kv-dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache dtype (auto: float16 beside int8 decode on a CPU, else the "
@@ -249,6 +250,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result = {"model": m.name, "backend": m.backend, "device": m.device, "dtype": m.dtype,
               "load_s": round(load_s, 2)}
     result["threads"] = engine.threads
+    stats = engine.stats()
+    result["decode"], result["kv_dtype"] = stats["decode"], stats["kv_dtype"]  # which arithmetic
     result |= run_bench(engine, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                         concurrency=args.concurrency)
     _print_mapping(result, as_json=args.json)

@@ -70,12 +70,13 @@ LE_API int32_t le_threads() { return le::max_threads(); }
 
 LE_API const char* le_isa() { return le::qgemm_isa(); }
 
-// out [B, n] = x [B, k] @ w.T; int8_acts quantizes x per 32-block first (q4/q8 weights only).
-LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t int8_acts) {
+// out [B, n] = x [B, k] @ w.T; acts (qgemm.h's Acts: 0 exact, 1 int8, 2 int16) quantizes x per
+// 32-block first (q4/q8 weights only).
+LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t acts) {
   return guarded([&] {
     const le::QMat m = to_qmat(*w);
-    le::QActs acts;
-    le::qmat_linear(m, x, B, out, int8_acts != 0, acts);
+    le::QActs buf;
+    le::qmat_linear(m, x, B, out, le::acts_from(acts), buf);
   });
 }
 

@@ -106,12 +106,12 @@ DecodeModel::DecodeModel(const ModelDims& dims, float eps, const std::vector<con
           "the output projection must be [vocab, dim]");
 }
 
-void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B,
-                          bool int8_acts) {
+void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B, Acts acts) {
   const int64_t K = jobs.front().w->K;
-  bool any_int8 = false;
-  for (const Job& j : jobs) any_int8 |= int8_acts && !j.w->dense;
-  if (any_int8) acts_.quantize(x, B, K);
+  const int digits = acts_digits(acts);
+  bool any_quant = false;
+  for (const Job& j : jobs) any_quant |= digits > 0 && !j.w->dense;
+  if (any_quant) acts_.quantize(x, B, K, digits);
   // The jobs share one parallel region over their row groups, matrix after matrix. Dense
   // weights (types not kept quantized) take the exact float kernel.
   std::vector<int64_t> first_group;
@@ -126,8 +126,8 @@ void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t 
       const int64_t g0 = std::max(u0, first_group[i]) - first_group[i];
       const int64_t g1 = std::min(u1, first_group[i] + qmat_groups(w)) - first_group[i];
       if (g0 >= g1) continue;
-      if (int8_acts && !w.dense)
-        qmat_rows_int8(w, acts_, jobs[i].out, w.N, g0, g1);
+      if (digits > 0 && !w.dense)
+        qmat_rows_quant(w, acts_, jobs[i].out, w.N, g0, g1);
       else
         qmat_rows_f32(w, x, B, jobs[i].out, w.N, g0, g1);
     }
@@ -251,6 +251,7 @@ void DecodeModel::check(const StepArgs& a) const {
   require(bs > 0 && a.n_slots > 0 && a.n_slots % bs == 0 && a.max_blocks > 0,
           "block_size and the cache's slots must be positive, slots a multiple of block_size");
   require(a.R >= 0 && a.R <= B, "logit_rows: at most one per row");
+  acts_from(a.acts);
   for (int64_t r = 0; r < a.R; ++r)
     require(a.logit_rows[r] >= 0 && a.logit_rows[r] < B, "logit row out of range");
   const int64_t n_blocks = a.n_slots / bs;
@@ -268,6 +269,7 @@ void DecodeModel::check(const StepArgs& a) const {
 void DecodeModel::step(const StepArgs& a) {
   check(a);
   const int64_t B = a.B, D = d_.dim, hd = d_.head_dim, F = d_.ffn_dim;
+  const Acts acts = acts_from(a.acts);
   grow(x_, B * D);
   grow(h_, B * std::max(D, F));
   grow(q_, B * d_.n_heads * hd);
@@ -287,23 +289,23 @@ void DecodeModel::step(const StepArgs& a) {
     rms_norm(x_.data(), norms_[2 * l].data(), eps_, B, D, h_.data());
     lap("norms, residuals, silu");
     linears({{&w[0], q_.data()}, {&w[1], k_.data()}, {&w[2], v_.data()}}, h_.data(), B,
-            a.int8_acts);
+            acts);
     lap("qkv projections");
     if (a.half_kv)
       attention(a, l, static_cast<half_t*>(a.k_cache), static_cast<half_t*>(a.v_cache));
     else
       attention(a, l, static_cast<float*>(a.k_cache), static_cast<float*>(a.v_cache));
     lap("rope, kv write, attention");
-    linears({{&w[3], tmp_.data()}}, att_.data(), B, a.int8_acts);
+    linears({{&w[3], tmp_.data()}}, att_.data(), B, acts);
     lap("output projection (attn)");
     add_into(x_.data(), tmp_.data(), B, D);
     rms_norm(x_.data(), norms_[2 * l + 1].data(), eps_, B, D, h_.data());
     lap("norms, residuals, silu");
-    linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), B, a.int8_acts);
+    linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), B, acts);
     lap("gate, up projections");
     silu_mul(gate_.data(), up_.data(), h_.data(), B, F);
     lap("norms, residuals, silu");
-    linears({{&w[6], tmp_.data()}}, gate_.data(), B, a.int8_acts);
+    linears({{&w[6], tmp_.data()}}, gate_.data(), B, acts);
     lap("down projection");
     add_into(x_.data(), tmp_.data(), B, D);
   }
@@ -317,7 +319,7 @@ void DecodeModel::step(const StepArgs& a) {
     std::copy_n(h_.data(), R * D, a.hidden);
     return;
   }
-  if (R > 0) linears({{&linears_.back(), a.logits}}, h_.data(), R, a.int8_acts);
+  if (R > 0) linears({{&linears_.back(), a.logits}}, h_.data(), R, acts);
   lap("lm head (vocab projection)");
 }
 

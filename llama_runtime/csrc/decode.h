@@ -27,8 +27,9 @@ struct ModelDims {
 // head_dim] (a block keeps each KV head's rows together, so attention reads them as one stretch),
 // float32 or (half_kv) float16, K/V rounded to it as they are written; logit_rows [R] the rows whose logits are
 // wanted, written to logits [R, vocab] (or, when `hidden` is given, their final-normed hidden
-// states to hidden [R, dim] instead: embeddings). int8_acts picks the int8-activation kernels
-// (llama.cpp's scheme) over the exact float ones.
+// states to hidden [R, dim] instead: embeddings). acts (an Acts value, qgemm.h) picks how every
+// product with a quantized weight treats its activations: float (exact), int8 (llama.cpp's
+// scheme) or int16.
 struct StepArgs {
   const float* x;
   const float* cos;
@@ -45,7 +46,7 @@ struct StepArgs {
   int64_t block_size;
   const int64_t* logit_rows;
   int64_t R;
-  bool int8_acts;
+  int32_t acts;
   float* logits;
   float* hidden = nullptr;
 };
@@ -75,7 +76,7 @@ class DecodeModel {
     float* out;
   };
   void check(const StepArgs& a) const;
-  void linears(const std::vector<Job>& jobs, const float* x, int64_t B, bool int8_acts);
+  void linears(const std::vector<Job>& jobs, const float* x, int64_t B, Acts acts);
   template <class T>  // T: float, or half_t for a float16 cache
   void attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_cache);
 

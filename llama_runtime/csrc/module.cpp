@@ -43,12 +43,18 @@ torch::Tensor checked_x(const torch::Tensor& x, const le::QMat& w) {
   return x;
 }
 
-torch::Tensor linear(const torch::Tensor& x_, const le::QMat& w, bool int8_acts) {
+// acts: qgemm.h's Acts (0 exact, 1 int8, 2 int16).
+torch::Tensor linear(const torch::Tensor& x_, const le::QMat& w, int64_t acts) {
   const torch::Tensor x = checked_x(x_, w);
   const int64_t B = x.size(0);
   auto out = torch::empty({B, w.N}, x.options());
-  le::QActs acts;
-  le::qmat_linear(w, x.data_ptr<float>(), B, out.data_ptr<float>(), int8_acts, acts);
+  le::QActs buf;
+  try {
+    le::qmat_linear(w, x.data_ptr<float>(), B, out.data_ptr<float>(),
+                    le::acts_from(static_cast<int32_t>(acts)), buf);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
   return out;
 }
 
@@ -115,12 +121,13 @@ class TorchDecodeModel {
 
   // x [B, dim] float32; cos, sin [B, head_dim / 2]; write_slots, ctx_lens [B] int64;
   // block_tables [B, max_blocks] int64; k_cache, v_cache float32 or float16 [layers, blocks,
-  // kv_heads, block_size, head_dim]; logit_rows [R] int64. Returns logits [R, vocab].
+  // kv_heads, block_size, head_dim]; logit_rows [R] int64; acts: qgemm.h's Acts (0 exact,
+  // 1 int8, 2 int16). Returns logits [R, vocab].
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& write_slots, const torch::Tensor& block_tables,
                      const torch::Tensor& ctx_lens, const torch::Tensor& k_cache,
                      const torch::Tensor& v_cache, int64_t block_size,
-                     const torch::Tensor& logit_rows, bool int8_acts) {
+                     const torch::Tensor& logit_rows, int64_t acts) {
     const le::ModelDims& d = model_->dims();
     const int64_t B = x.size(0);
     TORCH_CHECK(x.dim() == 2 && x.size(1) == d.dim && x.scalar_type() == torch::kFloat &&
@@ -150,7 +157,8 @@ class TorchDecodeModel {
                    write_slots.data_ptr<int64_t>(), block_tables.data_ptr<int64_t>(),
                    block_tables.size(1), ctx_lens.data_ptr<int64_t>(), B, k_cache.data_ptr(),
                    v_cache.data_ptr(), half_kv, k_cache.size(1) * block_size, block_size,
-                   logit_rows.data_ptr<int64_t>(), R, int8_acts, logits.data_ptr<float>(),
+                   logit_rows.data_ptr<int64_t>(), R, static_cast<int32_t>(acts),
+                   logits.data_ptr<float>(),
                    nullptr};
     try {
       model_->step(a);
@@ -173,18 +181,12 @@ class TorchDecodeModel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   using torch::Tensor;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  mod.def("q4_linear", [](Tensor x, Tensor qs, Tensor d, Tensor m, int64_t n) {
-    return linear(x, as_qmat(qs, d, &m, n), true);
-  }, "x [B,K] @ q4 weight [N,K].T with int8 activations -> [B,N]", nogil);
-  mod.def("q8_linear", [](Tensor x, Tensor qs, Tensor d, int64_t n) {
-    return linear(x, as_qmat(qs, d, nullptr, n), true);
-  }, "x [B,K] @ q8 weight [N,K].T with int8 activations -> [B,N]", nogil);
-  mod.def("q4_linear_f32", [](Tensor x, Tensor qs, Tensor d, Tensor m, int64_t n) {
-    return linear(x, as_qmat(qs, d, &m, n), false);
-  }, "exact: float x [B,K] @ q4 weight [N,K].T", nogil);
-  mod.def("q8_linear_f32", [](Tensor x, Tensor qs, Tensor d, int64_t n) {
-    return linear(x, as_qmat(qs, d, nullptr, n), false);
-  }, "exact: float x [B,K] @ q8 weight [N,K].T", nogil);
+  mod.def("q4_linear", [](Tensor x, Tensor qs, Tensor d, Tensor m, int64_t n, int64_t acts) {
+    return linear(x, as_qmat(qs, d, &m, n), acts);
+  }, "x [B,K] @ q4 weight [N,K].T -> [B,N]; acts 0 exact, 1 int8, 2 int16", nogil);
+  mod.def("q8_linear", [](Tensor x, Tensor qs, Tensor d, int64_t n, int64_t acts) {
+    return linear(x, as_qmat(qs, d, nullptr, n), acts);
+  }, "x [B,K] @ q8 weight [N,K].T -> [B,N]; acts 0 exact, 1 int8, 2 int16", nogil);
   mod.def("q4_dequant", [](Tensor qs, Tensor d, Tensor m, int64_t n) {
     return dequant(as_qmat(qs, d, &m, n));
   }, "q4 weight -> float32 [N, K]", nogil);

@@ -2,13 +2,15 @@
 // chunk need. Layouts: see qgemm.h. Three builds of the same arithmetic: AVX-512 VNNI, AVX2 +
 // FMA, and plain C++ (library.py picks the flags from the CPU).
 //
-// int8 products follow llama.cpp's CPU scheme: activations are quantized per 32-block (QActs)
-// and each block's dot product runs on integers, then is scaled once per block. The weight
-// layout puts one output row in each vector lane, so a block's integer sum for 16 rows is eight
-// multiply-accumulate instructions against broadcast activations (vpdpbusd, or maddubs + madd
-// without VNNI), and the float scaling is one FMA per 16 rows: no horizontal sums anywhere.
+// Quantized-activation products: activations are quantized per 32-block (QActs) and each block's
+// dot product runs on integers, then is scaled once per block. int8 is llama.cpp's CPU scheme;
+// int16 holds each activation as two int8 digits (q = 255 * hi + lo) and runs the same integer
+// machinery once per digit, so a block's integer sum is exact either way. The weight layout puts
+// one output row in each vector lane, so a block's integer sum for 16 rows is eight
+// multiply-accumulate instructions a digit against broadcast activations (vpdpbusd, or maddubs +
+// madd without VNNI), and the float scaling is one FMA per 16 rows: no horizontal sums anywhere.
 // VNNI multiplies unsigned by signed bytes: q4 nibbles are unsigned already, and q8 weights are
-// flipped to w + 128 with the block's -128 * sum(x) as the accumulator's start. Integer sums are
+// flipped to w + 128 with the block's -128 * sum(q) as the accumulator's start. Integer sums are
 // exact, so every build gives the same bits.
 //
 // float products keep a row per lane too: each output is one FMA chain over k in order, with
@@ -42,11 +44,12 @@ const char* qgemm_isa() {
 #endif
 }
 
-void QActs::resize(int64_t B_, int64_t K_) {
+void QActs::resize(int64_t B_, int64_t K_, int digits_) {
   B = B_;
   K = K_;
+  digits = digits_;
   const int64_t nb = K / QK;
-  if (static_cast<int64_t>(q.size()) < B * K) q.resize(B * K);
+  if (static_cast<int64_t>(q.size()) < B * K * digits) q.resize(B * K * digits);
   if (static_cast<int64_t>(d.size()) < B * nb) {
     d.resize(B * nb);
     s.resize(B * nb);
@@ -63,9 +66,32 @@ inline float inverse_scale(float scale) {
   return std::isfinite(inv) ? inv : 0.f;
 }
 
-// One 32-block: amax / 127 as the scale (NaNs ignored), values rounded to nearest even and
-// clamped to [-127, 127], NaN to 0: the same bits with or without vector instructions.
+// The largest |q| of D digits an element (QActs).
+template <int D>
+constexpr float kQMax = D == 1 ? 127.f : 32512.f;
+constexpr int kDigitBase = 255;  // q = 255 * hi + lo (two digits)
+
+// The high digit of q, round(q / 255): |q| / 255 is at least 1/510 from a half-integer and
+// q * fl(1/255) is within 2e-5 of q / 255, so the rounding is exact (the same integer on every
+// build).
+inline float high_digit(float q) { return std::nearbyint(q * (1.f / kDigitBase)); }
+
+#if LE_AVX2
+// Eight int32 lanes in [-128, 127] of each of v[0..3] to 32 int8s, in order.
+inline void store_bytes(const __m256i v[4], int8_t* out) {
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]),
+                                       _mm256_packs_epi32(v[2], v[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+#endif
+
+// One 32-block at D digits an element: amax / kQMax as the scale (NaNs ignored), values rounded
+// to nearest even and clamped to [-kQMax, kQMax], NaN to 0: the same bits with or without
+// vector instructions.
+template <int D>
 inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int32_t* sum) {
+  constexpr float qmax = kQMax<D>;
 #if LE_AVX2
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
@@ -78,21 +104,29 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float scale = _mm_cvtss_f32(m4) / 127.f;
+  const float scale = _mm_cvtss_f32(m4) / qmax;
   const __m256 inv = _mm256_set1_ps(inverse_scale(scale));
   __m256i iv[4];
   __m256i total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     __m256 f = _mm256_mul_ps(v[i], inv);
     f = _mm256_and_ps(f, _mm256_cmp_ps(f, f, _CMP_ORD_Q));  // NaN -> 0
-    f = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+    f = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-qmax)), _mm256_set1_ps(qmax));
     iv[i] = _mm256_cvtps_epi32(f);  // round to nearest even (MXCSR's default)
     total = _mm256_add_epi32(total, iv[i]);
   }
-  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]),
-                                       _mm256_packs_epi32(iv[2], iv[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb),
-                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  if constexpr (D == 1) {
+    store_bytes(iv, qb);
+  } else {
+    __m256i hi[4], lo[4];
+    for (int i = 0; i < 4; ++i) {
+      hi[i] = _mm256_cvtps_epi32(  // high_digit's arithmetic
+          _mm256_mul_ps(_mm256_cvtepi32_ps(iv[i]), _mm256_set1_ps(1.f / kDigitBase)));
+      lo[i] = _mm256_sub_epi32(iv[i], _mm256_mullo_epi32(hi[i], _mm256_set1_epi32(kDigitBase)));
+    }
+    store_bytes(hi, qb);
+    store_bytes(lo, qb + QK);
+  }
   __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
   t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
@@ -100,14 +134,20 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
 #else
   float amax = 0.f;
   for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));  // NaN: keeps amax
-  const float scale = amax / 127.f;
+  const float scale = amax / qmax;
   const float inv = inverse_scale(scale);
   int32_t total_q = 0;
   for (int k = 0; k < QK; ++k) {
     const float f = xb[k] * inv;
-    const int v = std::isnan(f) ? 0 : static_cast<int>(std::nearbyint(std::clamp(f, -127.f, 127.f)));
-    qb[k] = static_cast<int8_t>(v);
-    total_q += v;
+    const float q = std::isnan(f) ? 0.f : std::nearbyint(std::clamp(f, -qmax, qmax));
+    if constexpr (D == 1) {
+      qb[k] = static_cast<int8_t>(q);
+    } else {
+      const float hi = high_digit(q);
+      qb[k] = static_cast<int8_t>(hi);
+      qb[QK + k] = static_cast<int8_t>(static_cast<int>(q) - kDigitBase * static_cast<int>(hi));
+    }
+    total_q += static_cast<int32_t>(q);
   }
 #endif
   *d = scale;
@@ -119,12 +159,17 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
 
 void QActs::quantize_rows(const float* x, int64_t b0, int64_t b1) {
   const int64_t nb = K / QK;
-  for (int64_t i = b0 * nb; i < b1 * nb; ++i)
-    quantize_block(x + i * QK, q.data() + i * QK, d.data() + i, s.data() + i, sum.data() + i);
+  for (int64_t i = b0 * nb; i < b1 * nb; ++i) {
+    int8_t* qb = q.data() + i * QK * digits;
+    if (digits == 2)
+      quantize_block<2>(x + i * QK, qb, d.data() + i, s.data() + i, sum.data() + i);
+    else
+      quantize_block<1>(x + i * QK, qb, d.data() + i, s.data() + i, sum.data() + i);
+  }
 }
 
-void QActs::quantize(const float* x, int64_t B_, int64_t K_) {
-  resize(B_, K_);
+void QActs::quantize(const float* x, int64_t B_, int64_t K_, int digits_) {
+  resize(B_, K_, digits_);
   parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) { quantize_rows(x, b0, b1); });
 }
 
@@ -191,50 +236,63 @@ inline __m512 load_scales16(const QMat& w, const void* a, int64_t i) {
   return _mm512_loadu_ps(static_cast<const float*>(a) + i);
 }
 
-// One group (16 weight rows, a lane each) against T activation rows from b0.
-template <int T>
-inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
-                     int64_t ldo) {
-  const int64_t K = w.K, nb = K / QK;
+// 255 * v, the high digit's weight (QActs), in two cheap instructions.
+inline __m512i times_base(__m512i v) { return _mm512_sub_epi32(_mm512_slli_epi32(v, 8), v); }
+
+// One group (16 weight rows, a lane each) against T activation rows from b0, at D digits an
+// activation. Each weight block is loaded once into eight registers, vpdpbusd's unsigned
+// operand: q4 nibbles as they are, q8 weights flipped to w + 128 (the accumulator then starts at
+// -128 * sum(q)). Register r holds four elements of each row, from element kRunStart[Q4][r].
+constexpr int kRunStart[2][8] = {{0, 4, 8, 12, 16, 20, 24, 28},   // q8: run c
+                                 {0, 16, 4, 20, 8, 24, 12, 28}};  // q4: run c's low, high nibbles
+template <int T, int D, bool Q4>
+inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
+                    int64_t ldo) {
+  const int64_t nb = w.K / QK;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
-  const int8_t* xq = a.q.data() + b0 * K;
-  const int64_t xb = b0 * nb;  // activation rows' first block
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
     const uint8_t* blk = wq + j * block_bytes(w);
-    const int8_t* xj = xq + j * QK;
-    __m512i isum[T];
-    if (w.q4) {
-      for (int t = 0; t < T; ++t) isum[t] = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) {
-        const __m512i v = _mm512_loadu_si512(blk + 64 * c);
-        const __m512i lo = _mm512_and_si512(v, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        for (int t = 0; t < T; ++t) {
-          isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(load_i32(xj + t * K + 4 * c)));
-          isum[t] = _mm512_dpbusd_epi32(isum[t], hi,
-                                        _mm512_set1_epi32(load_i32(xj + t * K + 16 + 4 * c)));
-        }
-      }
-    } else {
-      for (int t = 0; t < T; ++t) isum[t] = _mm512_set1_epi32(-128 * a.sum[xb + t * nb + j]);
-      for (int c = 0; c < 8; ++c) {
-        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(blk + 64 * c), flip);  // w + 128
-        for (int t = 0; t < T; ++t)
-          isum[t] = _mm512_dpbusd_epi32(isum[t], v, _mm512_set1_epi32(load_i32(xj + t * K + 4 * c)));
+    __m512i wv[8];
+    for (int c = 0; c < (Q4 ? 4 : 8); ++c) {
+      const __m512i v = _mm512_loadu_si512(blk + 64 * c);
+      if (Q4) {
+        wv[2 * c] = _mm512_and_si512(v, low);
+        wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      } else {
+        wv[c] = _mm512_xor_si512(v, flip);
       }
     }
+    // start + the block's sum(w * digit) of 16 rows against one digit's 32 bytes, in two
+    // independent chains of vpdpbusd (their latency bounds a tile more than their number does;
+    // the integer sum is the same)
+    auto dot = [&](__m512i sum, const int8_t* x) {
+      __m512i odd = _mm512_setzero_si512();
+      for (int r = 0; r < 8; r += 2) {
+        sum = _mm512_dpbusd_epi32(sum, wv[r], _mm512_set1_epi32(load_i32(x + kRunStart[Q4][r])));
+        odd = _mm512_dpbusd_epi32(odd, wv[r + 1],
+                                  _mm512_set1_epi32(load_i32(x + kRunStart[Q4][r + 1])));
+      }
+      return _mm512_add_epi32(sum, odd);
+    };
     const int64_t at = (g * nb + j) * GROUP;
     const __m512 dw = load_scales16(w, w.d, at);
-    for (int t = 0; t < T; ++t)
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb + t * nb + j])), acc[t]);
-    if (w.q4) {
-      const __m512 mw = load_scales16(w, w.m, at);
-      for (int t = 0; t < T; ++t)
-        acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb + t * nb + j]), acc[t]);
+    const __m512 mw = Q4 ? load_scales16(w, w.m, at) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {  // unrolled: the accumulators stay in registers
+      const int64_t xb = (b0 + t) * nb + j;  // the activation row's block
+      const int8_t* x = a.q.data() + xb * QK * D;  // its digits
+      // the last digit's sum (the q8 flip's -128 * sum(q) as its start), plus 255 times the
+      // high digit's: two independent chains
+      __m512i isum = dot(Q4 ? _mm512_setzero_si512() : _mm512_set1_epi32(-128 * a.sum[xb]),
+                         x + (D - 1) * QK);
+      if constexpr (D == 2)
+        isum = _mm512_add_epi32(isum, times_base(dot(_mm512_setzero_si512(), x)));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb])), acc[t]);
+      if (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[t]);
     }
   }
   const int64_t rows = std::min<int64_t>(GROUP, w.N - g * GROUP);
@@ -242,59 +300,76 @@ inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float
   for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(out + (b0 + t) * ldo + g * GROUP, keep, acc[t]);
 }
 #elif LE_AVX2
-// One group against T activation rows from b0, as two halves of eight rows (a lane each).
-template <int T>
-inline void group_i8(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
-                     int64_t ldo) {
-  const int64_t K = w.K, nb = K / QK;
+// 255 * v, the high digit's weight (QActs).
+inline __m256i times_base(__m256i v) { return _mm256_sub_epi32(_mm256_slli_epi32(v, 8), v); }
+
+// One group against T activation rows from b0 at D digits an activation, as two halves of eight
+// rows (a lane each): maddubs + madd take each digit's block sums (no VNNI), then the digits
+// combine as in the VNNI kernel.
+template <int T, int D, bool Q4>
+inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
+                    int64_t ldo) {
+  const int64_t nb = w.K / QK;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
-  const int8_t* xq = a.q.data() + b0 * K;
-  const int64_t xb = b0 * nb;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t j = 0; j < nb; ++j) {
       const uint8_t* blk = wq + j * block_bytes(w) + 32 * h;
-      const int8_t* xj = xq + j * QK;
-      __m256i isum[T];
-      for (int t = 0; t < T; ++t) isum[t] = _mm256_setzero_si256();
-      if (w.q4) {
-        // a nibble x an activation pair is at most 2 * 15 * 127 = 3810, so the block's eight
-        // pair sums fit 16 bits (30480): one madd a block instead of one per maddubs
-        __m256i pairs[T];
-        for (int t = 0; t < T; ++t) pairs[t] = _mm256_setzero_si256();
+      const int8_t* x[T];
+      for (int t = 0; t < T; ++t) x[t] = a.q.data() + ((b0 + t) * nb + j) * QK * D;
+      __m256i isum[T][D];  // per digit
+      if (Q4) {
+        // a nibble x a digit pair is at most 2 * 15 * 127 = 3810, so the block's eight pair
+        // sums fit 16 bits (30480): one madd a block instead of one per maddubs
+        __m256i pairs[T][D];
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < D; ++e) pairs[t][e] = _mm256_setzero_si256();
         for (int c = 0; c < 4; ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
           const __m256i lo = _mm256_and_si256(v, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          for (int t = 0; t < T; ++t) {
-            const __m256i xl = _mm256_set1_epi32(load_i32(xj + t * K + 4 * c));
-            const __m256i xh = _mm256_set1_epi32(load_i32(xj + t * K + 16 + 4 * c));
-            pairs[t] = _mm256_add_epi16(pairs[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
-                                                                   _mm256_maddubs_epi16(hi, xh)));
-          }
+          for (int t = 0; t < T; ++t)
+            for (int e = 0; e < D; ++e) {
+              const int8_t* xd = x[t] + e * QK;
+              const __m256i xl = _mm256_set1_epi32(load_i32(xd + 4 * c));
+              const __m256i xh = _mm256_set1_epi32(load_i32(xd + 16 + 4 * c));
+              pairs[t][e] = _mm256_add_epi16(
+                  pairs[t][e], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                                                _mm256_maddubs_epi16(hi, xh)));
+            }
         }
-        for (int t = 0; t < T; ++t) isum[t] = _mm256_madd_epi16(pairs[t], ones);
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < D; ++e) isum[t][e] = _mm256_madd_epi16(pairs[t][e], ones);
       } else {
+        for (int t = 0; t < T; ++t)
+          for (int e = 0; e < D; ++e) isum[t][e] = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
           const __m256i av = _mm256_sign_epi8(v, v);  // |w| as u8; the sign moves to x
-          for (int t = 0; t < T; ++t) {
-            const __m256i x4 = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xj + t * K + 4 * c)), v);
-            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x4), ones));
-          }
+          for (int t = 0; t < T; ++t)
+            for (int e = 0; e < D; ++e) {
+              const __m256i x4 =
+                  _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x[t] + e * QK + 4 * c)), v);
+              isum[t][e] = _mm256_add_epi32(
+                  isum[t][e], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x4), ones));
+            }
         }
       }
       const int64_t at = (g * nb + j) * GROUP + 8 * h;
       const __m256 dw = load_scales8(w, w.d, at);
-      for (int t = 0; t < T; ++t)
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]),
-                                 _mm256_mul_ps(dw, _mm256_set1_ps(a.d[xb + t * nb + j])), acc[t]);
-      if (w.q4) {
+      for (int t = 0; t < T; ++t) {
+        __m256i total = isum[t][0];
+        if constexpr (D == 2) total = _mm256_add_epi32(times_base(total), isum[t][1]);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total),
+                                 _mm256_mul_ps(dw, _mm256_set1_ps(a.d[(b0 + t) * nb + j])),
+                                 acc[t]);
+      }
+      if (Q4) {
         const __m256 mw = load_scales8(w, w.m, at);
         for (int t = 0; t < T; ++t)
-          acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[xb + t * nb + j]), acc[t]);
+          acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[(b0 + t) * nb + j]), acc[t]);
       }
     }
     const int64_t rows = std::min<int64_t>(8, w.N - g * GROUP - 8 * h);
@@ -337,18 +412,21 @@ inline int64_t scale_index(const QMat& w, int64_t n, int64_t j) {
   return q * scale_at(w, w.d, at);
 }
 
-// The int8 product without vector instructions: the same integer sums and float steps.
-[[maybe_unused]] void rows_i8_scalar(const QMat& w, const QActs& a, float* out, int64_t ldo,
-                                     int64_t g0, int64_t g1) {
-  const int64_t K = w.K, nb = K / QK;
+// The quantized product without vector instructions: the same integer sums and float steps.
+[[maybe_unused]] void rows_q_scalar(const QMat& w, const QActs& a, float* out, int64_t ldo,
+                                    int64_t g0, int64_t g1) {
+  const int64_t nb = w.K / QK;
   const int64_t n1 = std::min(w.N, g1 * GROUP);
   for (int64_t n = g0 * GROUP; n < n1; ++n)
     for (int64_t b = 0; b < a.B; ++b) {
       float acc = 0.f;
       for (int64_t j = 0; j < nb; ++j) {
-        const int8_t* xq = a.q.data() + b * K + j * QK;
+        const int8_t* xq = a.block(b, j);
         int32_t isum = 0;
-        for (int i = 0; i < QK; ++i) isum += quant_at(w, n, j * QK + i) * xq[i];
+        for (int i = 0; i < QK; ++i) {
+          const int32_t q = a.digits == 2 ? kDigitBase * xq[i] + xq[QK + i] : xq[i];
+          isum += quant_at(w, n, j * QK + i) * q;
+        }
         const int64_t at = scale_index(w, n, j);
         acc = std::fma(static_cast<float>(isum), scale_at(w, w.d, at) * a.d[b * nb + j], acc);
         if (w.q4) acc = std::fma(scale_at(w, w.m, at), a.s[b * nb + j], acc);
@@ -503,21 +581,36 @@ inline void store_lanes(const QMat& w, int64_t g, int h, int64_t b0, const L::F 
 
 }  // namespace
 
-void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
-                    int64_t g1) {
+namespace {
+
 #if LE_AVX2
-  // Tiles of activation rows share each weight load; any tiling gives the same bits.
+// Every activation row against groups [g0, g1) at D digits: tiles of rows share each weight
+// block's loads; any tiling gives the same bits.
+template <int D, bool Q4>
+void rows_q(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t b0 = 0;
 #if LE_VNNI512
-    for (; b0 + 8 <= a.B; b0 += 8) group_i8<8>(w, a, g, b0, out, ldo);
+    for (; b0 + 8 <= a.B; b0 += 8) group_q<8, D, Q4>(w, a, g, b0, out, ldo);
 #endif
-    for (; b0 + 4 <= a.B; b0 += 4) group_i8<4>(w, a, g, b0, out, ldo);
-    for (; b0 + 2 <= a.B; b0 += 2) group_i8<2>(w, a, g, b0, out, ldo);
-    if (b0 < a.B) group_i8<1>(w, a, g, b0, out, ldo);
+    for (; b0 + 4 <= a.B; b0 += 4) group_q<4, D, Q4>(w, a, g, b0, out, ldo);
+    for (; b0 + 2 <= a.B; b0 += 2) group_q<2, D, Q4>(w, a, g, b0, out, ldo);
+    if (b0 < a.B) group_q<1, D, Q4>(w, a, g, b0, out, ldo);
   }
+}
+#endif
+
+}  // namespace
+
+void qmat_rows_quant(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
+                     int64_t g1) {
+#if LE_AVX2
+  using F = void (*)(const QMat&, const QActs&, float*, int64_t, int64_t, int64_t);
+  static constexpr F kernels[2][2] = {{rows_q<1, false>, rows_q<1, true>},
+                                      {rows_q<2, false>, rows_q<2, true>}};
+  kernels[a.digits - 1][w.q4](w, a, out, ldo, g0, g1);
 #else
-  rows_i8_scalar(w, a, out, ldo, g0, g1);
+  rows_q_scalar(w, a, out, ldo, g0, g1);
 #endif
 }
 
@@ -558,12 +651,13 @@ void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t
 #endif
 }
 
-void qmat_linear(const QMat& w, const float* x, int64_t B, float* out, bool int8, QActs& acts) {
-  const bool i8 = int8 && !w.dense;
-  if (i8) acts.quantize(x, B, w.K);
+void qmat_linear(const QMat& w, const float* x, int64_t B, float* out, Acts acts,
+                 QActs& acts_buf) {
+  const int digits = w.dense ? 0 : acts_digits(acts);
+  if (digits > 0) acts_buf.quantize(x, B, w.K, digits);
   parallel_for(0, qmat_groups(w), 1, [&](int64_t g0, int64_t g1) {
-    if (i8)
-      qmat_rows_int8(w, acts, out, w.N, g0, g1);
+    if (digits > 0)
+      qmat_rows_quant(w, acts_buf, out, w.N, g0, g1);
     else
       qmat_rows_f32(w, x, B, out, w.N, g0, g1);
   });

@@ -4,28 +4,58 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace llama_engine {
 
 constexpr int QK = 32;  // elements per quantization block, weights and activations alike
 
-// Activations quantized per 32-block to int8 with a float scale (llama.cpp's Q8_1): each block's
-// dot product with a weight block then runs on integers.
+// How a product treats its activations (StepArgs::acts, the C API's and the bindings' `acts`).
+enum class Acts : int32_t {
+  exact = 0,  // float activations against weights widened to float
+  int8 = 1,   // per 32-block int8 with a float scale: llama.cpp's Q8_1 scheme
+  int16 = 2,  // per 32-block 16-bit integers with a float scale, held as two int8 digits
+};
+
+// Activations quantized per 32-block with a float scale d, so that each block's dot product with
+// a weight block runs on integers. `digits` int8 digits an element:
+//   1 (int8, llama.cpp's Q8_1): q = round(x / d) in [-127, 127], d = amax / 127;
+//   2 (int16): q = round(x / d) in [-32512, 32512], d = amax / 32512, held as q = 255 * hi + lo
+//      with hi = round(q / 255) and lo in [-127, 127]: a block's bytes are its 32 hi digits,
+//      then its 32 lo digits. The kernels take sum(w * hi) and sum(w * lo) with the int8
+//      machinery and combine them as 255 * sum(w * hi) + sum(w * lo) = sum(w * q), exactly.
+//      Base 255 keeps both digits in [-127, 127] (AVX2's sign trick for q8 weights cannot negate
+//      -128), and 127 * 255 + 127 = 32512 is the largest q they reach.
+// Either way rounding is to nearest even, NaN becomes 0, and the bits are the same on every build.
 struct QActs {
-  std::vector<int8_t> q;     // [B, K]
+  std::vector<int8_t> q;     // [B, K * digits]
   std::vector<float> d;      // [B, K/32] scale
   std::vector<float> s;      // [B, K/32] d * sum(q), for the offset term of q4 weights
   std::vector<int32_t> sum;  // [B, K/32] sum(q), for q8 weights taken as unsigned (VNNI)
   int64_t B = 0, K = 0;
-  // Size for x [B, K]; the buffers grow but are never shrunk, so a reused QActs stops
-  // allocating after its first use at a given size.
-  void resize(int64_t B, int64_t K);
+  int digits = 1;
+  // Size for x [B, K] at `digits` an element; the buffers grow but are never shrunk, so a
+  // reused QActs stops allocating after its first use at a given size.
+  void resize(int64_t B, int64_t K, int digits);
   // Quantize rows [b0, b1) of x [B, K] (after resize); rows are independent.
   void quantize_rows(const float* x, int64_t b0, int64_t b1);
   // resize, then every row, split over the threads.
-  void quantize(const float* x, int64_t B, int64_t K);
+  void quantize(const float* x, int64_t B, int64_t K, int digits);
+  // The digits of row b's 32-block j (QK * digits bytes).
+  const int8_t* block(int64_t b, int64_t j) const {
+    return q.data() + (b * (K / QK) + j) * QK * digits;
+  }
 };
+
+// The Acts a caller's integer names; throws std::invalid_argument on any other value.
+inline Acts acts_from(int32_t v) {
+  if (v < 0 || v > 2) throw std::invalid_argument("acts: 0 (exact), 1 (int8) or 2 (int16)");
+  return static_cast<Acts>(v);
+}
+
+// The int8 digits an element the activations of `acts` take (0: float, not quantized).
+inline int acts_digits(Acts acts) { return acts == Acts::int16 ? 2 : acts == Acts::int8 ? 1 : 0; }
 
 // A weight matrix [N, K] in the kernels' layout (borrowed pointers). Rows are interleaved in
 // groups of 16 (G = ceil(N / 16) groups; the last one zero-padded) and, within a 32-block, in
@@ -53,18 +83,21 @@ struct QMat {
 constexpr int GROUP = 16;
 
 // out[b * ldo + n] for every activation row b and the weight rows n < N of groups [g0, g1).
-// Each row's result depends on that row alone, whatever B and the tiling, and the int8 kernel's
-// are the same bits on every instruction set (integer block sums, then the same float steps).
-// int8 activations (llama.cpp's scheme, ~0.5% relative error per product):
-void qmat_rows_int8(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
-                    int64_t g1);
+// Each row's result depends on that row alone, whatever B and the tiling, and the quantized
+// kernel's are the same bits on every instruction set (integer block sums, then the same float
+// steps).
+// Quantized activations (a.digits: int8, llama.cpp's scheme, ~0.5% relative error per product;
+// int16, ~0.002%):
+void qmat_rows_quant(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
+                     int64_t g1);
 // float activations against weights widened to float (d * q + m in one FMA):
 // dequantize-then-matmul's arithmetic up to summation order and that one rounding.
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1);
-// out [B, N] = x [B, K] @ w.T, quantizing x first when int8 (acts is the work buffer), split
-// over the threads.
-void qmat_linear(const QMat& w, const float* x, int64_t B, float* out, bool int8, QActs& acts);
+// out [B, N] = x [B, K] @ w.T, quantizing x first as `acts` says (acts_buf is the work buffer;
+// dense weights always take the float kernel), split over the threads.
+void qmat_linear(const QMat& w, const float* x, int64_t B, float* out, Acts acts,
+                 QActs& acts_buf);
 // The weight rows n < N of groups [g0, g1) as float32 into out [rows, K] (row-major, in order).
 void qmat_dequant_rows(const QMat& w, float* out, int64_t g0, int64_t g1);
 inline int64_t qmat_groups(const QMat& w) { return (w.N + GROUP - 1) / GROUP; }

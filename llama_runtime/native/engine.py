@@ -8,9 +8,9 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_engine import InvalidParamsError, ModelHandle, ModelSpec, UnsupportedBackendError
-from llama_runtime.backends import physical_cores
+from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores
 from llama_runtime.batched import BatchedEngine, fingerprint, host_available_memory
-from llama_runtime.native.library import library
+from llama_runtime.native.library import ACTS, library
 from llama_runtime.native.model import NativeKVStore, NativeModel, unsupported
 from llama_runtime.step import SeqStep
 
@@ -37,17 +37,16 @@ class NativeEngine(BatchedEngine):
             raise InvalidParamsError(
                 f"weights must be 'auto' or 'quantized' on the native backend, got {weights!r} "
                 "('dequant' needs backend='torch')")
-        if decode not in ("auto", "int8", "exact"):
+        if decode != "auto" and decode not in ACTS:
             raise InvalidParamsError(
-                f"decode must be 'auto', 'int8' or 'exact' on the native backend, got "
-                f"{decode!r} ('torch' needs backend='torch')")
+                f"decode must be one of 'auto', {', '.join(map(repr, ACTS))} on the native "
+                f"backend, got {decode!r} ('torch' needs backend='torch')")
         if kv_dtype not in ("auto", "float32", "float16"):
             raise InvalidParamsError(
                 f"kv_dtype must be 'auto', 'float32' or 'float16' on the native backend, got "
                 f"{kv_dtype!r}")
-        self._int8 = decode != "exact"
-        self._kv_dtype_name = kv_dtype if kv_dtype != "auto" else (
-            "float16" if self._int8 else "float32")
+        self._decode = CPU_DECODE if decode == "auto" else decode
+        self._kv_dtype_name = kv_dtype if kv_dtype != "auto" else cpu_kv_dtype(self._decode)
         self.check_threads(threads)
         self._threads = threads or physical_cores()
         try:
@@ -59,6 +58,10 @@ class NativeEngine(BatchedEngine):
     @property
     def threads(self) -> int:
         return self._threads
+
+    @property
+    def decode_kernel(self) -> str:
+        return self._decode
 
     def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
         if spec.device not in ("auto", "cpu"):
@@ -74,7 +77,7 @@ class NativeEngine(BatchedEngine):
             raise UnsupportedBackendError(f"{spec.model}: {why}; use backend='torch'")
         ckpt, cfg = files.checkpoint, files.config
         try:
-            model = NativeModel(files, int8=self._int8, progress=lambda: bar.update(1))
+            model = NativeModel(files, decode=self._decode, progress=lambda: bar.update(1))
         except (ValueError, NotImplementedError, KeyError) as e:  # dims, types it cannot run
             raise UnsupportedBackendError(
                 f"{spec.model}: the native kernels cannot run this model ({e}); use "

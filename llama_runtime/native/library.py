@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSRC", "ISAS", "LeWeight", "StepArgs", "available_isas", "compile_flags", "isa",
-           "library"]
+__all__ = ["ACTS", "CSRC", "ISAS", "LeWeight", "StepArgs", "available_isas", "compile_flags",
+           "isa", "library"]
 
 CSRC = Path(__file__).parent.parent / "csrc"
 _SOURCES = ("qgemm.cpp", "decode.cpp", "capi.cpp")
@@ -76,6 +76,10 @@ def _compiler_accepts(flags: tuple[str, ...]) -> bool:
         return False
     return done.returncode == 0
 
+
+ACTS = {"int16": 2, "int8": 1, "exact": 0}
+"""The products' activation arithmetic, by decode mode (csrc/qgemm.h's Acts): 16-bit integers per
+32-block (two int8 digits each), int8 per 32-block (llama.cpp's scheme), or float."""
 
 ISAS = ("avx512-vnni", "avx2", "generic")
 """The kernels' builds, fastest first (csrc/qgemm.cpp): AVX-512 VNNI, AVX2 + FMA, plain C++."""
@@ -142,7 +146,7 @@ class StepArgs(ctypes.Structure):
                 ("v_cache", ctypes.c_void_p), ("half_kv", ctypes.c_bool),
                 ("n_slots", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("logit_rows", ctypes.c_void_p), ("R", ctypes.c_int64),
-                ("int8_acts", ctypes.c_bool), ("logits", ctypes.c_void_p),
+                ("acts", ctypes.c_int32), ("logits", ctypes.c_void_p),
                 ("hidden", ctypes.c_void_p)]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
 from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
-from llama_runtime.native.library import LeWeight, StepArgs, library
+from llama_runtime.native.library import ACTS, LeWeight, StepArgs, library
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 
 __all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
@@ -34,10 +34,11 @@ def le_weight(p: PackedWeight) -> LeWeight:
                     _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
 
 
-def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, int8: bool) -> np.ndarray:
-    """x [B, K] @ W.T by the library's kernel, the product the fused step computes: float
-    activations, or (int8) activations quantized per 32-block. `p` is a packed weight, or a
-    dense float32 [N, K] one (always the float kernel, as in the step)."""
+def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndarray:
+    """x [B, K] @ W.T by the library's kernel, the product the fused step computes with `acts`
+    (a key of ACTS: float activations, or activations quantized per 32-block to int8 or int16).
+    `p` is a packed weight, or a dense float32 [N, K] one (always the float kernel, as in the
+    step)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if isinstance(p, np.ndarray):
         p = np.ascontiguousarray(p, dtype=np.float32)
@@ -49,7 +50,7 @@ def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, int8: bool) -> np.nda
         raise ValueError(f"x must be [B, {k}], got {list(x.shape)}")
     out = np.empty((x.shape[0], n), dtype=np.float32)
     lib = library()
-    if lib.le_linear(ctypes.byref(w), _ptr(x), x.shape[0], _ptr(out), int(int8)):
+    if lib.le_linear(ctypes.byref(w), _ptr(x), x.shape[0], _ptr(out), ACTS[acts]):
         raise ValueError(lib.le_error().decode())
     return out
 
@@ -141,11 +142,11 @@ class NativeKVStore:
 class NativeModel:
     """The model's weights in the kernels' layout and one native model over them."""
 
-    def __init__(self, files: ModelFiles, *, int8: bool, progress: Any = None) -> None:
+    def __init__(self, files: ModelFiles, *, decode: str, progress: Any = None) -> None:
         cfg = files.config
         lib = library()
         self._lib = lib
-        self.cfg, self.int8 = cfg, int8
+        self.cfg, self.decode = cfg, decode  # a key of ACTS
         self._keep: list[Any] = []  # every array the library borrows
         self.weight_paths: dict[str, str] = {}
         w = files.weights
@@ -210,11 +211,11 @@ class NativeModel:
                                     np.float32)
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
-             store: NativeKVStore, *, int8: bool | None = None,
+             store: NativeKVStore, *, decode: str | None = None,
              hidden: bool = False) -> np.ndarray:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
-        sequence's new tokens, in order); int8 overrides the model's decode kernel. With
-        `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
+        sequence's new tokens, in order); `decode` overrides the model's kernel (a key of ACTS).
+        With `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
         cfg = self.cfg
         want = (cfg.n_layers, store.num_blocks, cfg.n_kv_heads, store.block_size, cfg.head_dim)
         if store.k.shape != want or store.v.shape != want or store.k.dtype != store.v.dtype:
@@ -230,7 +231,7 @@ class NativeModel:
             rows.block_tables.shape[1], _ptr(rows.ctx_lens), len(tokens), _ptr(store.k),
             _ptr(store.v), store.k.dtype == np.float16, store.num_blocks * store.block_size,
             store.block_size,
-            _ptr(wanted), len(wanted), self.int8 if int8 is None else int8,
+            _ptr(wanted), len(wanted), ACTS[decode or self.decode],
             None if hidden else _ptr(out), _ptr(out) if hidden else None)
         if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:
             raise ValueError(self._lib.le_error().decode())
@@ -249,7 +250,7 @@ class NativeModel:
             seq = SeqStep(start=start, n_new=end - start, write_slots=list(range(start, end)),
                           context_slots=list(range(end)), want_logits=True)
             h = self.step(list(tokens[start:end]), list(range(start, end)), [seq], store,
-                          int8=False, hidden=True)
+                          decode="exact", hidden=True)
             total += h.sum(axis=0, dtype=np.float64)
         mean = (total / len(tokens)).astype(np.float32)
         return mean / max(float(np.linalg.norm(mean)), 1e-12)

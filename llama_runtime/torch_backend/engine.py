@@ -20,7 +20,7 @@ from llama_engine import (
 from llama_models import RawTensor
 from llama_models.checkpoint import release_pages
 from llama_models.dequant import dequantize
-from llama_runtime.backends import physical_cores, pick_device
+from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores, pick_device
 from llama_runtime.batched import (
     BatchedEngine,
     fingerprint,
@@ -59,7 +59,8 @@ class TorchEngine(BatchedEngine):
         self._weights_mode = weights
         if decode not in ("auto", "torch", *DECODE_KERNELS):
             raise InvalidParamsError(
-                f"decode must be 'auto', 'int8', 'exact' or 'torch', got {decode!r}")
+                f"decode must be one of 'auto', {', '.join(map(repr, DECODE_KERNELS))}, "
+                f"'torch', got {decode!r}")
         self._decode_mode = decode
         if kv_dtype not in ("auto", *_DTYPES):
             raise InvalidParamsError(
@@ -124,26 +125,34 @@ class TorchEngine(BatchedEngine):
     def threads(self) -> int:
         return torch.get_num_threads()
 
+    @property
+    def decode_kernel(self) -> str:
+        return "torch" if self._fused is None else self._fused_kernel()
+
     def _activate(self, model: Any, fused: FusedDecoder | None, device: torch.device,
                   dtype: torch.dtype) -> None:
         self._model, self._fused, self._device, self._dtype = model, fused, device, dtype
 
     def _kv_dtype(self, device: torch.device, dtype: torch.dtype,
                   fused: bool) -> torch.dtype:
-        """The KV cache's dtype: kv_dtype, or for "auto" float16 beside the int8 decode kernels
-        on the CPU (llama.cpp's default too: half the bytes attention reads per token, at
-        float16's ~0.05% rounding), else the compute dtype. `fused`: quantized weights that
-        the fused step can run (else the model runs op by op, in its compute dtype)."""
+        """The KV cache's dtype: kv_dtype, or for "auto" what the fused CPU step's kernel keeps
+        (float16 beside int8, float32 beside int16 and exact: backends.cpu_kv_dtype), else the
+        compute dtype. `fused`: quantized weights that the fused step can run (else the model
+        runs op by op, in its compute dtype)."""
         if self._kv_dtype_name != "auto":
             return _DTYPES[self._kv_dtype_name]
-        int8_decode = self._decode_mode in ("auto", "int8") and fused
-        if int8_decode and device.type == "cpu" and dtype == torch.float32:
-            return torch.float16
+        if (self._decode_mode != "torch" and fused and device.type == "cpu"
+                and dtype == torch.float32):
+            return _DTYPES[cpu_kv_dtype(self._fused_kernel())]
         return dtype
+
+    def _fused_kernel(self) -> str:
+        """The fused step's kernel for `decode` (a key of ACTS; "auto": CPU_DECODE)."""
+        return CPU_DECODE if self._decode_mode == "auto" else self._decode_mode
 
     def _fused_decoder(self, model: Any, device: torch.device, dtype: torch.dtype,
                        kv_dtype: torch.dtype) -> FusedDecoder | None:
-        """The native step for `decode` ("auto": int8 where it can run), or None for the
+        """The native step for `decode` ("auto": CPU_DECODE where it can run), or None for the
         op-by-op torch path."""
         mode = self._decode_mode
         if mode == "torch":
@@ -160,7 +169,7 @@ class TorchEngine(BatchedEngine):
             log.info("the fused decode step does not serve this model (%s); running it op by "
                      "op", why)
             return None
-        return FusedDecoder(model, int8=mode in ("auto", "int8"))
+        return FusedDecoder(model, decode=self._fused_kernel())
 
     @staticmethod
     def _prepare_weights(weights: dict[str, RawTensor], device: torch.device,

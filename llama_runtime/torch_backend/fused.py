@@ -6,8 +6,9 @@ outweighs the arithmetic. `FusedDecoder` hands the whole forward to csrc/decode.
 norms, quantized products, RoPE, the KV write, attention read in place from the paged cache,
 the MLP and the output projection, with work buffers reused between steps.
 
-Two kernels: "int8" quantizes activations per 32-block to 8 bits before each product, for
-prompt chunks and generated tokens alike (llama.cpp's CPU scheme: ~0.5% relative error per
+Three kernels, for prompt chunks and generated tokens alike: "int16" (the default) quantizes
+activations per 32-block to 16-bit integers before each product (~0.002% relative error per
+product: the float model's greedy tokens), "int8" to 8 bits (llama.cpp's CPU scheme: ~0.5% per
 product, so a near-tie between two tokens can flip), and "exact" widens the weights to float
 (the reference's arithmetic up to summation order). Each row's result depends only on that row,
 so batching never changes a sequence's tokens.
@@ -23,18 +24,19 @@ import torch
 
 from llama_models.decoder import DecoderConfig, DecoderModel
 from llama_models.ops import RopeSpec
+from llama_runtime.native.library import ACTS
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 from llama_runtime.torch_backend.paged import PagedKVStore
 from llama_runtime.torch_backend.qweights import QWeight, kernels
 
 __all__ = ["DECODE_KERNELS", "FusedDecoder"]
 
-DECODE_KERNELS = ("int8", "exact")
+DECODE_KERNELS = tuple(ACTS)
 _LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 class FusedDecoder:
-    def __init__(self, model: DecoderModel, *, int8: bool) -> None:
+    def __init__(self, model: DecoderModel, *, decode: str) -> None:
         cfg: DecoderConfig = model.cfg
         norms: list[torch.Tensor] = []
         linears: list[list[torch.Tensor]] = []
@@ -54,7 +56,7 @@ class FusedDecoder:
                 cfg.vocab_size]
         self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows)
         self._model = model
-        self._int8 = int8
+        self._decode = decode  # a key of ACTS
         self._inv_freq = np.asarray(model.rope.inv_freq(), dtype=np.float32)
 
     @staticmethod
@@ -76,10 +78,10 @@ class FusedDecoder:
         return None
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
-             store: PagedKVStore, *, int8: bool | None = None) -> torch.Tensor:
+             store: PagedKVStore, *, decode: str | None = None) -> torch.Tensor:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order: one for a generated token, a chunk for a prompt).
-        int8 overrides the kernel chosen at construction."""
+        `decode` overrides the kernel chosen at construction."""
         rows = row_arrays(positions, seqs, store.block_size)
         ids = torch.tensor(tokens, dtype=torch.long)
         x = self._model.ops.embedding(self._model.embed, ids).contiguous()
@@ -88,5 +90,5 @@ class FusedDecoder:
             x, torch.from_numpy(cos), torch.from_numpy(sin), torch.from_numpy(rows.write_slots),
             torch.from_numpy(rows.block_tables), torch.from_numpy(rows.ctx_lens), store.k,
             store.v, store.block_size, torch.from_numpy(rows.logit_rows),
-            self._int8 if int8 is None else int8)
+            ACTS[decode or self._decode])
         return out

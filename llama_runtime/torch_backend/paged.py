@@ -124,6 +124,8 @@ class StepBatch:
             db, do = view.decode_at
             kd = kc[db, :, do].transpose(1, 2).to(q.dtype)  # [B, W, Hkv, D] -> [B, Hkv, W, D]
             vd = vc[db, :, do].transpose(1, 2).to(q.dtype)
+            if view.decode_pad is not None:
+                kd, vd = kd.masked_fill(view.decode_pad, 0.0), vd.masked_fill(view.decode_pad, 0.0)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=view.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
@@ -144,6 +146,7 @@ class _WindowView:
                  prefill_ctx: list[tuple[int, int, list[int]]], window: int) -> None:
         dev = store.device
         self.decode_mask: torch.Tensor | None = None
+        self.decode_pad: torch.Tensor | None = None
         if decode_ctx:
             kept = [c[-window:] if window else c for c in decode_ctx]
             width = max(len(c) for c in kept)
@@ -155,6 +158,9 @@ class _WindowView:
             self.decode_at = store.at(idx.to(dev))
             if not bool(valid.all()):  # [B, 1, 1, width]: hide the padding
                 self.decode_mask = valid[:, None, None, :].to(dev)
+                # [B, 1, width, 1]: the padding, which reads slot 0 (whatever it holds: the
+                # store is torch.empty, and a NaN there would survive the mask as 0 * NaN)
+                self.decode_pad = ~valid[:, None, :, None].to(dev)
         self.prefills: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
         for r0, r1, slots in prefill_ctx:
             n = r1 - r0

@@ -2,11 +2,13 @@
 
 GGUF Q4_0, Q4_1, Q8_0 and Q4_K tensors are repacked at load (no requantization: the same values)
 into `QWeight`s in the kernels' layout (csrc/qgemm.h: 16-row groups, a vector lane per row).
-csrc/qgemm.cpp multiplies them directly, two ways:
+csrc/qgemm.cpp multiplies them directly, three ways:
 - exact: float activations against weights widened to float (dequantize-then-matmul's
   arithmetic up to summation order, and one FMA rounding in d * q + m).
+- int16: activations quantized per 32-block to 16-bit integers (two int8 digits each) and dot
+  products on integers; the fused step uses it by default (see fused.py).
 - int8: activations quantized per 32-block to 8 bits and dot products on integers (llama.cpp's CPU
-  scheme); the fused step uses it by default (see fused.py).
+  scheme).
 Either way a row's result depends only on that row, and every build (AVX-512 VNNI, AVX2, plain
 C++) gives the same bits. The kernels are compiled on first use with torch's extension builder
 (cached by torch).
@@ -24,7 +26,7 @@ import torch
 
 from llama_models.checkpoint import RawTensor
 from llama_runtime.native.layout import GROUP, KEPT_QUANTIZED, REPACKABLE, RUN, pack, weight_path
-from llama_runtime.native.library import CSRC, compile_flags
+from llama_runtime.native.library import ACTS, CSRC, compile_flags
 
 __all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "kernels", "repack", "weight_path"]
 
@@ -80,18 +82,16 @@ class QWeight:
         """The tensors the native kernels take: [qs, d] or [qs, d, m]."""
         return [self.qs, self.d] if self.m is None else [self.qs, self.d, self.m]
 
-    def linear(self, x: torch.Tensor, *, int8_acts: bool = False) -> torch.Tensor:
-        """x @ W.T by the compiled kernel: exact (float activations), or with activations
-        quantized to int8 when asked. Each row's result depends only on that row, whatever the
-        number of rows, so batching and prompt chunking never change a sequence's numbers."""
+    def linear(self, x: torch.Tensor, *, acts: str = "exact") -> torch.Tensor:
+        """x @ W.T by the compiled kernel with `acts` (a key of ACTS): float activations, or
+        activations quantized per 32-block to int16 or int8. Each row's result depends only on
+        that row, whatever the number of rows, so batching and prompt chunking never change a
+        sequence's numbers."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
         ext = kernels()
-        if self.kind == "q4":
-            f = ext.q4_linear if int8_acts else ext.q4_linear_f32
-        else:
-            f = ext.q8_linear if int8_acts else ext.q8_linear_f32
-        return f(x2, *self.parts(), self.shape[0]).reshape(*lead, self.shape[0])
+        f = ext.q4_linear if self.kind == "q4" else ext.q8_linear
+        return f(x2, *self.parts(), self.shape[0], ACTS[acts]).reshape(*lead, self.shape[0])
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [N, K] (or just `rows`)."""

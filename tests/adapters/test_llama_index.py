@@ -23,7 +23,8 @@ QUESTION = [ChatMessage(role="user", content="Name a colour.")]
 @pytest.fixture(scope="module")
 def llm(exact_engine: Any) -> LlamaEngineLLM:
     # The exact decode path, so that greedy replies to the same prompt agree across calls
-    # (the default int8 path may flip a near-tie when the prefix cache changes what is computed).
+    # (the default path quantizes activations: it may flip a near-tie when the prefix cache
+    # changes what is computed).
     return LlamaEngineLLM(engine=exact_engine, max_tokens=10, temperature=0)
 
 

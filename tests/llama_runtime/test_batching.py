@@ -123,13 +123,14 @@ def test_stats_have_the_contract_keys(engine) -> None:
 
 
 @pytest.mark.slow
-def test_over_budget_request_fails_or_waits_by_policy_and_engine_keeps_serving() -> None:
+def test_over_budget_request_fails_or_waits_by_policy_and_engine_keeps_serving(engine) -> None:
     from llama_runtime import create_engine
 
-    # 40 blocks of 16 tokens = 640 tokens of KV in all (K and V of 30 layers, 3 KV heads of 64,
-    # in float16: the CPU default)
-    per_token = 2 * 30 * 3 * 64 * 2
-    strict = create_engine(threads=2, progress=False, kv_memory=40 * 16 * per_token,
+    # 40 blocks of 16 tokens = 640 tokens of KV in all, at the default engine's KV bytes a block
+    # (K and V of 30 layers, 3 KV heads of 64, in its kv_dtype)
+    stats = engine.stats()
+    per_block = stats["kv_bytes_total"] // stats["kv_blocks_total"]
+    strict = create_engine(threads=2, progress=False, kv_memory=40 * per_block,
                            kv_policy="fail")
     assert strict.stats()["kv_blocks_total"] == 40
     long_prompt = "alpha beta gamma delta " * 200  # ~800 tokens
@@ -138,7 +139,7 @@ def test_over_budget_request_fails_or_waits_by_policy_and_engine_keeps_serving()
     assert strict.generate("Hello", max_tokens=4, temperature=0).usage.completion_tokens > 0
     assert strict.stats()["kv_blocks_used"] == 0
 
-    patient = create_engine(threads=2, progress=False, kv_memory=40 * 16 * per_token,
+    patient = create_engine(threads=2, progress=False, kv_memory=40 * per_block,
                             kv_policy="wait")
     mid = "alpha beta gamma delta " * 80  # ~320 tokens: two fit only one after the other
     results: list[int] = []

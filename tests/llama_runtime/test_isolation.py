@@ -23,9 +23,6 @@ from llama_engine import (
 )
 from llama_runtime.generation import Generation
 
-# K and V of 30 layers, 3 KV heads of 64 in float16 (the CPU default): bytes per block of 16
-BLOCK_BYTES = 2 * 30 * 3 * 64 * 2 * 16
-
 
 def _solo(engine, prompt: str, n: int) -> list[int]:
     return engine.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True).token_ids
@@ -247,7 +244,9 @@ def test_twelve_long_streams_in_a_pool_for_three_finish_with_their_solo_tokens(e
     n = 64
     solo = [_solo(engine, p, n) for p in PROMPTS]
     per_stream = -(-(n + 16) // 16)  # prompt (< 16 tokens) + n generated
-    small = create_engine(threads=2, progress=False, kv_memory=3 * per_stream * BLOCK_BYTES,
+    stats = engine.stats()  # KV bytes a block of 16 tokens, in the default kv_dtype:
+    block_bytes = stats["kv_bytes_total"] // stats["kv_blocks_total"]
+    small = create_engine(threads=2, progress=False, kv_memory=3 * per_stream * block_bytes,
                           kv_policy="wait")
     assert small.stats()["kv_blocks_total"] == 3 * per_stream
     got: list[list[int] | None] = [None] * len(PROMPTS)

@@ -1,7 +1,8 @@
 """The kernels' builds (native/library.py): AVX-512 VNNI, AVX2 + FMA and plain C++ compute one
-product each way. Both kernels keep an output row per vector lane and do the same arithmetic in
-the same order in every build (the int8 one's block sums are exact integers; the float one is one
-FMA chain per output), so every build must give the same bits. Each other build this CPU runs is
+product each way (int16, int8 and float activations). Every kernel keeps an output row per vector
+lane and does the same arithmetic in the same order in every build (the quantized ones' block
+sums are exact integers; the float one is one FMA chain per output), so every build must give
+the same bits. Each other build this CPU runs is
 compiled in a subprocess (LLAMA_ENGINE_ISA) and compared with this process's."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from llama_runtime.native.library import available_isas, isa
 
 ROWS = (1, 2, 5, 9, 40)
 
-# Writes {kind}_{rows}_{int8|f32} products to the npz path argv[1], for the row counts argv[2:]:
+# Writes {kind}_{rows}_{int16|int8|exact} products to the npz path argv[1], for the row counts
+# argv[2:]:
 # a q4 weight from the model (Q4_1, float16 scales), synthetic Q4_0 and Q8_0 ones with a row
 # count that leaves the last 16-row group padded, and a Gemma Q4_K one (float32 scales).
 _PRODUCTS = """
@@ -52,8 +54,8 @@ for kind, raw in [*weights.items(), ("dense", None)]:
     for rows in map(int, sys.argv[2:]):
         x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
         x[0, :32] = 0.0  # an all-zero activation block (scale 0)
-        for int8 in (True, False):
-            out[f"{kind}_{rows}_{'int8' if int8 else 'f32'}"] = linear(p, x, int8=int8)
+        for acts in ("int16", "int8", "exact"):
+            out[f"{kind}_{rows}_{acts}"] = linear(p, x, acts=acts)
     # blocks at the edges: all zero but one subnormal, tiny (1/scale overflows), with a NaN,
     # with an infinity
     x = np.random.default_rng(3).standard_normal((4, k)).astype(np.float32)
@@ -62,7 +64,8 @@ for kind, raw in [*weights.items(), ("dense", None)]:
     x[1, :32] *= 1e-38
     x[2, 7] = np.nan
     x[3, 9] = np.inf
-    out[f"{kind}_edge_int8"] = linear(p, x, int8=True)
+    for acts in ("int16", "int8"):
+        out[f"{kind}_edge_{acts}"] = linear(p, x, acts=acts)
 np.savez(sys.argv[1], **out)
 """
 
@@ -103,10 +106,15 @@ def test_an_unknown_or_unsupported_build_is_refused() -> None:
     assert "avx512-vnni, avx2, generic" in done.stderr
 
 
-def test_the_int8_product_is_within_its_quantization_error(this_build) -> None:
-    """Every build's int8 product stays near the float one (~0.5% relative error per product,
-    as llama.cpp's scheme gives)."""
+@pytest.mark.parametrize(("acts", "bound"), [("int8", 0.02), ("int16", 1e-4)])
+def test_a_quantized_product_is_within_its_quantization_error(this_build, acts: str,
+                                                              bound: float) -> None:
+    """Every build's quantized product stays near the float one: ~0.5% relative error per
+    product with int8 activations (as llama.cpp's scheme gives), ~0.002% with int16."""
+    checked = 0
     for key, got in this_build.items():
-        if key.endswith("int8") and "edge" not in key:
-            want = this_build[key.replace("int8", "f32")]
-            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02, key
+        if key.endswith(f"_{acts}") and "edge" not in key:
+            want = this_build[key.removesuffix(acts) + "exact"]
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound, key
+            checked += 1
+    assert checked > 0

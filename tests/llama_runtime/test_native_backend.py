@@ -68,10 +68,11 @@ def test_exact_native_equals_the_torch_backend(native_exact, exact_engine, promp
     assert np.array_equal(logits[0], logits[1])
 
 
-def test_int8_native_matches_the_torch_int8_step(native, engine) -> None:
-    ids = engine.tokenize(PROMPTS[2])
+def test_the_default_native_step_matches_the_torch_backends(native, torch_cpu_engine) -> None:
+    assert native.decode_kernel == torch_cpu_engine.decode_kernel == "int16"
+    ids = native.tokenize(PROMPTS[2])
     got = []
-    for e in (native, engine):
+    for e in (native, torch_cpu_engine):
         s = e.new_session()
         e.prefill(s, ids)
         e.decode(s, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)).collect()

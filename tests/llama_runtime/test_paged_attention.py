@@ -25,6 +25,8 @@ def test_mixed_decode_and_prefill_step_matches_contiguous() -> None:
     torch.manual_seed(0)
     store = PagedKVStore(L, HKV, D, num_blocks=40, block_size=BS, device=torch.device("cpu"),
                          dtype=torch.float32)
+    store.k.fill_(float("nan"))  # slots never written hold whatever torch.empty gave: here NaN,
+    store.v.fill_(float("nan"))  # which padding must not let through
     # three sequences with scattered, non-contiguous blocks
     lengths = {"a": 37, "b": 16, "c": 9}  # tokens already cached
     new = {"a": 1, "b": 5, "c": 1}        # tokens this step

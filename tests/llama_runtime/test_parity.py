@@ -1,8 +1,11 @@
-"""Our torch engine against transformers loading the same GGUF (dequantized, float32)."""
+"""Our engine against transformers loading the same GGUF (dequantized, float32): the exact
+kernels' logits and tokens, and the default engine's greedy tokens on many prompts."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,3 +51,79 @@ def test_greedy_tokens_and_logits_match_transformers(exact_engine, hf_model, hf_
     assert np.abs(ours_logits - ref_logits).max() < 1e-3
     ours = engine.generate(ids, max_tokens=N_NEW, temperature=0, ignore_eos=True).token_ids
     assert ours == ref
+
+
+FLOAT_REFERENCE = Path(__file__).parent / "data" / "float_reference.json"
+"""transformers' greedy tokens (float32, dequantized GGUF, end of sequence ignored) after 64
+varied prompts, chat-templated and raw (several languages, code, arithmetic), with their ids and
+each step's margin (top logit minus the runner-up): `python bench/int8_error.py
+--write-reference` writes it."""
+
+INT16_LOGIT_ERROR = 0.02
+"""How far int16 activations move a logit at most (test_fused_decode.py's INT16_MAX_ABS):
+only a choice the reference makes by less can flip."""
+
+
+@pytest.fixture(scope="module")
+def float_reference() -> dict:
+    return json.loads(FLOAT_REFERENCE.read_text())
+
+
+@pytest.fixture(scope="module")
+def continuations(engine, exact_engine, float_reference: dict) -> dict[str, list[list[int]]]:
+    """Each engine's greedy tokens after every reference prompt, by its decode kernel (the
+    default engine's, and "exact")."""
+    from llama_runtime.bench import generate_all
+
+    prompts, n = float_reference["prompts"], float_reference["tokens"]
+    return {e.decode_kernel: [c.token_ids for c in generate_all(
+                e, [p["ids"] for p in prompts], max_tokens=n, temperature=0, ignore_eos=True)]
+            for e in (engine, exact_engine)}
+
+
+def _first_divergence(got: list[int], want: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+
+
+@pytest.mark.slow
+def test_the_stored_float_reference_is_transformers_own(engine, hf_model, hf_greedy,
+                                                        float_reference: dict) -> None:
+    """A sample of the stored reference, computed again (all of it takes minutes), and each
+    stored prompt is its text's ids."""
+    prompts = float_reference["prompts"]
+    for p in prompts:
+        assert p["text"] in engine.detokenize(p["ids"]), p["text"]
+    for p in prompts[::8]:
+        assert hf_greedy(hf_model, p["ids"], float_reference["tokens"]) == p["tokens"], p["text"]
+
+
+@pytest.mark.slow
+def test_the_default_engine_gives_the_float_models_greedy_tokens(
+        engine, float_reference: dict, continuations: dict[str, list[list[int]]]) -> None:
+    """Issue 13: with default options (int16 activations on a CPU) the first token after every
+    prompt is the float reference's, and a 64-token continuation leaves the reference only at
+    a near-tie that int16's logit error can reach (int8 leaves it at margins up to ~0.3, and
+    at the first token of 5 of these prompts: bench/int8_error.py)."""
+    prompts, n = float_reference["prompts"], float_reference["tokens"]
+    assert engine.decode_kernel == "int16"
+    assert len(prompts) >= 60 and n >= 64
+    for p, got in zip(prompts, continuations["int16"], strict=True):
+        step = _first_divergence(got, p["tokens"])
+        assert step != 0, f"{p['text']!r}: the first token differs from the reference's"
+        if step is not None:
+            assert p["margins"][step] < INT16_LOGIT_ERROR, (p["text"], step, p["margins"][step])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 13 asks for as many whole continuations equal to the reference as decode='exact' "
+    "gives: int16 gives 63 of 64, exact 64. 'Suggest a name for a coffee shop.' leaves the "
+    "reference at step 47, where transformers' top two logits are 8e-5 apart (float64 agrees "
+    "with float32 there) and int16's logit error is ~3e-3; 24-bit activations would keep it "
+    "(emulated: 64 of 64) at ~1.5x int16's integer work for prompts (docs/performance.md)"))
+def test_the_default_engine_continues_as_often_as_exact(
+        float_reference: dict, continuations: dict[str, list[list[int]]]) -> None:
+    want = [p["tokens"] for p in float_reference["prompts"]]
+    equal = {k: sum(g == w for g, w in zip(v, want, strict=True))
+             for k, v in continuations.items()}
+    assert equal["int16"] >= equal["exact"], equal
