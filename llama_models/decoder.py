@@ -39,7 +39,7 @@ from llama_models.checkpoint import (
     typed_errors,
 )
 from llama_models.config_reader import ConfigReader
-from llama_models.ops import Ops, RopeSpec
+from llama_models.ops import Ops, RopeSpec, rope_kind
 
 __all__ = ["ACTIVATIONS", "HF_WEIGHTS", "DecoderConfig", "DecoderModel", "open_decoder"]
 
@@ -260,36 +260,38 @@ def _gguf_rope(r: ConfigReader) -> dict[str, Any]:
     return {"rope_theta": r.float("rope.freq_base", 10_000.0), "rope_scaling": scaling}
 
 
-def _hf_rope(r: ConfigReader) -> dict[str, Any]:
-    # transformers >= 5 writes rope_parameters {rope_type, rope_theta, factor, ...}; older files
-    # have rope_theta and rope_scaling side by side
+def hf_rope_parameters(r: ConfigReader) -> tuple[str, dict[str, Any]]:
+    """config.json's RoPE object for the global layers, and the key it came from.
+    transformers >= 5 writes rope_parameters {rope_type, rope_theta, factor, ...} (per layer
+    kind for Gemma 3: the "full_attention" entry); older files have rope_scaling beside
+    rope_theta, and a file with both keeps its scaling in rope_scaling."""
     key = "rope_parameters" if r.has("rope_parameters") else "rope_scaling"
-    if key == "rope_parameters" and r.has("rope_scaling") and _rope_type(r.mapping(key)) in (
-            None, "default"):
-        key = "rope_scaling"  # an older file's scaling beside default parameters
-    rope = r.mapping(key)
-    if "full_attention" in rope and isinstance(rope["full_attention"], Mapping):
-        rope = dict(rope["full_attention"])  # per layer kind (Gemma 3): the global layers'
-    params = r.mapping("rope_parameters")
-    params = params.get("full_attention", params) if isinstance(
-        params.get("full_attention"), Mapping) else params
-    theta = check_float(rope.pop("rope_theta", params.get("rope_theta",
-                                                          r.get("rope_theta", 10_000.0))),
+    if key == "rope_parameters" and r.has("rope_scaling") and rope_kind(
+            _global_layers(r.mapping(key))) in (None, "default"):
+        key = "rope_scaling"
+    return key, _global_layers(r.mapping(key))
+
+
+def _global_layers(rope: dict[str, Any]) -> dict[str, Any]:
+    inner = rope.get("full_attention")
+    return dict(inner) if isinstance(inner, Mapping) else rope
+
+
+def _hf_rope(r: ConfigReader) -> dict[str, Any]:
+    key, rope = hf_rope_parameters(r)
+    theta = rope.pop("rope_theta", None)
+    if theta is None:  # beside rope_scaling: in rope_parameters, or at the top level
+        theta = _global_layers(r.mapping("rope_parameters")).get("rope_theta")
+    theta = check_float(theta if theta is not None else r.get("rope_theta", 10_000.0),
                         "rope_theta", r.source)
-    if rope.get("rope_type", rope.get("type")) in (None, "default"):
+    if rope_kind(rope) in (None, "default"):
         rope = {}
-    if rope.get("rope_type", rope.get("type")) in ("linear", "llama3"):
+    if rope_kind(rope) in ("linear", "llama3"):
         check_float(rope.get("factor"), "factor", f"{r.source}: {key}")
         for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if k in rope:
                 check_float(rope[k], k, f"{r.source}: {key}")
     return {"rope_theta": theta, "rope_scaling": rope or None}
-
-
-def _rope_type(rope: Mapping[str, Any]) -> Any:
-    inner = rope.get("full_attention")
-    return _rope_type(inner) if isinstance(inner, Mapping) else rope.get(
-        "rope_type", rope.get("type"))
 
 
 def hf_windows(r: ConfigReader, n_layers: int, *, default_all: bool) -> tuple[int, ...]:

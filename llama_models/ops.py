@@ -12,6 +12,7 @@ sequence and where their keys and values live in the KV cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -23,6 +24,11 @@ __all__ = ["POOLING_MODES", "Ops", "RopeSpec"]
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 """What `Ops.pool` understands (the names sentence-transformers uses)."""
+
+
+def rope_kind(rope: Mapping[str, Any]) -> Any:
+    """A RoPE parameters object's type (HF writes "rope_type", older files "type")."""
+    return rope.get("rope_type", rope.get("type"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +64,7 @@ class RopeSpec:
         if self.freq_factors is not None:
             inv = inv / np.asarray(self.freq_factors, dtype=np.float64)
         s = self.scaling or {}
-        kind = s.get("rope_type", s.get("type"))
+        kind = rope_kind(s)
         if kind == "linear":
             inv = inv / float(s["factor"])
         elif kind == "llama3" and self.freq_factors is None:

@@ -24,9 +24,10 @@ from llama_models.decoder import (
     DecoderConfig,
     base_config,
     check_activation,
+    hf_rope_parameters,
     refuse_options,
 )
-from llama_models.ops import RopeSpec
+from llama_models.ops import RopeSpec, rope_kind
 
 NAME = "Phi-3"
 GGUF_ARCHITECTURES = ("phi3",)
@@ -47,7 +48,7 @@ def config(r: ConfigReader) -> DecoderConfig:
             f"{r.source}: partial_rotary_factor={r.get('partial_rotary_factor')} (rotary "
             f"embeddings on part of each head) is not supported for {NAME} models yet")
     rope = base.pop("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
+    if rope_kind(rope) in ("longrope", "su"):
         rope = {}  # read by rope_spec below, with its factors
     cfg = DecoderConfig(family="phi3", rope_scaling=rope or None, **base)
     window = r.int("attention.sliding_window" if r.is_gguf else "sliding_window", MAX_WINDOW,
@@ -73,9 +74,8 @@ def rope_spec(cfg: DecoderConfig, ckpt: Checkpoint, r: ConfigReader) -> RopeSpec
         original = r.int("rope.scaling.original_context_length", MAX_CONTEXT)
         attention = r.float("rope.scaling.attn_factor", 1.0)
     else:
-        key = "rope_parameters" if r.has("rope_parameters") else "rope_scaling"
-        rope = r.mapping(key)
-        if rope.get("rope_type", rope.get("type")) not in ("longrope", "su"):
+        key, rope = hf_rope_parameters(r)
+        if rope_kind(rope) not in ("longrope", "su"):
             return None
         factors = []
         for k in ("short_factor", "long_factor"):
