@@ -41,7 +41,8 @@ from llama_models.checkpoint import (
 from llama_models.config_reader import ConfigReader
 from llama_models.ops import Ops, RopeSpec, rope_kind
 
-__all__ = ["ACTIVATIONS", "HF_WEIGHTS", "DecoderConfig", "DecoderModel", "open_decoder"]
+__all__ = ["ACTIVATIONS", "HF_WEIGHTS", "DecoderConfig", "DecoderModel", "fused_refusal",
+           "open_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,6 @@ class DecoderConfig:
         }
         return [name for name, used in features.items() if used]
 
-    def fused_refusal(self) -> str | None:
-        """Why the fused native step cannot run this model (None: it can)."""
-        missing = self.fused_unsupported()
-        if not missing:
-            return None
-        return (f"the native kernels run the Llama layer, and this {self.family} model uses "
-                f"{', '.join(missing)}")
-
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         d, hd, q, kv = self.dim, self.head_dim, self.n_heads * self.head_dim, \
             self.n_kv_heads * self.head_dim
@@ -170,6 +163,20 @@ class DecoderConfig:
                 shapes |= {b + "post_attention_norm.weight": (d,),
                            b + "post_ffw_norm.weight": (d,)}
         return shapes
+
+
+def fused_refusal(cfg: DecoderConfig, rope: RopeSpec) -> str | None:
+    """Why the fused native step (the Llama layer, whole-head unscaled RoPE tables) cannot run
+    this model, or None when it can."""
+    missing = cfg.fused_unsupported()
+    if rope.attention_factor != 1.0:
+        missing.append("a scaled rotary table (LongRoPE's attention factor)")
+    if rope.rotary_dim != rope.head_dim:
+        missing.append("rotary embeddings on part of each head")
+    if not missing:
+        return None
+    return (f"the native kernels run the Llama layer, and this {cfg.family} model uses "
+            f"{', '.join(missing)}")
 
 
 def base_config(r: ConfigReader) -> dict[str, Any]:

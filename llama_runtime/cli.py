@@ -154,6 +154,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 print(f"{name:24s} {r['what']}\n{'':24s} install: {r['install']}")
         return 0
     from llama_models import open_model
+    from llama_models.decoder import fused_refusal
     from llama_tokenizer import Tokenizer
 
     if _is_encoder(args.model):
@@ -179,7 +180,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "family": cfg.family,
         "sliding_windows": sorted(set(cfg.windows) - {0}),
         # which path runs it on a CPU: the fused native step, or op by op on torch, and why
-        "fused_step": cfg.fused_refusal() or "yes",
+        "fused_step": fused_refusal(cfg, files.rope) or "yes",
         "chat_template": tok.chat_template is not None,
         "weight_paths": _weight_paths(files),
     }

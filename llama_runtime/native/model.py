@@ -14,6 +14,7 @@ import numpy as np
 
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
+from llama_models.decoder import fused_refusal
 from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
 from llama_runtime.native.library import ACTS, LeWeight, StepArgs, library
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
@@ -67,14 +68,9 @@ def _dense(raw: RawTensor) -> np.ndarray:
 
 def unsupported(files: ModelFiles) -> str | None:
     """None when this model runs here, else why not."""
-    refusal = files.config.fused_refusal()
+    refusal = fused_refusal(files.config, files.rope)
     if refusal is not None:
         return refusal
-    rope = files.rope
-    if rope.attention_factor != 1.0:
-        return "the fused step's rotary tables are unscaled (LongRoPE's attention factor)"
-    if rope.rotary_dim != rope.head_dim:
-        return "partial rotary embeddings are not supported by the native kernels"
     if files.checkpoint.format != "gguf":
         return "the native kernels load GGUF files"
     try:

@@ -19,6 +19,7 @@ from llama_engine import (
 )
 from llama_models import RawTensor
 from llama_models.checkpoint import release_pages
+from llama_models.decoder import fused_refusal
 from llama_models.dequant import dequantize
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores, pick_device
 from llama_runtime.batched import (
@@ -100,7 +101,8 @@ class TorchEngine(BatchedEngine):
         self._quantized = quantized
         prepared = self._prepare_weights(files.weights, device, dtype, bar, quantized)
         ops = TorchOps(device, dtype)
-        kv_dtype = self._kv_dtype(device, dtype, quantized and cfg.fused_refusal() is None)
+        kv_dtype = self._kv_dtype(device, dtype,
+                                  quantized and fused_refusal(cfg, files.rope) is None)
         num_blocks = self._kv_blocks(cfg, torch.empty((), dtype=kv_dtype).element_size(),
                                      _available_memory(device))
         model = files.build(prepared, ops)

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama_models.decoder import DecoderConfig, DecoderModel
-from llama_models.ops import RopeSpec
+from llama_models.decoder import DecoderConfig, DecoderModel, fused_refusal
 from llama_runtime.native.library import ACTS
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 from llama_runtime.torch_backend.paged import PagedKVStore
@@ -67,15 +66,7 @@ class FusedDecoder:
             return "the fused decode step runs on the CPU in float32"
         if kv_dtype not in (torch.float32, torch.float16):
             return "the fused decode step keeps the KV cache in float32 or float16"
-        refusal = model.cfg.fused_refusal()
-        if refusal is not None:
-            return refusal
-        rope: RopeSpec = model.rope
-        if rope.attention_factor != 1.0:
-            return "the fused step's rotary tables are unscaled (LongRoPE's attention factor)"
-        if rope.rotary_dim != rope.head_dim:
-            return "the fused decode step rotates whole heads (partial RoPE is not supported)"
-        return None
+        return fused_refusal(model.cfg, model.rope)
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
              store: PagedKVStore, *, decode: str | None = None) -> torch.Tensor:
