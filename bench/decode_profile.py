@@ -1,10 +1,10 @@
 """Where one decode step's time goes, per op, after a prompt of --context tokens (or, with
 --phase prompt, where the prompt chunks' steps go).
 
-    python bench/decode_profile.py [--decode int16|int8|exact|torch] [--context 512]
+    python bench/decode_profile.py [--decode mixed|int16|int8|exact|torch] [--context 512]
                                    [--steps 64] [--batch 1] [--threads 2] [--phase decode|prompt]
 
-decode int16 / int8 / exact (the fused native step): the step's own per-phase timers
+decode mixed / int16 / int8 / exact (the fused native step): the step's own per-phase timers
 (csrc/decode.cpp). decode torch (op by op): the torch profiler around each forward on the
 scheduler thread, self CPU time per aten op. Also the whole step as the scheduler sees it
 (Python bookkeeping and sampling included). Prints JSON; microseconds per step.
@@ -28,7 +28,7 @@ from llama_runtime.torch_backend.fused import DECODE_KERNELS
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--decode", default="int16", choices=[*DECODE_KERNELS, "torch"])
+    ap.add_argument("--decode", default="mixed", choices=[*DECODE_KERNELS, "torch"])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")

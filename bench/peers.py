@@ -2,7 +2,8 @@
 
     python bench/peers.py [--model smollm2-135m-instruct] [--threads 2] [--prompt-tokens 512]
                           [--gen-tokens 128] [--only NAME ...]
-                          [--decode auto|int16|int8|exact|torch]
+                          [--decode auto|mixed|int16|int8|exact|torch]
+                          [--kv-dtype auto|float32|float16]
                           [--backend auto|native|torch]
 
 Also: TTFT of a prompt whose first blocks were served before (prefix-cache hit) against one
@@ -46,7 +47,8 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     prompt, gen = job["prompt"], job["gen"]
     t0 = time.perf_counter()
     engine = create_engine(job["path"], threads=job["threads"], progress=False,
-                           decode=job["decode"], backend=job["backend"])
+                           decode=job["decode"], backend=job["backend"],
+                           kv_dtype=job["kv_dtype"])
     load_s = time.perf_counter() - t0
     engine.generate(prompt[:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
     c = engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True)
@@ -210,8 +212,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="single-request decode runs per engine (the median is reported)")
     ap.add_argument("--decode", default="auto",
-                    choices=["auto", "int16", "int8", "exact", "torch"],
-                    help="our decode kernel (create_engine's decode option)")
+                    choices=["auto", "mixed", "int16", "int8", "exact", "torch"],
+                    help="our arithmetic (create_engine's decode option)")
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16"],
+                    help="our KV cache's dtype (create_engine's kv_dtype option)")
     ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
                     help="our backend (auto: native on a CPU for a GGUF model)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -238,7 +242,8 @@ def main() -> None:
     miss = make_prompt(t, args.prompt_tokens, variant=1000)  # type: ignore[arg-type]
     hit = miss[:-32] + make_prompt(t, 32, variant=1001)  # type: ignore[arg-type]
     job = {"path": path, "prompt": prompt, "gen": args.gen_tokens, "threads": args.threads,
-           "decode": args.decode, "backend": args.backend, "repeats": max(1, args.repeats),
+           "decode": args.decode, "kv_dtype": args.kv_dtype, "backend": args.backend,
+           "repeats": max(1, args.repeats),
            "prefix_pair": [miss, hit],
            "concurrent": {n: [make_prompt(t, args.prompt_tokens, variant=100 * n + i)  # type: ignore[arg-type]
                               for i in range(n)] for n in args.concurrency}}

@@ -48,13 +48,15 @@ def create_engine(
     tokens are computed: "auto" = "int16" on a CPU in float32, else "torch"; "int16": one native
     call per step with activations quantized to 16-bit integers per 32-block for every product
     with a quantized weight, ~0.002% relative error per product, which follows the float
-    model's greedy tokens, in 1.1x int8's time a decode step and 1.4x a prompt; "int8": the same
-    with 8 bits, llama.cpp's CPU scheme, ~0.5% relative error per product, which flips
-    near-tied greedy choices; "exact": the same native step with float activations, the
+    model's greedy tokens, in 1.1x int8's time a decode step and 1.4x a prompt; "mixed": float
+    activations for prompt tokens (their K/V are the float model's) and int16 for generated
+    tokens, which also keeps the near-ties int16 flips, in ~1.5x int16's time a prompt on
+    AVX-512 VNNI; "int8": 8 bits for both, llama.cpp's CPU scheme, ~0.5% relative error per
+    product, which flips near-tied greedy choices; "exact": float activations for both, the
     reference's arithmetic up to summation order;
     "torch": op by op in torch, the reference path), kv_dtype (the KV cache's dtype: "auto" =
     "float16" beside the int8 kernels on a CPU, as llama.cpp keeps it, else the compute dtype
-    (float32 beside int16 and exact); or "float32", "float16", "bfloat16").
+    (float32 beside the other modes); or "float32", "float16", "bfloat16").
     """
     unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
     if unknown:

@@ -9,21 +9,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llama_engine.errors import UnsupportedBackendError
-from llama_runtime.native.library import ACTS
+from llama_runtime.native.library import DECODE_MODES
 
-__all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "physical_cores",
-           "pick_backend", "pick_device"]
+__all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "describe_decode",
+           "physical_cores", "pick_backend", "pick_device"]
 
 CPU_DECODE = "int16"
 """What decode="auto" runs on a CPU in float32 (the fused native step, either backend): 16-bit
 activations per 32-block, which follow the float model's greedy tokens where int8 flips near
-ties (docs/performance.md), in 1.1x int8's time a decode step and 1.4x a prompt."""
+ties (docs/performance.md), in 1.1x int8's time a decode step and 1.4x a prompt. ("mixed",
+float prompts, also keeps the rarer ties int16 flips, at ~1.5x int16's time a prompt.)"""
+
+
+def describe_decode(decode: str) -> str:
+    """A decode mode (a key of DECODE_MODES) in words, for `info` and the bench JSON."""
+    generated, prompt = DECODE_MODES[decode]
+    if generated == prompt:
+        return f"{decode}: {generated} activations for prompts and generated tokens"
+    return f"{decode}: {prompt} activations for prompts, {generated} for generated tokens"
 
 
 def cpu_kv_dtype(decode: str) -> str:
-    """What kv_dtype="auto" means beside the fused CPU step running `decode` (a key of ACTS):
+    """What kv_dtype="auto" means beside the fused CPU step running `decode` (a key of
+    DECODE_MODES):
     float16 beside int8, as llama.cpp keeps K/V (half the bytes attention reads, at a rounding
-    well inside the int8 products' own error); float32 beside int16 and exact, whose point is the
+    well inside the int8 products' own error); float32 beside the others, whose point is the
     float model's own tokens."""
     return "float16" if decode == "int8" else "float32"
 
@@ -59,7 +69,8 @@ def _torch_info() -> BackendInfo:
         dtypes=("float32", "bfloat16", "float16"), quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
         paged_attention=True, compile=True, max_batch=32, default_eligible=True,
         note="CPU: quantized weights and a fused native decode step (compiled C++ kernels, "
-             f"built on first use; decode='auto' runs {CPU_DECODE} activations); CUDA: op-by-op "
+             f"built on first use; decode='auto' runs {describe_decode(CPU_DECODE)}); CUDA: "
+             "op-by-op "
              "torch, weights dequantized to bfloat16",
     )
 
@@ -80,7 +91,7 @@ def _native_info() -> BackendInfo:
              "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "
              "GGUF Llama-family models. backend='auto' tries it first on a CPU and hands "
              f"anything else to torch; {kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
-             f"runs {CPU_DECODE} activations ({', '.join(ACTS)} selectable)",
+             f"runs {describe_decode(CPU_DECODE)} ({', '.join(DECODE_MODES)} selectable)",
     )
 
 
@@ -108,7 +119,7 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-_NATIVE_OPTIONS = {"decode": ("auto", *ACTS), "weights": ("auto", "quantized"),
+_NATIVE_OPTIONS = {"decode": ("auto", *DECODE_MODES), "weights": ("auto", "quantized"),
                    "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}
 
 

@@ -140,8 +140,8 @@ class BatchedEngine(LlamaEngine):
     @property
     @abstractmethod
     def decode_kernel(self) -> str:
-        """The arithmetic of prompts and generated tokens: "int16", "int8" or "exact" (the
-        fused native step's kernels) or "torch" (op by op)."""
+        """The arithmetic of prompts and generated tokens: "mixed", "int16", "int8" or "exact"
+        (the fused native step's modes, library.DECODE_MODES) or "torch" (op by op)."""
 
     @staticmethod
     def check_threads(threads: int | None) -> None:

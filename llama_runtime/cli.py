@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llama_engine import LlamaError
+from llama_runtime.native.library import DECODE_MODES
 
 __all__ = ["main"]
 
@@ -27,10 +28,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: the physical cores)")
     p.add_argument("--context-length", type=int, default=None, help="cap the context")
     p.add_argument("--decode", default="auto",
-                   choices=["auto", "int16", "int8", "exact", "torch"],
-                   help="kernel for prompts and generated tokens: int16 (the CPU default: 16-bit "
-                        "activations, the float model's greedy tokens), int8 (8-bit activations, "
-                        "llama.cpp's scheme), exact (float activations), torch (op by op)")
+                   choices=["auto", *DECODE_MODES, "torch"],
+                   help="arithmetic of prompts and generated tokens: int16 (the CPU default: "
+                        "16-bit activations, the float model's greedy tokens), mixed (float "
+                        "prompts, int16 generated tokens: keeps rarer near-ties too, slower "
+                        "prompts), int8 (8-bit, llama.cpp's scheme), exact (float for both), "
+                        "torch (op by op)")
     p.add_argument("--kv-dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache dtype (auto: float16 beside int8 decode on a CPU, else the "

@@ -302,7 +302,7 @@ class Scheduler:
                 continue
             r.ctx_slots.extend(plan.slot_mapping)
             seqs.append(SeqStep(start=r.pos, n_new=1, write_slots=list(plan.slot_mapping),
-                                context_slots=r.ctx_slots, want_logits=True))
+                                context_slots=r.ctx_slots, want_logits=True, generated=True))
             tokens.append(r.next_token)
             positions.append(r.pos)
             order.append(r)

@@ -23,6 +23,9 @@ class SeqStep:
     context_slots: list[int]
     """Slots of positions 0..start+n_new-1 (the new tokens' own slots last)."""
     want_logits: bool
+    generated: bool = False
+    """The token was sampled from the model (a decode step), not given in a prompt: the fused
+    step may compute it in other arithmetic (library.DECODE_MODES). A step lists these first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +37,13 @@ class RowArrays:
     block_tables: np.ndarray  # int64 [B, max_blocks]: each row's sequence's blocks
     ctx_lens: np.ndarray  # int64 [B]: position + 1
     logit_rows: np.ndarray  # int64 [R]: the last row of each sequence that wants logits
+    generated_rows: int  # rows [0, generated_rows) are generated tokens (SeqStep.generated)
 
 
 def row_arrays(positions: Sequence[int], seqs: Sequence[SeqStep], block_size: int) -> RowArrays:
+    generated = sum(s.generated for s in seqs)
+    if any(s.generated for s in seqs[generated:]):
+        raise ValueError("a step lists the sequences of generated tokens before the others")
     n_new = np.array([s.n_new for s in seqs])
     tables = [np.asarray(s.context_slots[::block_size], dtype=np.int64) // block_size
               for s in seqs]
@@ -49,7 +56,8 @@ def row_arrays(positions: Sequence[int], seqs: Sequence[SeqStep], block_size: in
     ends = np.cumsum(n_new) - 1
     wanted = np.ascontiguousarray(ends[[s.want_logits for s in seqs]], dtype=np.int64)
     per_row = np.ascontiguousarray(table[np.repeat(np.arange(len(seqs)), n_new)])
-    return RowArrays(pos, write, per_row, pos + 1, wanted)
+    return RowArrays(pos, write, per_row, pos + 1, wanted,
+                     int(sum(s.n_new for s in seqs[:generated])))
 
 
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -106,8 +106,23 @@ DecodeModel::DecodeModel(const ModelDims& dims, float eps, const std::vector<con
           "the output projection must be [vocab, dim]");
 }
 
-void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B, Acts acts) {
-  const int64_t K = jobs.front().w->K;
+void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B,
+                          const RowActs& acts) {
+  if (acts.first == acts.rest || acts.split >= B) {
+    linears_rows(jobs, x, 0, B, acts.first);
+  } else if (acts.split <= 0) {
+    linears_rows(jobs, x, 0, B, acts.rest);
+  } else {
+    linears_rows(jobs, x, 0, acts.split, acts.first);
+    linears_rows(jobs, x, acts.split, B, acts.rest);
+  }
+}
+
+// Rows [r0, r1) of x against every job's weight, into the same rows of its output.
+void DecodeModel::linears_rows(const std::vector<Job>& jobs, const float* x, int64_t r0,
+                               int64_t r1, Acts acts) {
+  const int64_t K = jobs.front().w->K, B = r1 - r0;
+  x += r0 * K;
   const int digits = acts_digits(acts);
   bool any_quant = false;
   for (const Job& j : jobs) any_quant |= digits > 0 && !j.w->dense;
@@ -126,10 +141,11 @@ void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t 
       const int64_t g0 = std::max(u0, first_group[i]) - first_group[i];
       const int64_t g1 = std::min(u1, first_group[i] + qmat_groups(w)) - first_group[i];
       if (g0 >= g1) continue;
+      float* out = jobs[i].out + r0 * w.N;
       if (digits > 0 && !w.dense)
-        qmat_rows_quant(w, acts_, jobs[i].out, w.N, g0, g1);
+        qmat_rows_quant(w, acts_, out, w.N, g0, g1);
       else
-        qmat_rows_f32(w, x, B, jobs[i].out, w.N, g0, g1);
+        qmat_rows_f32(w, x, B, out, w.N, g0, g1);
     }
   });
 }
@@ -252,8 +268,14 @@ void DecodeModel::check(const StepArgs& a) const {
           "block_size and the cache's slots must be positive, slots a multiple of block_size");
   require(a.R >= 0 && a.R <= B, "logit_rows: at most one per row");
   acts_from(a.acts);
-  for (int64_t r = 0; r < a.R; ++r)
+  acts_from(a.prompt_acts);
+  require(a.generated_rows >= 0 && a.generated_rows <= B, "generated_rows: 0 to B");
+  for (int64_t r = 0; r < a.R; ++r) {
     require(a.logit_rows[r] >= 0 && a.logit_rows[r] < B, "logit row out of range");
+    require(r == 0 || a.logit_rows[r] >= a.generated_rows ||
+                a.logit_rows[r - 1] < a.generated_rows,
+            "the logit rows of generated rows must come first");
+  }
   const int64_t n_blocks = a.n_slots / bs;
   for (int64_t b = 0; b < B; ++b) {  // attention reads through these: check them all
     const int64_t len = a.ctx_lens[b], used = (len + bs - 1) / bs;
@@ -269,7 +291,7 @@ void DecodeModel::check(const StepArgs& a) const {
 void DecodeModel::step(const StepArgs& a) {
   check(a);
   const int64_t B = a.B, D = d_.dim, hd = d_.head_dim, F = d_.ffn_dim;
-  const Acts acts = acts_from(a.acts);
+  const RowActs acts{a.generated_rows, acts_from(a.acts), acts_from(a.prompt_acts)};
   grow(x_, B * D);
   grow(h_, B * std::max(D, F));
   grow(q_, B * d_.n_heads * hd);
@@ -319,7 +341,11 @@ void DecodeModel::step(const StepArgs& a) {
     std::copy_n(h_.data(), R * D, a.hidden);
     return;
   }
-  if (R > 0) linears({{&linears_.back(), a.logits}}, h_.data(), R, acts);
+  const int64_t generated_logits = std::count_if(
+      a.logit_rows, a.logit_rows + R, [&](int64_t row) { return row < a.generated_rows; });
+  if (R > 0)
+    linears({{&linears_.back(), a.logits}}, h_.data(), R,
+            {generated_logits, acts.first, acts.rest});
   lap("lm head (vocab projection)");
 }
 

@@ -27,9 +27,11 @@ struct ModelDims {
 // head_dim] (a block keeps each KV head's rows together, so attention reads them as one stretch),
 // float32 or (half_kv) float16, K/V rounded to it as they are written; logit_rows [R] the rows whose logits are
 // wanted, written to logits [R, vocab] (or, when `hidden` is given, their final-normed hidden
-// states to hidden [R, dim] instead: embeddings). acts (an Acts value, qgemm.h) picks how every
-// product with a quantized weight treats its activations: float (exact), int8 (llama.cpp's
-// scheme) or int16.
+// states to hidden [R, dim] instead: embeddings). acts and prompt_acts (Acts values, qgemm.h)
+// pick how every product with a quantized weight treats its activations: float (exact), int8
+// (llama.cpp's scheme) or int16; acts for the first generated_rows rows (tokens the model
+// generated, which callers put first), prompt_acts for the others (prompt tokens). The logit
+// rows of generated rows must come before the others.
 struct StepArgs {
   const float* x;
   const float* cos;
@@ -47,6 +49,8 @@ struct StepArgs {
   const int64_t* logit_rows;
   int64_t R;
   int32_t acts;
+  int32_t prompt_acts;
+  int64_t generated_rows;
   float* logits;
   float* hidden = nullptr;
 };
@@ -75,8 +79,15 @@ class DecodeModel {
     const QMat* w;
     float* out;
   };
+  // How a product's rows take their activations: rows [0, split) by `first`, the rest by `rest`.
+  struct RowActs {
+    int64_t split;
+    Acts first, rest;
+  };
   void check(const StepArgs& a) const;
-  void linears(const std::vector<Job>& jobs, const float* x, int64_t B, Acts acts);
+  void linears(const std::vector<Job>& jobs, const float* x, int64_t B, const RowActs& acts);
+  void linears_rows(const std::vector<Job>& jobs, const float* x, int64_t r0, int64_t r1,
+                    Acts acts);
   template <class T>  // T: float, or half_t for a float16 cache
   void attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_cache);
 

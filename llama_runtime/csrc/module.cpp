@@ -121,13 +121,15 @@ class TorchDecodeModel {
 
   // x [B, dim] float32; cos, sin [B, head_dim / 2]; write_slots, ctx_lens [B] int64;
   // block_tables [B, max_blocks] int64; k_cache, v_cache float32 or float16 [layers, blocks,
-  // kv_heads, block_size, head_dim]; logit_rows [R] int64; acts: qgemm.h's Acts (0 exact,
-  // 1 int8, 2 int16). Returns logits [R, vocab].
+  // kv_heads, block_size, head_dim]; logit_rows [R] int64; acts, prompt_acts: qgemm.h's Acts
+  // (0 exact, 1 int8, 2 int16) of the first generated_rows rows and of the others (StepArgs).
+  // Returns logits [R, vocab].
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& write_slots, const torch::Tensor& block_tables,
                      const torch::Tensor& ctx_lens, const torch::Tensor& k_cache,
                      const torch::Tensor& v_cache, int64_t block_size,
-                     const torch::Tensor& logit_rows, int64_t acts) {
+                     const torch::Tensor& logit_rows, int64_t acts, int64_t prompt_acts,
+                     int64_t generated_rows) {
     const le::ModelDims& d = model_->dims();
     const int64_t B = x.size(0);
     TORCH_CHECK(x.dim() == 2 && x.size(1) == d.dim && x.scalar_type() == torch::kFloat &&
@@ -158,7 +160,7 @@ class TorchDecodeModel {
                    block_tables.size(1), ctx_lens.data_ptr<int64_t>(), B, k_cache.data_ptr(),
                    v_cache.data_ptr(), half_kv, k_cache.size(1) * block_size, block_size,
                    logit_rows.data_ptr<int64_t>(), R, static_cast<int32_t>(acts),
-                   logits.data_ptr<float>(),
+                   static_cast<int32_t>(prompt_acts), generated_rows, logits.data_ptr<float>(),
                    nullptr};
     try {
       model_->step(a);

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from llama_engine import InvalidParamsError, ModelHandle, ModelSpec, UnsupportedBackendError
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores
 from llama_runtime.batched import BatchedEngine, fingerprint, host_available_memory
-from llama_runtime.native.library import ACTS, library
+from llama_runtime.native.library import DECODE_MODES, library
 from llama_runtime.native.model import NativeKVStore, NativeModel, unsupported
 from llama_runtime.step import SeqStep
 
@@ -37,9 +37,9 @@ class NativeEngine(BatchedEngine):
             raise InvalidParamsError(
                 f"weights must be 'auto' or 'quantized' on the native backend, got {weights!r} "
                 "('dequant' needs backend='torch')")
-        if decode != "auto" and decode not in ACTS:
+        if decode != "auto" and decode not in DECODE_MODES:
             raise InvalidParamsError(
-                f"decode must be one of 'auto', {', '.join(map(repr, ACTS))} on the native "
+                f"decode must be one of 'auto', {', '.join(map(repr, DECODE_MODES))} on the native "
                 f"backend, got {decode!r} ('torch' needs backend='torch')")
         if kv_dtype not in ("auto", "float32", "float16"):
             raise InvalidParamsError(

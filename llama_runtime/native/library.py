@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTS", "CSRC", "ISAS", "LeWeight", "StepArgs", "available_isas", "compile_flags",
-           "isa", "library"]
+__all__ = ["ACTS", "CSRC", "DECODE_MODES", "ISAS", "LeWeight", "StepArgs", "available_isas",
+           "compile_flags", "isa", "library"]
 
 CSRC = Path(__file__).parent.parent / "csrc"
 _SOURCES = ("qgemm.cpp", "decode.cpp", "capi.cpp")
@@ -78,8 +78,15 @@ def _compiler_accepts(flags: tuple[str, ...]) -> bool:
 
 
 ACTS = {"int16": 2, "int8": 1, "exact": 0}
-"""The products' activation arithmetic, by decode mode (csrc/qgemm.h's Acts): 16-bit integers per
-32-block (two int8 digits each), int8 per 32-block (llama.cpp's scheme), or float."""
+"""A product's activation arithmetic (csrc/qgemm.h's Acts): 16-bit integers per 32-block (two
+int8 digits each), int8 per 32-block (llama.cpp's scheme), or float."""
+
+DECODE_MODES = {"mixed": ("int16", "exact"), "int16": ("int16", "int16"),
+                "int8": ("int8", "int8"), "exact": ("exact", "exact")}
+"""The fused step's modes (the engines' `decode` option): the arithmetic (keys of ACTS) of the
+tokens the model generates, then of prompt tokens. "mixed" computes a prompt's K/V in float,
+so that the context every later token attends to is the float model's, and each generated
+token with int16 activations (docs/performance.md)."""
 
 ISAS = ("avx512-vnni", "avx2", "generic")
 """The kernels' builds, fastest first (csrc/qgemm.cpp): AVX-512 VNNI, AVX2 + FMA, plain C++."""
@@ -146,7 +153,8 @@ class StepArgs(ctypes.Structure):
                 ("v_cache", ctypes.c_void_p), ("half_kv", ctypes.c_bool),
                 ("n_slots", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("logit_rows", ctypes.c_void_p), ("R", ctypes.c_int64),
-                ("acts", ctypes.c_int32), ("logits", ctypes.c_void_p),
+                ("acts", ctypes.c_int32), ("prompt_acts", ctypes.c_int32),
+                ("generated_rows", ctypes.c_int64), ("logits", ctypes.c_void_p),
                 ("hidden", ctypes.c_void_p)]
 
 

@@ -16,7 +16,7 @@ from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
 from llama_models.decoder import fused_refusal
 from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
-from llama_runtime.native.library import ACTS, LeWeight, StepArgs, library
+from llama_runtime.native.library import ACTS, DECODE_MODES, LeWeight, StepArgs, library
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 
 __all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
@@ -142,7 +142,7 @@ class NativeModel:
         cfg = files.config
         lib = library()
         self._lib = lib
-        self.cfg, self.decode = cfg, decode  # a key of ACTS
+        self.cfg, self.decode = cfg, decode  # a key of DECODE_MODES
         self._keep: list[Any] = []  # every array the library borrows
         self.weight_paths: dict[str, str] = {}
         w = files.weights
@@ -210,7 +210,8 @@ class NativeModel:
              store: NativeKVStore, *, decode: str | None = None,
              hidden: bool = False) -> np.ndarray:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
-        sequence's new tokens, in order); `decode` overrides the model's kernel (a key of ACTS).
+        sequence's new tokens, in order); `decode` overrides the model's mode (a key of
+        DECODE_MODES).
         With `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
         cfg = self.cfg
         want = (cfg.n_layers, store.num_blocks, cfg.n_kv_heads, store.block_size, cfg.head_dim)
@@ -222,12 +223,13 @@ class NativeModel:
         wanted = np.arange(len(tokens), dtype=np.int64) if hidden else rows.logit_rows
         out = np.empty((len(wanted), self.cfg.dim if hidden else self.cfg.vocab_size),
                        dtype=np.float32)
+        generated, prompt = DECODE_MODES[decode or self.decode]
         args = StepArgs(
             _ptr(x), _ptr(cos), _ptr(sin), _ptr(rows.write_slots), _ptr(rows.block_tables),
             rows.block_tables.shape[1], _ptr(rows.ctx_lens), len(tokens), _ptr(store.k),
             _ptr(store.v), store.k.dtype == np.float16, store.num_blocks * store.block_size,
             store.block_size,
-            _ptr(wanted), len(wanted), ACTS[decode or self.decode],
+            _ptr(wanted), len(wanted), ACTS[generated], ACTS[prompt], rows.generated_rows,
             None if hidden else _ptr(out), _ptr(out) if hidden else None)
         if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:
             raise ValueError(self._lib.le_error().decode())

@@ -138,7 +138,7 @@ class TorchEngine(BatchedEngine):
     def _kv_dtype(self, device: torch.device, dtype: torch.dtype,
                   fused: bool) -> torch.dtype:
         """The KV cache's dtype: kv_dtype, or for "auto" what the fused CPU step's kernel keeps
-        (float16 beside int8, float32 beside int16 and exact: backends.cpu_kv_dtype), else the
+        (float16 beside int8, float32 beside the others: backends.cpu_kv_dtype), else the
         compute dtype. `fused`: quantized weights that the fused step can run (else the model
         runs op by op, in its compute dtype)."""
         if self._kv_dtype_name != "auto":
@@ -149,7 +149,7 @@ class TorchEngine(BatchedEngine):
         return dtype
 
     def _fused_kernel(self) -> str:
-        """The fused step's kernel for `decode` (a key of ACTS; "auto": CPU_DECODE)."""
+        """The fused step's mode for `decode` (a key of DECODE_MODES; "auto": CPU_DECODE)."""
         return CPU_DECODE if self._decode_mode == "auto" else self._decode_mode
 
     def _fused_decoder(self, model: Any, device: torch.device, dtype: torch.dtype,

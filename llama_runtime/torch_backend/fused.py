@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from llama_models.decoder import DecoderConfig, DecoderModel, fused_refusal
-from llama_runtime.native.library import ACTS
+from llama_runtime.native.library import ACTS, DECODE_MODES
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 from llama_runtime.torch_backend.paged import PagedKVStore
 from llama_runtime.torch_backend.qweights import QWeight, kernels
 
 __all__ = ["DECODE_KERNELS", "FusedDecoder"]
 
-DECODE_KERNELS = tuple(ACTS)
+DECODE_KERNELS = tuple(DECODE_MODES)
 _LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -55,7 +55,7 @@ class FusedDecoder:
                 cfg.vocab_size]
         self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows)
         self._model = model
-        self._decode = decode  # a key of ACTS
+        self._decode = decode  # a key of DECODE_MODES
         self._inv_freq = np.asarray(model.rope.inv_freq(), dtype=np.float32)
 
     @staticmethod
@@ -77,9 +77,10 @@ class FusedDecoder:
         ids = torch.tensor(tokens, dtype=torch.long)
         x = self._model.ops.embedding(self._model.embed, ids).contiguous()
         cos, sin = rope_tables(rows.positions, self._inv_freq)
+        generated, prompt = DECODE_MODES[decode or self._decode]
         out: Any = self._native.step(
             x, torch.from_numpy(cos), torch.from_numpy(sin), torch.from_numpy(rows.write_slots),
             torch.from_numpy(rows.block_tables), torch.from_numpy(rows.ctx_lens), store.k,
             store.v, store.block_size, torch.from_numpy(rows.logit_rows),
-            ACTS[decode or self._decode])
+            ACTS[generated], ACTS[prompt], rows.generated_rows)
         return out

@@ -1,6 +1,7 @@
 """The fused step (csrc/decode.cpp), which serves prompt chunks and generated tokens: exact
 kernels against the op-by-op torch path, prompt chunking that changes nothing, and the
-quantized-activation kernels (int16, the default, and int8) within their stated tolerances."""
+quantized-activation kernels (int16, the default, and int8) within their stated tolerances, and
+"mixed" (float prompts, int16 generated tokens) row by row."""
 
 from __future__ import annotations
 
@@ -112,3 +113,66 @@ def test_decode_option_is_checked() -> None:
 
     with pytest.raises(InvalidParamsError, match="decode must be"):
         create_engine(progress=False, decode="fast")
+
+
+@pytest.fixture(scope="module")
+def mixed_engine():
+    from llama_runtime import create_engine
+
+    return create_engine("smollm2-135m-instruct", threads=2, progress=False, decode="mixed")
+
+
+def test_mixed_computes_prompts_exactly_and_generated_tokens_in_int16(
+        mixed_engine, exact_engine, engine) -> None:
+    """decode="mixed": a prompt's logits are exact's, bit for bit; after generated tokens they
+    stay within int16's tolerance of the same context computed exactly."""
+    assert engine.decode_kernel == "int16"
+    ids = mixed_engine.tokenize(PROMPTS[2])
+    prompt_logits = {}
+    for e in (mixed_engine, exact_engine, engine):
+        s = e.new_session()
+        e.prefill(s, ids)
+        prompt_logits[e.decode_kernel] = e.next_token_logits(s)
+        e.close_session(s)
+    assert np.array_equal(prompt_logits["mixed"], prompt_logits["exact"])
+    assert not np.array_equal(prompt_logits["int16"], prompt_logits["exact"])
+    s = mixed_engine.new_session()
+    mixed_engine.prefill(s, ids)
+    mixed_engine.decode(s, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).collect()
+    got, context = mixed_engine.next_token_logits(s), list(s.tokens)
+    mixed_engine.close_session(s)
+    ref = exact_engine.new_session()
+    exact_engine.prefill(ref, context)
+    want = exact_engine.next_token_logits(ref)
+    exact_engine.close_session(ref)
+    assert 0 < np.abs(got - want).max() < INT16_MAX_ABS
+
+
+def test_mixed_steps_give_each_row_its_own_arithmetic() -> None:
+    """Steps that hold generated tokens of some requests beside prompt chunks of others (a
+    small prefill_chunk makes every step such a mix) give each request the tokens and
+    log-probabilities it gets alone."""
+    from llama_runtime import create_engine
+    from llama_runtime.bench import generate_all
+
+    e = create_engine("smollm2-135m-instruct", threads=2, progress=False, decode="mixed",
+                      prefill_chunk=8)
+    prompts = [e.tokenize(p) for p in PROMPTS]
+    sampling = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    together = generate_all(e, prompts, **sampling)
+    for ids, got in zip(prompts, together, strict=True):
+        alone = e.generate(ids, **sampling)
+        assert got.token_ids == alone.token_ids
+        assert got.logprobs == alone.logprobs
+
+
+def test_a_step_lists_generated_tokens_first() -> None:
+    from llama_runtime.step import SeqStep, row_arrays
+
+    prompt = SeqStep(start=0, n_new=2, write_slots=[0, 1], context_slots=[0, 1],
+                     want_logits=True)
+    generated = SeqStep(start=5, n_new=1, write_slots=[21], context_slots=[16, 17, 18, 19, 20,
+                        21], want_logits=True, generated=True)
+    assert row_arrays([5, 0, 1], [generated, prompt], 16).generated_rows == 1
+    with pytest.raises(ValueError, match="generated tokens"):
+        row_arrays([0, 1, 5], [prompt, generated], 16)
