@@ -272,9 +272,7 @@ void DecodeModel::check(const StepArgs& a) const {
   require(a.generated_rows >= 0 && a.generated_rows <= B, "generated_rows: 0 to B");
   for (int64_t r = 0; r < a.R; ++r) {
     require(a.logit_rows[r] >= 0 && a.logit_rows[r] < B, "logit row out of range");
-    require(r == 0 || a.logit_rows[r] >= a.generated_rows ||
-                a.logit_rows[r - 1] < a.generated_rows,
-            "the logit rows of generated rows must come first");
+    require(r == 0 || a.logit_rows[r] > a.logit_rows[r - 1], "logit rows must ascend");
   }
   const int64_t n_blocks = a.n_slots / bs;
   for (int64_t b = 0; b < B; ++b) {  // attention reads through these: check them all
@@ -306,7 +304,12 @@ void DecodeModel::step(const StepArgs& a) {
     profile_["steps"] += 1;
   }
   std::copy_n(a.x, B * D, x_.data());
-  for (int64_t l = 0; l < d_.n_layers; ++l) {
+  const int64_t R = a.R, L = d_.n_layers, att_row = d_.n_heads * hd;
+  const int64_t generated_logits = std::count_if(
+      a.logit_rows, a.logit_rows + R, [&](int64_t row) { return row < a.generated_rows; });
+  int64_t n = B;  // rows still computed
+  RowActs row_acts = acts;
+  for (int64_t l = 0; l < L; ++l) {
     const QMat* w = linears_.data() + 7 * l;
     rms_norm(x_.data(), norms_[2 * l].data(), eps_, B, D, h_.data());
     lap("norms, residuals, silu");
@@ -318,31 +321,40 @@ void DecodeModel::step(const StepArgs& a) {
     else
       attention(a, l, static_cast<float*>(a.k_cache), static_cast<float*>(a.v_cache));
     lap("rope, kv write, attention");
-    linears({{&w[3], tmp_.data()}}, att_.data(), B, acts);
+    if (l == L - 1 && R < B) {
+      // The last layer's K/V are written; only the rows whose output is wanted go on, moved
+      // to the front (logit rows ascend, so no row is overwritten before it is moved).
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t from = a.logit_rows[r];
+        if (from == r) continue;
+        std::copy_n(att_.data() + from * att_row, att_row, att_.data() + r * att_row);
+        std::copy_n(x_.data() + from * D, D, x_.data() + r * D);
+      }
+      n = R;
+      row_acts = {generated_logits, acts.first, acts.rest};
+      if (n == 0) break;
+    }
+    linears({{&w[3], tmp_.data()}}, att_.data(), n, row_acts);
     lap("output projection (attn)");
-    add_into(x_.data(), tmp_.data(), B, D);
-    rms_norm(x_.data(), norms_[2 * l + 1].data(), eps_, B, D, h_.data());
+    add_into(x_.data(), tmp_.data(), n, D);
+    rms_norm(x_.data(), norms_[2 * l + 1].data(), eps_, n, D, h_.data());
     lap("norms, residuals, silu");
-    linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), B, acts);
+    linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), n, row_acts);
     lap("gate, up projections");
-    silu_mul(gate_.data(), up_.data(), h_.data(), B, F);
+    silu_mul(gate_.data(), up_.data(), h_.data(), n, F);
     lap("norms, residuals, silu");
-    linears({{&w[6], tmp_.data()}}, gate_.data(), B, acts);
+    linears({{&w[6], tmp_.data()}}, gate_.data(), n, row_acts);
     lap("down projection");
-    add_into(x_.data(), tmp_.data(), B, D);
+    add_into(x_.data(), tmp_.data(), n, D);
   }
-  // only the rows whose next token is wanted go through the output norm and projection
-  const int64_t R = a.R;
-  for (int64_t r = 0; r < R; ++r)
-    std::copy_n(x_.data() + a.logit_rows[r] * D, D, tmp_.data() + r * D);
-  rms_norm(tmp_.data(), norms_.back().data(), eps_, R, D, h_.data());
+  // x_'s first R rows are now the logit rows (all rows when every one is wanted): only they
+  // go through the output norm and projection
+  rms_norm(x_.data(), norms_.back().data(), eps_, R, D, h_.data());
   lap("norms, residuals, silu");
   if (a.hidden) {
     std::copy_n(h_.data(), R * D, a.hidden);
     return;
   }
-  const int64_t generated_logits = std::count_if(
-      a.logit_rows, a.logit_rows + R, [&](int64_t row) { return row < a.generated_rows; });
   if (R > 0)
     linears({{&linears_.back(), a.logits}}, h_.data(), R,
             {generated_logits, acts.first, acts.rest});

@@ -25,13 +25,13 @@ struct ModelDims {
 // one prompt chunk share a table and attend causally, as every row's K/V is written before any
 // row attends); k_cache, v_cache [n_layers, n_slots / block_size, n_kv_heads, block_size,
 // head_dim] (a block keeps each KV head's rows together, so attention reads them as one stretch),
-// float32 or (half_kv) float16, K/V rounded to it as they are written; logit_rows [R] the rows whose logits are
-// wanted, written to logits [R, vocab] (or, when `hidden` is given, their final-normed hidden
-// states to hidden [R, dim] instead: embeddings). acts and prompt_acts (Acts values, qgemm.h)
+// float32 or (half_kv) float16, K/V rounded to it as they are written; logit_rows [R] the rows
+// whose logits are wanted, ascending, written to logits [R, vocab] (or, when `hidden` is given,
+// their final-normed hidden states to hidden [R, dim] instead: embeddings); the last layer
+// computes past its K/V write for these rows only. acts and prompt_acts (Acts values, qgemm.h)
 // pick how every product with a quantized weight treats its activations: float (exact), int8
 // (llama.cpp's scheme) or int16; acts for the first generated_rows rows (tokens the model
-// generated, which callers put first), prompt_acts for the others (prompt tokens). The logit
-// rows of generated rows must come before the others.
+// generated, which callers put first), prompt_acts for the others (prompt tokens).
 struct StepArgs {
   const float* x;
   const float* cos;
