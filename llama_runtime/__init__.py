@@ -45,15 +45,15 @@ def create_engine(
     when the kernels compile, else "dequant"; "quantized": GGUF Q4_0/Q4_1/Q8_0 stay quantized in
     memory and are multiplied by a compiled kernel, exact up to summation order; "dequant":
     every weight dequantized to the compute dtype at load), decode (how prompts and generated
-    tokens are computed: "auto" = "int16" on a CPU in float32, else "torch"; "int16": one native
-    call per step with activations quantized to 16-bit integers per 32-block for every product
-    with a quantized weight, ~0.002% relative error per product, which follows the float
-    model's greedy tokens, in 1.1x int8's time a decode step and 1.4x a prompt; "mixed": float
-    activations for prompt tokens (their K/V are the float model's) and int16 for generated
-    tokens, which also keeps the near-ties int16 flips, in ~1.5x int16's time a prompt on
-    AVX-512 VNNI; "int8": 8 bits for both, llama.cpp's CPU scheme, ~0.5% relative error per
-    product, which flips near-tied greedy choices; "exact": float activations for both, the
-    reference's arithmetic up to summation order;
+    tokens are computed: "auto" = "mixed" on a CPU in float32, else "torch"; "mixed": one native
+    call per step, prompt tokens with float activations (their K/V are the float model's) and
+    generated tokens with activations quantized to 16-bit integers per 32-block for every
+    product with a quantized weight (~0.002% relative error per product), which gives the
+    float model's greedy tokens as often as "exact" does, in 1.1x int8's time a decode step
+    and ~1.5x int16's a prompt; "int16": 16-bit activations for prompts too (faster prompts;
+    on 2 of 123 test prompts a near-tie later flips); "int8": 8 bits for both, llama.cpp's CPU
+    scheme, ~0.5% relative error per product, which flips near-tied greedy choices; "exact":
+    float activations for both, the reference's arithmetic up to summation order;
     "torch": op by op in torch, the reference path), kv_dtype (the KV cache's dtype: "auto" =
     "float16" beside the int8 kernels on a CPU, as llama.cpp keeps it, else the compute dtype
     (float32 beside the other modes); or "float32", "float16", "bfloat16").

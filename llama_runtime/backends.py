@@ -14,11 +14,12 @@ from llama_runtime.native.library import DECODE_MODES
 __all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "describe_decode",
            "physical_cores", "pick_backend", "pick_device"]
 
-CPU_DECODE = "int16"
-"""What decode="auto" runs on a CPU in float32 (the fused native step, either backend): 16-bit
-activations per 32-block, which follow the float model's greedy tokens where int8 flips near
-ties (docs/performance.md), in 1.1x int8's time a decode step and 1.4x a prompt. ("mixed",
-float prompts, also keeps the rarer ties int16 flips, at ~1.5x int16's time a prompt.)"""
+CPU_DECODE = "mixed"
+"""What decode="auto" runs on a CPU in float32 (the fused native step, either backend): prompt
+tokens with float activations, so every generated token attends to the float model's K/V, and
+generated tokens with 16-bit activations per 32-block: the float model's greedy tokens as often
+as float arithmetic gives them (docs/performance.md), in 1.1x int8's time a decode step and
+~1.5x int16's a prompt on AVX-512 VNNI."""
 
 
 def describe_decode(decode: str) -> str:

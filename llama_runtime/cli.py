@@ -29,11 +29,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=int, default=None, help="cap the context")
     p.add_argument("--decode", default="auto",
                    choices=["auto", *DECODE_MODES, "torch"],
-                   help="arithmetic of prompts and generated tokens: int16 (the CPU default: "
-                        "16-bit activations, the float model's greedy tokens), mixed (float "
-                        "prompts, int16 generated tokens: keeps rarer near-ties too, slower "
-                        "prompts), int8 (8-bit, llama.cpp's scheme), exact (float for both), "
-                        "torch (op by op)")
+                   help="arithmetic of prompts and generated tokens: mixed (the CPU default: "
+                        "float prompts, 16-bit activations for generated tokens; the float "
+                        "model's greedy tokens), int16 (16-bit for both: faster prompts), int8 "
+                        "(8-bit, llama.cpp's scheme), exact (float for both), torch (op by op)")
     p.add_argument("--kv-dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"],
                    help="KV cache dtype (auto: float16 beside int8 decode on a CPU, else the "

@@ -29,9 +29,9 @@ def torch_cpu_engine():
 @pytest.fixture(scope="session")
 def exact_engine():
     """The default model with the exact decode kernel: the reference's arithmetic up to
-    summation order (the default engine quantizes activations to 16-bit integers per 32-block,
-    ~0.002% relative error per product: the same greedy tokens on the prompts of
-    test_parity.py, but not the same bits)."""
+    summation order (the default engine computes prompts the same way, but quantizes the
+    activations of generated tokens to 16-bit integers per 32-block, ~0.002% relative error per
+    product: the same greedy tokens on the prompts of test_parity.py, but not the same bits)."""
     from llama_runtime import create_engine
 
     return create_engine("smollm2-135m-instruct", threads=2, progress=False, decode="exact")

@@ -6,11 +6,13 @@ outweighs the arithmetic. `FusedDecoder` hands the whole forward to csrc/decode.
 norms, quantized products, RoPE, the KV write, attention read in place from the paged cache,
 the MLP and the output projection, with work buffers reused between steps.
 
-Three kernels, for prompt chunks and generated tokens alike: "int16" (the default) quantizes
-activations per 32-block to 16-bit integers before each product (~0.002% relative error per
-product: the float model's greedy tokens), "int8" to 8 bits (llama.cpp's CPU scheme: ~0.5% per
+Three kernels: "int16" quantizes activations per 32-block to 16-bit integers before each product
+(~0.002% relative error per product), "int8" to 8 bits (llama.cpp's CPU scheme: ~0.5% per
 product, so a near-tie between two tokens can flip), and "exact" widens the weights to float
-(the reference's arithmetic up to summation order). Each row's result depends only on that row,
+(the reference's arithmetic up to summation order). A mode (library.DECODE_MODES) picks one for
+prompt rows and one for generated tokens: the default "mixed" runs prompts exactly and
+generated tokens in int16 (the float model's greedy tokens). Each row's result depends only on
+that row and its role,
 so batching never changes a sequence's tokens.
 """
 

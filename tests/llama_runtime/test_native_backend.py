@@ -69,7 +69,7 @@ def test_exact_native_equals_the_torch_backend(native_exact, exact_engine, promp
 
 
 def test_the_default_native_step_matches_the_torch_backends(native, torch_cpu_engine) -> None:
-    assert native.decode_kernel == torch_cpu_engine.decode_kernel == "int16"
+    assert native.decode_kernel == torch_cpu_engine.decode_kernel == "mixed"
     ids = native.tokenize(PROMPTS[2])
     got = []
     for e in (native, torch_cpu_engine):
