@@ -13,7 +13,6 @@ renamed by the family's map.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -41,8 +40,8 @@ from llama_models.checkpoint import (
 from llama_models.config_reader import ConfigReader
 from llama_models.ops import Ops, RopeSpec, rope_kind
 
-__all__ = ["ACTIVATIONS", "HF_WEIGHTS", "DecoderConfig", "DecoderModel", "fused_refusal",
-           "open_decoder"]
+__all__ = ["ACTIVATIONS", "HF_WEIGHTS", "LAYER_EXTRAS", "DecoderConfig", "DecoderModel",
+           "fused_refusal", "open_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +118,10 @@ class DecoderConfig:
         return self.head_dim ** -0.5 if self.query_scale is None else self.query_scale
 
     def fused_unsupported(self) -> list[str]:
-        """The variant's features that the fused native step (the Llama layer) does not run."""
+        """The variant's features that the fused native step does not run (it runs Q/K/V
+        biases, Q/K norms, norms after attention and MLP, SiLU and tanh-GELU gates, scaled
+        embeddings and any query scale)."""
         features = {
-            "Q/K/V biases": self.qkv_bias, "Q/K norms": self.qk_norm,
-            "norms after attention and MLP": self.sandwich_norms,
-            f"the {self.activation} activation": self.activation != "silu",
-            "scaled embeddings": self.embed_scale != 1.0,
-            "a query scale other than head_dim ** -0.5": self.query_scale is not None
-            and not math.isclose(self.query_scale, self.head_dim ** -0.5),
             "sliding-window attention": any(self.windows),
             "a second RoPE base": self.local_rope_theta is not None,
         }
@@ -166,8 +161,8 @@ class DecoderConfig:
 
 
 def fused_refusal(cfg: DecoderConfig, rope: RopeSpec) -> str | None:
-    """Why the fused native step (the Llama layer, whole-head unscaled RoPE tables) cannot run
-    this model, or None when it can."""
+    """Why the fused native step (the Llama layer and the variants of fused_unsupported's
+    docstring, whole-head unscaled RoPE tables) cannot run this model, or None when it can."""
     missing = cfg.fused_unsupported()
     if rope.attention_factor != 1.0:
         missing.append("a scaled rotary table (LongRoPE's attention factor)")
@@ -175,8 +170,8 @@ def fused_refusal(cfg: DecoderConfig, rope: RopeSpec) -> str | None:
         missing.append("rotary embeddings on part of each head")
     if not missing:
         return None
-    return (f"the native kernels run the Llama layer, and this {cfg.family} model uses "
-            f"{', '.join(missing)}")
+    return (f"the native kernels do not run this {cfg.family} model's "
+            f"{', '.join(missing)} yet")
 
 
 def base_config(r: ConfigReader) -> dict[str, Any]:
@@ -378,8 +373,10 @@ def _natural(s: str) -> list[Any]:
 
 _LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
                   "ffn_gate", "ffn_up", "ffn_down")
-_OPTIONAL_WEIGHTS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight",
-                     "attn_k_norm.weight", "post_attention_norm.weight", "post_ffw_norm.weight")
+LAYER_EXTRAS = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_q_norm.weight",
+                "attn_k_norm.weight", "post_attention_norm.weight", "post_ffw_norm.weight")
+"""A layer's optional tensors beyond the Llama layer (GGUF names after "blk.N."), in the order
+of the fused step's Extra (csrc/decode.h)."""
 
 
 class DecoderModel:
@@ -396,7 +393,7 @@ class DecoderModel:
         self.layers: list[dict[str, Any]] = []
         for i in range(cfg.n_layers):
             w = {k: weights[f"blk.{i}.{k}.weight"] for k in _LAYER_WEIGHTS}
-            w |= {k: weights[f"blk.{i}.{k}"] for k in _OPTIONAL_WEIGHTS
+            w |= {k: weights[f"blk.{i}.{k}"] for k in LAYER_EXTRAS
                   if f"blk.{i}.{k}" in weights}
             self.layers.append(w)
         self.act = ops.silu if cfg.activation == "silu" else (

@@ -90,8 +90,9 @@ def _native_info() -> BackendInfo:
         max_batch=32, default_eligible=True,
         note="CPU without torch: the torch backend's fused native step and kernels (the same "
              "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "
-             "GGUF Llama-family models. backend='auto' tries it first on a CPU and hands "
-             f"anything else to torch; {kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
+             "GGUF models whose layers the fused step runs (docs/models.md). backend='auto' "
+             "tries it first on a CPU and hands anything else to torch; "
+             f"{kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
              f"runs {describe_decode(CPU_DECODE)} ({', '.join(DECODE_MODES)} selectable)",
     )
 

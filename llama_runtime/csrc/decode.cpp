@@ -51,16 +51,6 @@ void add_into(float* x, const float* y, int64_t B, int64_t D) {
   });
 }
 
-// g = silu(g) * up = g / (1 + exp(-g)) * up, with scratch for the exponentials.
-void silu_mul(float* g, const float* up, float* scratch, int64_t B, int64_t F) {
-  over_rows(B, [&](int64_t b0, int64_t b1) {
-    const int64_t i0 = b0 * F, n = (b1 - b0) * F;
-    for (int64_t i = i0; i < i0 + n; ++i) scratch[i] = -g[i];
-    exp_inplace(scratch + i0, n);
-    for (int64_t i = i0; i < i0 + n; ++i) g[i] = g[i] / (1.f + scratch[i]) * up[i];
-  });
-}
-
 // HF-order RoPE on heads of one row: pairs (i, i + half) rotate by the position's angle i.
 void rope(float* v, int64_t heads, int64_t hd, const float* cos, const float* sin) {
   const int64_t half = hd / 2;
@@ -80,18 +70,28 @@ void require(bool ok, const std::string& what) {
 
 }  // namespace
 
-DecodeModel::DecodeModel(const ModelDims& dims, float eps, const std::vector<const float*>& norms,
-                         std::vector<QMat> linears)
-    : d_(dims), eps_(eps), linears_(std::move(linears)) {
+DecodeModel::DecodeModel(const ModelDims& dims, const ModelOptions& options,
+                         const std::vector<const float*>& norms, std::vector<QMat> linears,
+                         const std::vector<const float*>& extras)
+    : d_(dims), eps_(options.eps), attn_scale_(options.attn_scale),
+      activation_(options.activation), linears_(std::move(linears)) {
   const int64_t L = d_.n_layers;
   require(static_cast<int64_t>(norms.size()) == 2 * L + 1, "2 norms a layer + 1");
   require(static_cast<int64_t>(linears_.size()) == 7 * L + 1, "7 linears a layer + 1");
+  require(extras.empty() || static_cast<int64_t>(extras.size()) == kExtras * L,
+          "extras: none, or kExtras a layer");
+  require(activation_ == Activation::silu || activation_ == Activation::gelu_tanh,
+          "activation: 0 (silu) or 1 (gelu_tanh)");
   require(d_.n_kv_heads > 0 && d_.n_heads % d_.n_kv_heads == 0 && d_.head_dim % 2 == 0 &&
               d_.dim % QK == 0 && d_.ffn_dim % QK == 0 && d_.n_heads * d_.head_dim % QK == 0,
           "bad head layout or dims not a multiple of 32");
   for (const float* n : norms) norms_.emplace_back(n, n + d_.dim);
   // every product writes into buffers sized from dims: refuse any other shape
   const int64_t q = d_.n_heads * d_.head_dim, kv = d_.n_kv_heads * d_.head_dim, D = d_.dim;
+  const int64_t extra_size[kExtras] = {q, kv, kv, d_.head_dim, d_.head_dim, D, D};
+  extras_.resize(kExtras * L);
+  for (size_t i = 0; i < extras.size(); ++i)
+    if (extras[i]) extras_[i].assign(extras[i], extras[i] + extra_size[i % kExtras]);
   const int64_t want[7][2] = {{q, D}, {kv, D}, {kv, D}, {D, q},
                               {d_.ffn_dim, D}, {d_.ffn_dim, D}, {D, d_.ffn_dim}};
   for (int64_t l = 0; l < L; ++l)
@@ -104,6 +104,43 @@ DecodeModel::DecodeModel(const ModelDims& dims, float eps, const std::vector<con
     }
   require(linears_.back().N == d_.vocab && linears_.back().K == D,
           "the output projection must be [vocab, dim]");
+}
+
+void DecodeModel::add_bias(float* out, const std::vector<float>& bias, int64_t B) const {
+  if (bias.empty()) return;
+  const int64_t N = static_cast<int64_t>(bias.size());
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t i = 0; i < N; ++i) out[b * N + i] += bias[i];
+  });
+}
+
+// RMSNorm over each head_dim run of v (one row's heads) with weight w, in place.
+void DecodeModel::head_norm(float* v, int64_t heads, const std::vector<float>& w) const {
+  if (w.empty()) return;
+  rms_norm(v, w.data(), eps_, heads, d_.head_dim, v);
+}
+
+void DecodeModel::activate(int64_t B) {
+  const int64_t F = d_.ffn_dim;
+  float* g = gate_.data();
+  const float* up = up_.data();
+  float* scratch = h_.data();
+  // silu(g) = g * sigmoid(g); gelu's tanh form, 0.5 g (1 + tanh(u)), is g * sigmoid(2u) with
+  // u = sqrt(2 / pi) (g + 0.044715 g^3): either way g / (1 + exp(-z))
+  const bool gelu = activation_ == Activation::gelu_tanh;
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    const int64_t i0 = b0 * F, n = (b1 - b0) * F;
+    if (gelu) {
+      const float c = 2.f * 0.7978845608028654f;
+      for (int64_t i = i0; i < i0 + n; ++i)
+        scratch[i] = -c * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+    } else {
+      for (int64_t i = i0; i < i0 + n; ++i) scratch[i] = -g[i];
+    }
+    exp_inplace(scratch + i0, n);
+    for (int64_t i = i0; i < i0 + n; ++i) g[i] = g[i] / (1.f + scratch[i]) * up[i];
+  });
 }
 
 void DecodeModel::linears(const std::vector<Job>& jobs, const float* x, int64_t B,
@@ -160,8 +197,11 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
   T* kl = k_cache + layer * n_slots * kv_row;
   T* vl = v_cache + layer * n_slots * kv_row;
   // every row's K/V is written before any row attends: a prompt row reads the rows before it
+  const std::vector<float>* extra = extras_.data() + layer * kExtras;
   over_rows(B, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
+      head_norm(q_.data() + b * hq * hd, hq, extra[kQNorm]);
+      head_norm(k_.data() + b * kv_row, hkv, extra[kKNorm]);
       rope(q_.data() + b * hq * hd, hq, hd, cos + b * half, sin + b * half);
       rope(k_.data() + b * kv_row, hkv, hd, cos + b * half, sin + b * half);
       // a block holds each KV head's rows together: [block][kv head][offset][head_dim]
@@ -175,7 +215,7 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
   });
   const int64_t* tables = a.block_tables;
   const int64_t max_blocks = a.max_blocks;
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const float scale = attn_scale_;
   const int64_t group = hq / hkv;
   // Tiles: runs of up to kTileRows consecutive rows of one prompt chunk (same block table,
   // positions one apart), which then read each K/V row once for all their queries. A decode
@@ -315,6 +355,10 @@ void DecodeModel::step(const StepArgs& a) {
     lap("norms, residuals, silu");
     linears({{&w[0], q_.data()}, {&w[1], k_.data()}, {&w[2], v_.data()}}, h_.data(), B,
             acts);
+    const std::vector<float>* extra = extras_.data() + l * kExtras;
+    add_bias(q_.data(), extra[kQBias], B);
+    add_bias(k_.data(), extra[kKBias], B);
+    add_bias(v_.data(), extra[kVBias], B);
     lap("qkv projections");
     if (a.half_kv)
       attention(a, l, static_cast<half_t*>(a.k_cache), static_cast<half_t*>(a.v_cache));
@@ -336,15 +380,19 @@ void DecodeModel::step(const StepArgs& a) {
     }
     linears({{&w[3], tmp_.data()}}, att_.data(), n, row_acts);
     lap("output projection (attn)");
+    if (!extra[kPostAttnNorm].empty())
+      rms_norm(tmp_.data(), extra[kPostAttnNorm].data(), eps_, n, D, tmp_.data());
     add_into(x_.data(), tmp_.data(), n, D);
     rms_norm(x_.data(), norms_[2 * l + 1].data(), eps_, n, D, h_.data());
     lap("norms, residuals, silu");
     linears({{&w[4], gate_.data()}, {&w[5], up_.data()}}, h_.data(), n, row_acts);
     lap("gate, up projections");
-    silu_mul(gate_.data(), up_.data(), h_.data(), n, F);
+    activate(n);
     lap("norms, residuals, silu");
     linears({{&w[6], tmp_.data()}}, gate_.data(), n, row_acts);
     lap("down projection");
+    if (!extra[kPostFfnNorm].empty())
+      rms_norm(tmp_.data(), extra[kPostFfnNorm].data(), eps_, n, D, tmp_.data());
     add_into(x_.data(), tmp_.data(), n, D);
   }
   // x_'s first R rows are now the logit rows (all rows when every one is wanted): only they

@@ -18,6 +18,24 @@ struct ModelDims {
   int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
 };
 
+// The parts a layer may have beyond the Llama layer, kExtras pointers a layer in this order
+// (nullptr: the layer has none): biases of the Q, K and V products (Qwen2); RMSNorm weights over
+// each head of Q and of K, applied before RoPE (head_dim floats; Qwen3, Gemma 3); RMSNorm weights
+// on the attention and MLP outputs before each joins the residual (dim floats; Gemma 3).
+enum Extra { kQBias, kKBias, kVBias, kQNorm, kKNorm, kPostAttnNorm, kPostFfnNorm, kExtras };
+
+// The MLP's gate activation: silu(g) * up (Llama), or gelu(g) * up with the tanh approximation
+// (Gemma).
+enum class Activation : int32_t { silu = 0, gelu_tanh = 1 };
+
+// What the layers share beyond their shapes: eps of every RMSNorm, the scale of attention scores
+// (head_dim ** -0.5 for Llama), the activation.
+struct ModelOptions {
+  float eps;
+  float attn_scale;
+  Activation activation = Activation::silu;
+};
+
 // One step's inputs. B rows: x [B, dim] embeddings of the new tokens; cos, sin [B, head_dim / 2]
 // at their positions; write_slots [B] cache slot of each new token; block_tables [B, max_blocks]
 // block ids of each row's sequence (position p lives at slot table[p / block_size] * block_size
@@ -59,10 +77,12 @@ class DecodeModel {
  public:
   // norms: attn_norm and ffn_norm of each layer, then the output norm (dim floats each; copied).
   // linears: q, k, v, o, gate, up, down of each layer, then the output projection, in the
-  // kernels' layout (qgemm.h); borrowed: their memory must outlive the model. Throws
-  // std::invalid_argument on a shape that does not match dims.
-  DecodeModel(const ModelDims& dims, float eps, const std::vector<const float*>& norms,
-              std::vector<QMat> linears);
+  // kernels' layout (qgemm.h); borrowed: their memory must outlive the model. extras: kExtras
+  // per layer (Extra; copied), or none at all for Llama layers. Throws std::invalid_argument on
+  // a shape that does not match dims.
+  DecodeModel(const ModelDims& dims, const ModelOptions& options,
+              const std::vector<const float*>& norms, std::vector<QMat> linears,
+              const std::vector<const float*>& extras = {});
 
   // Throws std::invalid_argument, before computing anything, on an input that would read or
   // write out of bounds (block ids, slots, lengths, logit rows).
@@ -91,9 +111,16 @@ class DecodeModel {
   template <class T>  // T: float, or half_t for a float16 cache
   void attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_cache);
 
+  void add_bias(float* out, const std::vector<float>& bias, int64_t B) const;
+  void head_norm(float* v, int64_t heads, const std::vector<float>& w) const;
+  void activate(int64_t B);  // gate_ = act(gate_) * up_
+
   ModelDims d_;
   float eps_;
+  float attn_scale_;
+  Activation activation_;
   std::vector<std::vector<float>> norms_;
+  std::vector<std::vector<float>> extras_;  // [layer * kExtras + Extra], empty when absent
   std::vector<QMat> linears_;
   // work buffers, grown to the largest batch seen and reused (a step allocates only a few
   // small job lists). Not thread-safe: one step at a time per DecodeModel (the engine

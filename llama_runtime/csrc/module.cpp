@@ -95,8 +95,11 @@ class TorchDecodeModel {
   // dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size. norms: attn_norm
   // and ffn_norm of each layer, then the output norm. linears: q, k, v, o, gate, up, down of
   // each layer, then the output projection, each in weight()'s form with its real row count.
+  // extras: le::kExtras a layer (an empty tensor where the layer has none), or none at all;
+  // attn_scale, activation: le::ModelOptions.
   TorchDecodeModel(std::vector<int64_t> dims, double eps, std::vector<torch::Tensor> norms,
-                   std::vector<std::vector<torch::Tensor>> linears, std::vector<int64_t> rows) {
+                   std::vector<std::vector<torch::Tensor>> linears, std::vector<int64_t> rows,
+                   std::vector<torch::Tensor> extras, double attn_scale, int64_t activation) {
     TORCH_CHECK(dims.size() == 7, "dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn, vocab");
     TORCH_CHECK(rows.size() == linears.size(), "one row count per linear");
     std::vector<const float*> norm_ptrs;
@@ -110,10 +113,26 @@ class TorchDecodeModel {
       for (auto& t : linears[i]) keep_.push_back(t);
       mats.push_back(weight(linears[i], rows[i]));
     }
+    std::vector<const float*> extra_ptrs;
+    const int64_t q = dims[2] * dims[4], kv = dims[3] * dims[4];
+    const int64_t extra_size[le::kExtras] = {q, kv, kv, dims[4], dims[4], dims[0], dims[0]};
+    for (size_t i = 0; i < extras.size(); ++i) {
+      const torch::Tensor& t = extras[i];
+      if (t.numel() == 0) {
+        extra_ptrs.push_back(nullptr);
+        continue;
+      }
+      TORCH_CHECK(t.numel() == extra_size[i % le::kExtras], "extra ", i, " has ", t.numel(),
+                  " elements, expected ", extra_size[i % le::kExtras]);
+      keep_.push_back(t.contiguous().to(torch::kFloat));
+      extra_ptrs.push_back(keep_.back().data_ptr<float>());
+    }
     try {
       model_ = std::make_unique<le::DecodeModel>(
           le::ModelDims{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]},
-          static_cast<float>(eps), norm_ptrs, std::move(mats));
+          le::ModelOptions{static_cast<float>(eps), static_cast<float>(attn_scale),
+                           static_cast<le::Activation>(activation)},
+          norm_ptrs, std::move(mats), extra_ptrs);
     } catch (const std::invalid_argument& e) {
       TORCH_CHECK(false, e.what());
     }
@@ -197,7 +216,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   }, "q8 weight -> float32 [N, K]", nogil);
   py::class_<TorchDecodeModel>(mod, "DecodeModel")
       .def(py::init<std::vector<int64_t>, double, std::vector<Tensor>,
-                    std::vector<std::vector<Tensor>>, std::vector<int64_t>>())
+                    std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<Tensor>,
+                    double, int64_t>())
       .def("step", &TorchDecodeModel::step, "one fused step over B token rows -> logits [R, V]",
            nogil)
       .def("set_profiling", &TorchDecodeModel::set_profiling, "time each phase of later steps")

@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTS", "CSRC", "DECODE_MODES", "ISAS", "LeWeight", "StepArgs", "available_isas",
-           "compile_flags", "isa", "library"]
+__all__ = ["ACTIVATIONS", "ACTS", "CSRC", "DECODE_MODES", "ISAS", "LeWeight", "StepArgs",
+           "available_isas", "compile_flags", "isa", "library"]
 
 CSRC = Path(__file__).parent.parent / "csrc"
 _SOURCES = ("qgemm.cpp", "decode.cpp", "capi.cpp")
@@ -87,6 +87,9 @@ DECODE_MODES = {"mixed": ("int16", "exact"), "int16": ("int16", "int16"),
 tokens the model generates, then of prompt tokens. "mixed" computes a prompt's K/V in float,
 so that the context every later token attends to is the float model's, and each generated
 token with int16 activations (docs/performance.md)."""
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+"""The MLP gate's activation (csrc/decode.h's Activation)."""
 
 ISAS = ("avx512-vnni", "avx2", "generic")
 """The kernels' builds, fastest first (csrc/qgemm.cpp): AVX-512 VNNI, AVX2 + FMA, plain C++."""
@@ -195,9 +198,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.le_isa.restype = ctypes.c_char_p
     lib.le_linear.argtypes = [ctypes.POINTER(LeWeight), p, i64, p, i32]
     lib.le_linear.restype = i32
-    lib.le_model_new.argtypes = [ctypes.POINTER(i64), ctypes.c_float,
+    lib.le_model_new.argtypes = [ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, i32,
                                  ctypes.POINTER(ctypes.c_void_p), i64,
-                                 ctypes.POINTER(LeWeight), i64]
+                                 ctypes.POINTER(LeWeight), i64,
+                                 ctypes.POINTER(ctypes.c_void_p), i64]
     lib.le_model_new.restype = p
     lib.le_model_free.argtypes = [p]
     lib.le_model_step.argtypes = [p, ctypes.POINTER(StepArgs)]

@@ -1,7 +1,7 @@
-"""A Llama-family model on the torch-free kernels: weights repacked with numpy, the fused step
-(csrc/decode.cpp) called through ctypes, K/V in numpy arrays. Nothing here imports torch, so a
-process that serves a GGUF model this way carries no torch runtime (whose import alone is
-~220 MB of RSS)."""
+"""A decoder model (the layers the fused step runs) on the torch-free kernels: weights repacked
+with numpy, the fused step (csrc/decode.cpp) called through ctypes, K/V in numpy arrays. Nothing
+here imports torch, so a process that serves a GGUF model this way carries no torch runtime
+(whose import alone is ~220 MB of RSS)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ import numpy as np
 
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
-from llama_models.decoder import fused_refusal
+from llama_models.decoder import LAYER_EXTRAS, fused_refusal
 from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
-from llama_runtime.native.library import ACTS, DECODE_MODES, LeWeight, StepArgs, library
+from llama_runtime.native.library import (
+    ACTIVATIONS,
+    ACTS,
+    DECODE_MODES,
+    LeWeight,
+    StepArgs,
+    library,
+)
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 
 __all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
@@ -176,6 +183,8 @@ class NativeModel:
                 if progress is not None:
                     progress()
         norms.append(norm("output_norm.weight"))
+        extras = [norm(f"blk.{i}.{key}") if f"blk.{i}.{key}" in w else None
+                  for i in range(cfg.n_layers) for key in LAYER_EXTRAS]
         embed = w["token_embd.weight"]
         linears.append(weight("output.weight" if "output.weight" in w else "token_embd.weight"))
         # token embeddings are looked up row by row from the file (gguf's dequantizer)
@@ -184,7 +193,10 @@ class NativeModel:
                                     cfg.head_dim, cfg.ffn_dim, cfg.vocab_size)
         norm_ptrs = (ctypes.c_void_p * len(norms))(*norms)
         lin = (LeWeight * len(linears))(*linears)
-        handle = lib.le_model_new(dims, cfg.norm_eps, norm_ptrs, len(norms), lin, len(linears))
+        extra_ptrs = (ctypes.c_void_p * len(extras))(*extras)
+        handle = lib.le_model_new(dims, cfg.norm_eps, cfg.attn_scale, ACTIVATIONS[cfg.activation],
+                                  norm_ptrs, len(norms), lin, len(linears), extra_ptrs,
+                                  len(extras))
         if not handle:
             raise ValueError(lib.le_error().decode())
         self._handle = handle
@@ -196,15 +208,16 @@ class NativeModel:
             self._lib.le_model_free(handle)
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
-        """float32 [len(tokens), dim]: the token embeddings."""
+        """float32 [len(tokens), dim]: the token embeddings (times the model's embedding scale)."""
         from gguf.quants import dequantize
 
         raw = self._embed
         rows = np.asarray(raw.data)[np.asarray(tokens, dtype=np.int64)]
-        if rows.dtype == np.float32:
-            return np.ascontiguousarray(rows)
-        return np.ascontiguousarray(dequantize(rows, raw.qtype).reshape(len(tokens), -1),
-                                    np.float32)
+        if rows.dtype != np.float32:
+            rows = dequantize(rows, raw.qtype).reshape(len(tokens), -1)
+        rows = np.ascontiguousarray(rows, np.float32)
+        scale = self.cfg.embed_scale
+        return rows * np.float32(scale) if scale != 1.0 else rows
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
              store: NativeKVStore, *, decode: str | None = None,

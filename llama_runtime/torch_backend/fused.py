@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama_models.decoder import DecoderConfig, DecoderModel, fused_refusal
-from llama_runtime.native.library import ACTS, DECODE_MODES
+from llama_models.decoder import LAYER_EXTRAS, DecoderConfig, DecoderModel, fused_refusal
+from llama_runtime.native.library import ACTIVATIONS, ACTS, DECODE_MODES
 from llama_runtime.step import SeqStep, rope_tables, row_arrays
 from llama_runtime.torch_backend.paged import PagedKVStore
 from llama_runtime.torch_backend.qweights import QWeight, kernels
@@ -47,15 +47,18 @@ class FusedDecoder:
             linears.append(w.parts() if isinstance(w, QWeight) else [w])
             rows.append(w.shape[0])
 
+        extras: list[torch.Tensor] = []
         for layer in model.layers:
             norms += [layer["attn_norm"], layer["ffn_norm"]]
             for key in _LAYER_LINEARS:
                 add(layer[key])
+            extras += [layer.get(key, torch.empty(0)) for key in LAYER_EXTRAS]
         norms.append(model.out_norm)
         add(model.output)
         dims = [cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
                 cfg.vocab_size]
-        self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows)
+        self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows, extras,
+                                             cfg.attn_scale, ACTIVATIONS[cfg.activation])
         self._model = model
         self._decode = decode  # a key of DECODE_MODES
         self._inv_freq = np.asarray(model.rope.inv_freq(), dtype=np.float32)
@@ -77,7 +80,10 @@ class FusedDecoder:
         `decode` overrides the kernel chosen at construction."""
         rows = row_arrays(positions, seqs, store.block_size)
         ids = torch.tensor(tokens, dtype=torch.long)
-        x = self._model.ops.embedding(self._model.embed, ids).contiguous()
+        x = self._model.ops.embedding(self._model.embed, ids)
+        if self._model.cfg.embed_scale != 1.0:
+            x = x * self._model.cfg.embed_scale
+        x = x.contiguous()
         cos, sin = rope_tables(rows.positions, self._inv_freq)
         generated, prompt = DECODE_MODES[decode or self._decode]
         out: Any = self._native.step(

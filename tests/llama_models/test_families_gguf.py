@@ -4,6 +4,8 @@ A tiny random model per family and shape is made by transformers (with SmolLM2's
 converted by llama.cpp's convert_hf_to_gguf.py (tests/families.py), and loaded by the engine:
 the last prompt position's logits agree with transformers' float32 forward within 1e-4, and
 20 greedy tokens are equal. The prompt (78 tokens) is longer than every sliding window here.
+Families whose layers the fused native step runs are served by the native backend; with their
+weights quantized (Q8_0) its kernels agree with the op-by-op torch path on the same file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 from families import assert_last_logits_match, assert_same_greedy_tokens, make_hf_model, to_gguf
 
 from llama_models import open_model, resolve_model_path
+from llama_models.decoder import fused_refusal
 from llama_runtime import create_engine
 
 IDS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1123, 5612, 28, 253, 1345, 29, 17] * 5
@@ -58,9 +61,35 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
         cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text())
                                        | {"tokenizer_class": "GPT2Tokenizer"}))
     gguf = to_gguf(tmp_path / "hf", tmp_path / f"{model_type}.gguf")
-    assert open_model(str(gguf)).checkpoint.architecture == model_type.removesuffix("_text")
+    files = open_model(str(gguf))
+    assert files.checkpoint.architecture == model_type.removesuffix("_text")
     engine = create_engine(str(gguf), progress=False)
+    fused = model_type in ("llama", "qwen2", "qwen3") or (model_type == "phi3" and not extra)
+    assert (fused_refusal(files.config, files.rope) is None) == fused
+    assert engine.backend == ("native" if fused else "torch")
     assert_last_logits_match(engine, ref, IDS)
     got = engine.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     assert_same_greedy_tokens(got, hf_greedy(ref, IDS, 20), ref, IDS)
     engine.close()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_native_kernels_run_the_variant_layers_as_the_torch_path(
+        tmp_path: Path, smollm2_tokenizer: Any, model_type: str) -> None:
+    """Q/K/V biases (Qwen2) and Q/K norms (Qwen3) on Q8_0 weights: the fused step's exact
+    kernels against the op-by-op torch path over the same file."""
+    make_hf_model(tmp_path / "hf", model_type, smollm2_tokenizer)
+    gguf = to_gguf(tmp_path / "hf", tmp_path / f"{model_type}.gguf", outtype="q8_0")
+    native = create_engine(str(gguf), progress=False, decode="exact")
+    torch_path = create_engine(str(gguf), progress=False, backend="torch", decode="torch")
+    assert native.backend == "native"
+    logits = []
+    for e in (native, torch_path):
+        s = e.new_session()
+        e.prefill(s, IDS)
+        logits.append(e.next_token_logits(s))
+        e.close_session(s)
+    assert abs(logits[0] - logits[1]).max() < 1e-3
+    tokens = [e.generate(IDS, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+              for e in (native, torch_path)]
+    assert tokens[0] == tokens[1]

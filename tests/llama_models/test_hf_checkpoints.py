@@ -14,6 +14,8 @@ import torch
 from families import assert_last_logits_match, assert_same_greedy_tokens, make_hf_model
 
 from llama_engine import UnsupportedArchitectureError, WeightLoadError
+from llama_models import open_model
+from llama_models.decoder import fused_refusal
 from llama_runtime import create_engine
 
 VOCAB = 30522  # the MiniLM tokenizer's vocabulary
@@ -55,6 +57,10 @@ def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch
                          "layer_types": ["sliding_attention", "full_attention"]}),
         ("gemma3_text", {"head_dim": 32, "sliding_window": 1024,
                          "layer_types": ["full_attention", "sliding_attention"]}),
+        # global layers only: the fused step runs Gemma's layer (norms after attention and
+        # MLP, Q/K norms, tanh-GELU, scaled embeddings, its query scale)
+        ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 24,
+                         "layer_types": ["full_attention"] * 2}),
         ("phi3", {}),
         ("phi3", {"sliding_window": 16}),
         # LongRoPE: the 78-token prompt is past the original 64 positions: the long factors
@@ -65,6 +71,8 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, 
                                                      extra: dict[str, object]) -> None:
     path, ref = _make(tmp_path, model_type, **extra)
     engine = create_engine(str(path), progress=False)
+    files = open_model(str(path))  # the fused step runs what it does not refuse
+    assert (engine.decode_kernel != "torch") == (fused_refusal(files.config, files.rope) is None)
     ids = [101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 1997, 1996, 3194, 102] * 6
     assert_last_logits_match(engine, ref, ids)
     got = engine.generate(ids, max_tokens=20, temperature=0, ignore_eos=True).token_ids
