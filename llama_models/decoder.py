@@ -41,7 +41,7 @@ from llama_models.config_reader import ConfigReader
 from llama_models.ops import Ops, RopeSpec, rope_kind
 
 __all__ = ["ACTIVATIONS", "HF_WEIGHTS", "LAYER_EXTRAS", "DecoderConfig", "DecoderModel",
-           "fused_refusal", "open_decoder"]
+           "fused_refusal", "local_rope", "open_decoder"]
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,6 @@ class DecoderConfig:
     def attn_scale(self) -> float:
         return self.head_dim ** -0.5 if self.query_scale is None else self.query_scale
 
-    def fused_unsupported(self) -> list[str]:
-        """The variant's features that the fused native step does not run (it runs Q/K/V
-        biases, Q/K norms, norms after attention and MLP, SiLU and tanh-GELU gates, scaled
-        embeddings and any query scale)."""
-        features = {
-            "sliding-window attention": any(self.windows),
-            "a second RoPE base": self.local_rope_theta is not None,
-        }
-        return [name for name, used in features.items() if used]
-
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         d, hd, q, kv = self.dim, self.head_dim, self.n_heads * self.head_dim, \
             self.n_kv_heads * self.head_dim
@@ -160,18 +150,24 @@ class DecoderConfig:
         return shapes
 
 
-def fused_refusal(cfg: DecoderConfig, rope: RopeSpec) -> str | None:
-    """Why the fused native step (the Llama layer and the variants of fused_unsupported's
-    docstring, whole-head unscaled RoPE tables) cannot run this model, or None when it can."""
-    missing = cfg.fused_unsupported()
-    if rope.attention_factor != 1.0:
-        missing.append("a scaled rotary table (LongRoPE's attention factor)")
-    if rope.rotary_dim != rope.head_dim:
-        missing.append("rotary embeddings on part of each head")
-    if not missing:
+def local_rope(cfg: DecoderConfig, rope: RopeSpec) -> RopeSpec | None:
+    """The windowed layers' own RoPE table (Gemma 3's second base, no scaling), or None when
+    every layer rotates by `rope`."""
+    if cfg.local_rope_theta is None:
         return None
-    return (f"the native kernels do not run this {cfg.family} model's "
-            f"{', '.join(missing)} yet")
+    return RopeSpec(head_dim=rope.head_dim, rotary_dim=rope.rotary_dim,
+                    theta=cfg.local_rope_theta)
+
+
+def fused_refusal(cfg: DecoderConfig, rope: RopeSpec) -> str | None:
+    """Why the fused native step cannot run this model, or None when it can. It runs every
+    variant a DecoderConfig describes (biases, Q/K norms, norms after attention and MLP, the
+    activations, scaled embeddings, query scales, sliding windows, a second RoPE base, scaled
+    RoPE tables), with RoPE over whole heads."""
+    if rope.rotary_dim != rope.head_dim:
+        return (f"the native kernels rotate whole heads, and this {cfg.family} model rotates "
+                f"{rope.rotary_dim} of each head's {rope.head_dim} dimensions")
+    return None
 
 
 def base_config(r: ConfigReader) -> dict[str, Any]:
@@ -385,8 +381,7 @@ class DecoderModel:
     def __init__(self, cfg: DecoderConfig, rope: RopeSpec, weights: Mapping[str, Any],
                  ops: Ops) -> None:
         self.cfg, self.rope, self.ops = cfg, rope, ops
-        self.local_rope = rope if cfg.local_rope_theta is None else RopeSpec(
-            head_dim=rope.head_dim, rotary_dim=rope.rotary_dim, theta=cfg.local_rope_theta)
+        self.local_rope = local_rope(cfg, rope) or rope
         self.embed = weights["token_embd.weight"]
         self.out_norm = weights["output_norm.weight"]
         self.output = weights.get("output.weight", self.embed)

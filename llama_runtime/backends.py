@@ -67,7 +67,8 @@ def _torch_info() -> BackendInfo:
         devices.append("cuda")
     return BackendInfo(
         name="torch", available=True, devices=tuple(devices),
-        dtypes=("float32", "bfloat16", "float16"), quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"),
+        dtypes=("float32", "bfloat16", "float16"),
+        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"),
         paged_attention=True, compile=True, max_batch=32, default_eligible=True,
         note="CPU: quantized weights and a fused native decode step (compiled C++ kernels, "
              f"built on first use; decode='auto' runs {describe_decode(CPU_DECODE)}); CUDA: "
@@ -86,7 +87,7 @@ def _native_info() -> BackendInfo:
         kernels = str(e)
     return BackendInfo(
         name="native", available=compiler is not None, devices=("cpu",), dtypes=("float32",),
-        quant_native=("Q4_0", "Q4_1", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
+        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
         max_batch=32, default_eligible=True,
         note="CPU without torch: the torch backend's fused native step and kernels (the same "
              "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RowArrays", "SeqStep", "rope_tables", "row_arrays"]
+from llama_models.ops import RopeSpec
+
+__all__ = ["RopeTables", "RowArrays", "SeqStep", "rope_tables", "row_arrays"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +62,28 @@ def row_arrays(positions: Sequence[int], seqs: Sequence[SeqStep], block_size: in
                      int(sum(s.n_new for s in seqs[:generated])))
 
 
-def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin float32 [len(positions), head_dim / 2] of the rotary angles, computed one way
-    (numpy) for every backend's fused step, so theirs are the same bits."""
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray,
+                attention_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [len(positions), head_dim / 2] of the rotary angles (times LongRoPE's
+    attention factor), computed one way (numpy) for every backend's fused step, so theirs are
+    the same bits."""
     angles = positions.astype(np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-    return np.ascontiguousarray(np.cos(angles)), np.ascontiguousarray(np.sin(angles))
+    cos, sin = np.cos(angles), np.sin(angles)
+    if attention_factor != 1.0:
+        factor = np.float32(attention_factor)
+        cos, sin = cos * factor, sin * factor
+    return np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+
+
+class RopeTables:
+    """A model's rotary tables for the fused step: the global layers' and, when the windowed
+    layers have their own base (decoder.local_rope), theirs."""
+
+    def __init__(self, rope: RopeSpec, local: RopeSpec | None) -> None:
+        self._specs = [(np.asarray(r.inv_freq(), dtype=np.float32), r.attention_factor)
+                       for r in (rope, *(() if local is None else (local,)))]
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, ...]:
+        """cos, sin of the global table, then (if any) the local table's, at `positions`."""
+        return tuple(t for inv, factor in self._specs
+                     for t in rope_tables(positions, inv, factor))

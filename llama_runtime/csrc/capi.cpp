@@ -81,19 +81,21 @@ LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* o
 }
 
 // dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab; eps, attn_scale,
-// activation: le::ModelOptions. norms: 2 * n_layers + 1 arrays of dim floats (copied); weights:
+// activation, windows (n_windows: n_layers, or 0): le::ModelOptions. norms: 2 * n_layers + 1 arrays of dim floats (copied); weights:
 // 7 * n_layers + 1 (borrowed: they must outlive the model); extras: le::kExtras a layer (null
 // where absent; copied), or n_extras 0. Returns the model, or null with le_error() set.
 LE_API void* le_model_new(const int64_t* dims, float eps, float attn_scale, int32_t activation,
-                          const float* const* norms, int64_t n_norms, const le_weight* weights,
-                          int64_t n_weights, const float* const* extras, int64_t n_extras) {
+                          const int64_t* windows, int64_t n_windows, const float* const* norms,
+                          int64_t n_norms, const le_weight* weights, int64_t n_weights,
+                          const float* const* extras, int64_t n_extras) {
   le::DecodeModel* model = nullptr;
   guarded([&] {
     std::vector<le::QMat> mats;
     for (int64_t i = 0; i < n_weights; ++i) mats.push_back(to_qmat(weights[i]));
     model = new le::DecodeModel(
         le::ModelDims{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]},
-        le::ModelOptions{eps, attn_scale, static_cast<le::Activation>(activation)},
+        le::ModelOptions{eps, attn_scale, static_cast<le::Activation>(activation),
+                         std::vector<int64_t>(windows, windows + n_windows)},
         std::vector<const float*>(norms, norms + n_norms), std::move(mats),
         std::vector<const float*>(extras, extras + n_extras));
   });

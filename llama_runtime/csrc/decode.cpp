@@ -64,6 +64,11 @@ void rope(float* v, int64_t heads, int64_t hd, const float* cos, const float* si
   }
 }
 
+// The first position a row of context length n attends to under `window` (0: none).
+int64_t first_visible(int64_t n, int64_t window) {
+  return window > 0 && n > window ? n - window : 0;
+}
+
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
 }
@@ -74,8 +79,11 @@ DecodeModel::DecodeModel(const ModelDims& dims, const ModelOptions& options,
                          const std::vector<const float*>& norms, std::vector<QMat> linears,
                          const std::vector<const float*>& extras)
     : d_(dims), eps_(options.eps), attn_scale_(options.attn_scale),
-      activation_(options.activation), linears_(std::move(linears)) {
+      activation_(options.activation), windows_(options.windows), linears_(std::move(linears)) {
   const int64_t L = d_.n_layers;
+  if (windows_.empty()) windows_.assign(L, 0);
+  require(static_cast<int64_t>(windows_.size()) == L, "windows: none, or one a layer");
+  for (int64_t w : windows_) require(w >= 0, "a window is positive, or 0 for none");
   require(static_cast<int64_t>(norms.size()) == 2 * L + 1, "2 norms a layer + 1");
   require(static_cast<int64_t>(linears_.size()) == 7 * L + 1, "7 linears a layer + 1");
   require(extras.empty() || static_cast<int64_t>(extras.size()) == kExtras * L,
@@ -190,7 +198,9 @@ void DecodeModel::linears_rows(const std::vector<Job>& jobs, const float* x, int
 template <class T>
 void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_cache) {
   const int64_t B = a.B, block_size = a.block_size, n_slots = a.n_slots;
-  const float *cos = a.cos, *sin = a.sin;
+  const int64_t window = windows_[layer];
+  const bool local = window > 0 && a.cos_local;
+  const float *cos = local ? a.cos_local : a.cos, *sin = local ? a.sin_local : a.sin;
   const int64_t *write_slots = a.write_slots, *ctx_lens = a.ctx_lens;
   const int64_t hd = d_.head_dim, half = hd / 2, hq = d_.n_heads, hkv = d_.n_kv_heads;
   const int64_t kv_row = hkv * hd;
@@ -244,41 +254,45 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
       const int64_t i = u * per_unit / hq;
       const auto [r0, r1] = tiles_[i % 2 == 0 ? i / 2 : n_tiles - 1 - i / 2];
       const int64_t h0 = u * per_unit % hq, kvh = h0 / group, R = r1 - r0;
-      const int64_t len = ctx_lens[r1 - 1], nq = R * per_unit;
+      // the tile reads positions [lo, len): its first row's window start (later rows' start
+      // at or after it) up to its last row's own position
+      const int64_t len = ctx_lens[r1 - 1], lo = first_visible(ctx_lens[r0], window);
+      const int64_t span = len - lo, nq = R * per_unit;
       const int64_t* table = tables + r0 * max_blocks;
-      grow(scores, nq * len);
+      grow(scores, nq * span);
       grow(qs, nq * hd);
-      if (static_cast<int64_t>(krows.size()) < len) {
-        krows.resize(len);
-        vrows.resize(len);
+      if (static_cast<int64_t>(krows.size()) < span) {
+        krows.resize(span);
+        vrows.resize(span);
       }
       // this KV head's row of each position, read in place through the block table
-      for (int64_t p = 0, blk = 0; p < len; ++blk) {
-        const int64_t base = (table[blk] * hkv + kvh) * block_size;
-        for (int64_t o = 0; o < block_size && p < len; ++o, ++p) {
-          const int64_t at = (base + o) * hd;
-          krows[p] = kl + at;
-          vrows[p] = vl + at;
-        }
+      for (int64_t p = lo; p < len; ++p) {
+        const int64_t at = ((table[p / block_size] * hkv + kvh) * block_size + p % block_size) * hd;
+        krows[p - lo] = kl + at;
+        vrows[p - lo] = vl + at;
       }
       for (int64_t r = 0; r < R; ++r)  // the tile's queries, contiguous: [R][per_unit][hd]
         std::copy_n(q_.data() + ((r0 + r) * hq + h0) * hd, per_unit * hd,
                     qs.data() + r * per_unit * hd);
-      dot_rows(qs.data(), nq, krows.data(), len, hd, scale, scores.data(), len);
+      dot_rows(qs.data(), nq, krows.data(), span, hd, scale, scores.data(), span);
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t n = ctx_lens[r0 + r];  // causal: this row sees positions < n
+        // causal: this row sees positions [start, n); those before start weigh zero (adding
+        // 0 x V leaves each output's FMA chain as it was, so the tile changes no bit)
+        const int64_t n = ctx_lens[r0 + r], start = first_visible(n, window) - lo;
         for (int64_t g = 0; g < per_unit; ++g) {
-          softmax_inplace(scores.data() + (r * per_unit + g) * len, n);
+          float* row = scores.data() + (r * per_unit + g) * span;
+          std::fill_n(row, start, 0.f);
+          softmax_inplace(row + start, n - lo - start);
           std::fill_n(att_.data() + ((r0 + r) * hq + h0 + g) * hd, hd, 0.f);
         }
       }
       // weighted sums of V, a chunk of positions at a time so each chunk stays in L1 for
       // every query of the tile
-      for (int64_t p0 = 0; p0 < len; p0 += kVChunk) {
+      for (int64_t p0 = 0; p0 < span; p0 += kVChunk) {
         for (int64_t r = 0; r < R; ++r) {
-          const int64_t n = std::min(ctx_lens[r0 + r], p0 + kVChunk) - p0;
+          const int64_t n = std::min(ctx_lens[r0 + r] - lo, p0 + kVChunk) - p0;
           if (n <= 0) continue;
-          weighted_sum_rows(scores.data() + r * per_unit * len + p0, per_unit, len,
+          weighted_sum_rows(scores.data() + r * per_unit * span + p0, per_unit, span,
                             vrows.data() + p0, n, hd, att_.data() + ((r0 + r) * hq + h0) * hd,
                             hd, true);
         }

@@ -29,15 +29,18 @@ enum Extra { kQBias, kKBias, kVBias, kQNorm, kKNorm, kPostAttnNorm, kPostFfnNorm
 enum class Activation : int32_t { silu = 0, gelu_tanh = 1 };
 
 // What the layers share beyond their shapes: eps of every RMSNorm, the scale of attention scores
-// (head_dim ** -0.5 for Llama), the activation.
+// (head_dim ** -0.5 for Llama), the activation; and each layer's sliding window (a query attends
+// to the last `window` positions, its own included; 0 or no entries: every position). Windowed
+// layers rotate by StepArgs' local RoPE table when a step gives one (Gemma 3's second base).
 struct ModelOptions {
   float eps;
   float attn_scale;
   Activation activation = Activation::silu;
+  std::vector<int64_t> windows = {};
 };
 
 // One step's inputs. B rows: x [B, dim] embeddings of the new tokens; cos, sin [B, head_dim / 2]
-// at their positions; write_slots [B] cache slot of each new token; block_tables [B, max_blocks]
+// at their positions (cos_local, sin_local the same for windowed layers, or null: cos, sin); write_slots [B] cache slot of each new token; block_tables [B, max_blocks]
 // block ids of each row's sequence (position p lives at slot table[p / block_size] * block_size
 // + p % block_size); ctx_lens [B] context length of each row, its own token included (rows of
 // one prompt chunk share a table and attend causally, as every row's K/V is written before any
@@ -71,6 +74,8 @@ struct StepArgs {
   int64_t generated_rows;
   float* logits;
   float* hidden = nullptr;
+  const float* cos_local = nullptr;
+  const float* sin_local = nullptr;
 };
 
 class DecodeModel {
@@ -119,6 +124,7 @@ class DecodeModel {
   float eps_;
   float attn_scale_;
   Activation activation_;
+  std::vector<int64_t> windows_;  // per layer, 0: global
   std::vector<std::vector<float>> norms_;
   std::vector<std::vector<float>> extras_;  // [layer * kExtras + Extra], empty when absent
   std::vector<QMat> linears_;

@@ -96,10 +96,11 @@ class TorchDecodeModel {
   // and ffn_norm of each layer, then the output norm. linears: q, k, v, o, gate, up, down of
   // each layer, then the output projection, each in weight()'s form with its real row count.
   // extras: le::kExtras a layer (an empty tensor where the layer has none), or none at all;
-  // attn_scale, activation: le::ModelOptions.
+  // attn_scale, activation, windows (one a layer, or none): le::ModelOptions.
   TorchDecodeModel(std::vector<int64_t> dims, double eps, std::vector<torch::Tensor> norms,
                    std::vector<std::vector<torch::Tensor>> linears, std::vector<int64_t> rows,
-                   std::vector<torch::Tensor> extras, double attn_scale, int64_t activation) {
+                   std::vector<torch::Tensor> extras, double attn_scale, int64_t activation,
+                   std::vector<int64_t> windows) {
     TORCH_CHECK(dims.size() == 7, "dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn, vocab");
     TORCH_CHECK(rows.size() == linears.size(), "one row count per linear");
     std::vector<const float*> norm_ptrs;
@@ -131,7 +132,7 @@ class TorchDecodeModel {
       model_ = std::make_unique<le::DecodeModel>(
           le::ModelDims{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]},
           le::ModelOptions{static_cast<float>(eps), static_cast<float>(attn_scale),
-                           static_cast<le::Activation>(activation)},
+                           static_cast<le::Activation>(activation), windows},
           norm_ptrs, std::move(mats), extra_ptrs);
     } catch (const std::invalid_argument& e) {
       TORCH_CHECK(false, e.what());
@@ -141,19 +142,24 @@ class TorchDecodeModel {
   // x [B, dim] float32; cos, sin [B, head_dim / 2]; write_slots, ctx_lens [B] int64;
   // block_tables [B, max_blocks] int64; k_cache, v_cache float32 or float16 [layers, blocks,
   // kv_heads, block_size, head_dim]; logit_rows [R] int64; acts, prompt_acts: qgemm.h's Acts
-  // (0 exact, 1 int8, 2 int16) of the first generated_rows rows and of the others (StepArgs).
-  // Returns logits [R, vocab].
+  // (0 exact, 1 int8, 2 int16) of the first generated_rows rows and of the others (StepArgs);
+  // cos_local, sin_local: windowed layers' tables like cos, sin, or empty. Returns logits
+  // [R, vocab].
   torch::Tensor step(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& write_slots, const torch::Tensor& block_tables,
                      const torch::Tensor& ctx_lens, const torch::Tensor& k_cache,
                      const torch::Tensor& v_cache, int64_t block_size,
                      const torch::Tensor& logit_rows, int64_t acts, int64_t prompt_acts,
-                     int64_t generated_rows) {
+                     int64_t generated_rows, const torch::Tensor& cos_local,
+                     const torch::Tensor& sin_local) {
     const le::ModelDims& d = model_->dims();
     const int64_t B = x.size(0);
     TORCH_CHECK(x.dim() == 2 && x.size(1) == d.dim && x.scalar_type() == torch::kFloat &&
                     x.is_contiguous(), "x: contiguous float32 [B, dim]");
-    for (const torch::Tensor* t : {&cos, &sin})
+    const bool local = cos_local.numel() > 0;
+    std::vector<const torch::Tensor*> tables{&cos, &sin};
+    if (local) tables.insert(tables.end(), {&cos_local, &sin_local});
+    for (const torch::Tensor* t : tables)
       TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == d.head_dim / 2 &&
                       t->scalar_type() == torch::kFloat && t->is_contiguous(),
                   "cos, sin: contiguous float32 [B, head_dim / 2]");
@@ -180,7 +186,8 @@ class TorchDecodeModel {
                    v_cache.data_ptr(), half_kv, k_cache.size(1) * block_size, block_size,
                    logit_rows.data_ptr<int64_t>(), R, static_cast<int32_t>(acts),
                    static_cast<int32_t>(prompt_acts), generated_rows, logits.data_ptr<float>(),
-                   nullptr};
+                   nullptr, local ? cos_local.data_ptr<float>() : nullptr,
+                   local ? sin_local.data_ptr<float>() : nullptr};
     try {
       model_->step(a);
     } catch (const std::invalid_argument& e) {
@@ -217,7 +224,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   py::class_<TorchDecodeModel>(mod, "DecodeModel")
       .def(py::init<std::vector<int64_t>, double, std::vector<Tensor>,
                     std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<Tensor>,
-                    double, int64_t>())
+                    double, int64_t, std::vector<int64_t>>())
       .def("step", &TorchDecodeModel::step, "one fused step over B token rows -> logits [R, V]",
            nogil)
       .def("set_profiling", &TorchDecodeModel::set_profiling, "time each phase of later steps")

@@ -1,5 +1,5 @@
-"""The kernels' weight layout (csrc/qgemm.h), built with numpy alone: GGUF Q4_0, Q4_1, Q8_0 and
-Q4_K bytes repacked into groups of 16 rows interleaved four elements at a time, with no
+"""The kernels' weight layout (csrc/qgemm.h), built with numpy alone: GGUF Q4_0, Q4_1, Q5_0, Q8_0
+and Q4_K bytes repacked into groups of 16 rows interleaved four elements at a time, with no
 requantization (the same values). Both the torch backend (qweights.py) and the torch-free
 native path use it."""
 
@@ -13,8 +13,8 @@ from llama_models.checkpoint import RawTensor
 
 __all__ = ["GROUP", "KEPT_QUANTIZED", "REPACKABLE", "RUN", "PackedWeight", "pack", "weight_path"]
 
-Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # gguf.GGMLQuantizationType values
-REPACKABLE = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})
+Q4_0, Q4_1, Q5_0, Q8_0, Q4_K = 2, 3, 6, 8, 12  # gguf.GGMLQuantizationType values
+REPACKABLE = frozenset({Q4_0, Q4_1, Q5_0, Q8_0, Q4_K})
 GROUP = 16
 """Weight rows interleaved per group (csrc/qgemm.h)."""
 RUN = 4
@@ -65,9 +65,9 @@ def _split_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def pack(raw: RawTensor) -> PackedWeight:
-    """GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K bytes -> PackedWeight, exactly the stored values (Q4_K's
-    sub-block scales are the float32 products d * scale and -dmin * min that its dequantization
-    computes)."""
+    """GGUF Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K bytes -> PackedWeight, exactly the stored values
+    (Q5_0's 5-bit values, less 16, as q8's int8; Q4_K's sub-block scales are the float32
+    products d * scale and -dmin * min that its dequantization computes)."""
     n, k = raw.shape
     nb = k // 32
     data = np.asarray(raw.data).reshape(n, nb, -1)
@@ -76,6 +76,14 @@ def pack(raw: RawTensor) -> PackedWeight:
     if raw.qtype == Q8_0:  # d f16, 32 x int8
         d = data[..., 0:2].copy().view(np.float16)[..., 0]
         qs = data[..., 2:34].copy().view(np.int8)
+    elif raw.qtype == Q5_0:  # d f16, 32 high bits, 16 bytes of nibbles; w = d * (q - 16)
+        d = data[..., 0:2].copy().view(np.float16)[..., 0]
+        high = data[..., 2:6].copy().view("<u4")  # [n, nb, 1]: bit j is element j's fifth
+        nibbles = data[..., 6:22]  # byte j: element j low, element j + 16 high
+        low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int16)
+        fifth = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)
+        qs = (low | (fifth << 4)) - 16
+        qs = qs.astype(np.int8)
     elif raw.qtype == Q4_1:  # d f16, m f16, 16 bytes of nibbles
         d = data[..., 0:2].copy().view(np.float16)[..., 0]
         m = data[..., 2:4].copy().view(np.float16)[..., 0]

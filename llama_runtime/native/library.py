@@ -158,7 +158,8 @@ class StepArgs(ctypes.Structure):
                 ("logit_rows", ctypes.c_void_p), ("R", ctypes.c_int64),
                 ("acts", ctypes.c_int32), ("prompt_acts", ctypes.c_int32),
                 ("generated_rows", ctypes.c_int64), ("logits", ctypes.c_void_p),
-                ("hidden", ctypes.c_void_p)]
+                ("hidden", ctypes.c_void_p), ("cos_local", ctypes.c_void_p),
+                ("sin_local", ctypes.c_void_p)]
 
 
 def _cache_root() -> Path:
@@ -199,7 +200,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.le_linear.argtypes = [ctypes.POINTER(LeWeight), p, i64, p, i32]
     lib.le_linear.restype = i32
     lib.le_model_new.argtypes = [ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, i32,
-                                 ctypes.POINTER(ctypes.c_void_p), i64,
+                                 ctypes.POINTER(i64), i64, ctypes.POINTER(ctypes.c_void_p), i64,
                                  ctypes.POINTER(LeWeight), i64,
                                  ctypes.POINTER(ctypes.c_void_p), i64]
     lib.le_model_new.restype = p

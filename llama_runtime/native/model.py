@@ -14,7 +14,7 @@ import numpy as np
 
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
-from llama_models.decoder import LAYER_EXTRAS, fused_refusal
+from llama_models.decoder import LAYER_EXTRAS, fused_refusal, local_rope
 from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
 from llama_runtime.native.library import (
     ACTIVATIONS,
@@ -24,7 +24,7 @@ from llama_runtime.native.library import (
     StepArgs,
     library,
 )
-from llama_runtime.step import SeqStep, rope_tables, row_arrays
+from llama_runtime.step import RopeTables, SeqStep, row_arrays
 
 __all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
 
@@ -194,13 +194,14 @@ class NativeModel:
         norm_ptrs = (ctypes.c_void_p * len(norms))(*norms)
         lin = (LeWeight * len(linears))(*linears)
         extra_ptrs = (ctypes.c_void_p * len(extras))(*extras)
+        windows = (ctypes.c_int64 * len(cfg.windows))(*cfg.windows)
         handle = lib.le_model_new(dims, cfg.norm_eps, cfg.attn_scale, ACTIVATIONS[cfg.activation],
-                                  norm_ptrs, len(norms), lin, len(linears), extra_ptrs,
-                                  len(extras))
+                                  windows, len(cfg.windows), norm_ptrs, len(norms), lin,
+                                  len(linears), extra_ptrs, len(extras))
         if not handle:
             raise ValueError(lib.le_error().decode())
         self._handle = handle
-        self._inv_freq = np.asarray(files.rope.inv_freq(), dtype=np.float32)
+        self._rope = RopeTables(files.rope, local_rope(cfg, files.rope))
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)
@@ -232,7 +233,7 @@ class NativeModel:
             raise ValueError(f"a KV store of shape {store.k.shape} does not fit this model")
         rows = row_arrays(positions, seqs, store.block_size)
         x = self.embed(tokens)
-        cos, sin = rope_tables(rows.positions, self._inv_freq)
+        cos, sin, *local = self._rope(rows.positions)
         wanted = np.arange(len(tokens), dtype=np.int64) if hidden else rows.logit_rows
         out = np.empty((len(wanted), self.cfg.dim if hidden else self.cfg.vocab_size),
                        dtype=np.float32)
@@ -243,7 +244,8 @@ class NativeModel:
             _ptr(store.v), store.k.dtype == np.float16, store.num_blocks * store.block_size,
             store.block_size,
             _ptr(wanted), len(wanted), ACTS[generated], ACTS[prompt], rows.generated_rows,
-            None if hidden else _ptr(out), _ptr(out) if hidden else None)
+            None if hidden else _ptr(out), _ptr(out) if hidden else None,
+            *(_ptr(t) for t in local))
         if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:
             raise ValueError(self._lib.le_error().decode())
         return out

@@ -21,12 +21,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from llama_models.decoder import LAYER_EXTRAS, DecoderConfig, DecoderModel, fused_refusal
+from llama_models.decoder import (
+    LAYER_EXTRAS,
+    DecoderConfig,
+    DecoderModel,
+    fused_refusal,
+    local_rope,
+)
 from llama_runtime.native.library import ACTIVATIONS, ACTS, DECODE_MODES
-from llama_runtime.step import SeqStep, rope_tables, row_arrays
+from llama_runtime.step import RopeTables, SeqStep, row_arrays
 from llama_runtime.torch_backend.paged import PagedKVStore
 from llama_runtime.torch_backend.qweights import QWeight, kernels
 
@@ -58,10 +63,11 @@ class FusedDecoder:
         dims = [cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
                 cfg.vocab_size]
         self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows, extras,
-                                             cfg.attn_scale, ACTIVATIONS[cfg.activation])
+                                             cfg.attn_scale, ACTIVATIONS[cfg.activation],
+                                             list(cfg.windows))
         self._model = model
         self._decode = decode  # a key of DECODE_MODES
-        self._inv_freq = np.asarray(model.rope.inv_freq(), dtype=np.float32)
+        self._rope = RopeTables(model.rope, local_rope(cfg, model.rope))
 
     @staticmethod
     def supports(model: DecoderModel, device: torch.device, dtype: torch.dtype,
@@ -84,11 +90,13 @@ class FusedDecoder:
         if self._model.cfg.embed_scale != 1.0:
             x = x * self._model.cfg.embed_scale
         x = x.contiguous()
-        cos, sin = rope_tables(rows.positions, self._inv_freq)
+        cos, sin, *local = self._rope(rows.positions)
+        cos_local, sin_local = (torch.from_numpy(t) for t in local) if local else (
+            torch.empty(0), torch.empty(0))
         generated, prompt = DECODE_MODES[decode or self._decode]
         out: Any = self._native.step(
             x, torch.from_numpy(cos), torch.from_numpy(sin), torch.from_numpy(rows.write_slots),
             torch.from_numpy(rows.block_tables), torch.from_numpy(rows.ctx_lens), store.k,
             store.v, store.block_size, torch.from_numpy(rows.logit_rows),
-            ACTS[generated], ACTS[prompt], rows.generated_rows)
+            ACTS[generated], ACTS[prompt], rows.generated_rows, cos_local, sin_local)
         return out

@@ -4,8 +4,8 @@ A tiny random model per family and shape is made by transformers (with SmolLM2's
 converted by llama.cpp's convert_hf_to_gguf.py (tests/families.py), and loaded by the engine:
 the last prompt position's logits agree with transformers' float32 forward within 1e-4, and
 20 greedy tokens are equal. The prompt (78 tokens) is longer than every sliding window here.
-Families whose layers the fused native step runs are served by the native backend; with their
-weights quantized (Q8_0) its kernels agree with the op-by-op torch path on the same file.
+The native backend serves them all (the fused step runs every family's layer); with weights
+quantized (Q8_0) its kernels agree with the op-by-op torch path on the same file.
 """
 
 from __future__ import annotations
@@ -32,16 +32,17 @@ def smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+# six layers in llama.cpp's pattern (the sixth global), windows of 16 positions; GGUF keeps no
+# query_pre_attn_scalar (llama.cpp takes head_dim, as every released Gemma 3 but 27B has)
+GEMMA3_WINDOWED = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
+                   "num_hidden_layers": 6,
+                   "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}
 CASES = [
     ("llama", {}),
     ("qwen2", {}),
     ("qwen3", {}),
     ("qwen3", {"head_dim": 32, "num_key_value_heads": 4}),  # no GQA, head width != dim / heads
-    # six layers in llama.cpp's pattern (the sixth global), windows of 16 positions; GGUF keeps
-    # no query_pre_attn_scalar (llama.cpp takes head_dim, as every released Gemma 3 but 27B has)
-    ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16,
-                     "num_hidden_layers": 6,
-                     "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}),
+    ("gemma3_text", GEMMA3_WINDOWED),
     ("phi3", {}),  # fused qkv and gate_up in the file, split at load
     # LongRoPE (factors as tensors, the attention factor as a key), past the original context
     ("phi3", {"original_max_position_embeddings": 64, "rope_parameters": {
@@ -64,32 +65,36 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
     files = open_model(str(gguf))
     assert files.checkpoint.architecture == model_type.removesuffix("_text")
     engine = create_engine(str(gguf), progress=False)
-    fused = model_type in ("llama", "qwen2", "qwen3") or (model_type == "phi3" and not extra)
-    assert (fused_refusal(files.config, files.rope) is None) == fused
-    assert engine.backend == ("native" if fused else "torch")
+    assert fused_refusal(files.config, files.rope) is None
+    assert engine.backend == "native"  # the fused step runs every family's layer
     assert_last_logits_match(engine, ref, IDS)
     got = engine.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     assert_same_greedy_tokens(got, hf_greedy(ref, IDS, 20), ref, IDS)
     engine.close()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize(("model_type", "extra"), [("qwen2", {}), ("qwen3", {}),
+                                                   ("gemma3_text", GEMMA3_WINDOWED)])
 def test_native_kernels_run_the_variant_layers_as_the_torch_path(
-        tmp_path: Path, smollm2_tokenizer: Any, model_type: str) -> None:
-    """Q/K/V biases (Qwen2) and Q/K norms (Qwen3) on Q8_0 weights: the fused step's exact
-    kernels against the op-by-op torch path over the same file."""
-    make_hf_model(tmp_path / "hf", model_type, smollm2_tokenizer)
+        tmp_path: Path, smollm2_tokenizer: Any, model_type: str, extra: dict[str, Any]) -> None:
+    """Q/K/V biases (Qwen2), Q/K norms (Qwen3), and Gemma 3's layer (norms after attention and
+    MLP, tanh-GELU, scaled embeddings, its query scale, windows of 16 positions with their own
+    RoPE base) on Q8_0 weights: the fused step's exact kernels against the op-by-op torch path
+    over the same file, and a prompt chunked mid-window changes no bit."""
+    make_hf_model(tmp_path / "hf", model_type, smollm2_tokenizer, **extra)
     gguf = to_gguf(tmp_path / "hf", tmp_path / f"{model_type}.gguf", outtype="q8_0")
     native = create_engine(str(gguf), progress=False, decode="exact")
+    chunked = create_engine(str(gguf), progress=False, decode="exact", prefill_chunk=7)
     torch_path = create_engine(str(gguf), progress=False, backend="torch", decode="torch")
     assert native.backend == "native"
     logits = []
-    for e in (native, torch_path):
+    for e in (native, chunked, torch_path):
         s = e.new_session()
         e.prefill(s, IDS)
         logits.append(e.next_token_logits(s))
         e.close_session(s)
-    assert abs(logits[0] - logits[1]).max() < 1e-3
+    assert (logits[0] == logits[1]).all()
+    assert abs(logits[0] - logits[2]).max() < 1e-3
     tokens = [e.generate(IDS, max_tokens=16, temperature=0, ignore_eos=True).token_ids
               for e in (native, torch_path)]
     assert tokens[0] == tokens[1]

@@ -101,16 +101,18 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(weights, acts: str) -> 
     assert torch.equal(together[:9], qw.linear(x[:9], acts=acts))
 
 
-def test_q4_k_repacks_to_the_same_values_and_multiplies() -> None:
-    """K-quants: Gemma 3's Q4_K tensors (the packaged Q4_K_M GGUF) keep their values exactly
-    in the q4 layout (per-32 scale d * sc and offset -dmin * m)."""
+@pytest.mark.parametrize("qtype", [12, 6])
+def test_gemma3_q4_k_and_q5_0_repack_to_the_same_values_and_multiply(qtype: int) -> None:
+    """Gemma 3's Q4_K tensors (the packaged Q4_K_M GGUF) keep their values exactly in the q4
+    layout (per-32 scale d * sc and offset -dmin * m), its Q5_0 ones in the q8 layout (the
+    5-bit value less 16, scale d)."""
     from llama_models import resolve_model_path
     from llama_models.checkpoint import read_gguf
 
     ckpt = read_gguf(resolve_model_path("gemma3-270m"))
-    q4k = [t for t in ckpt.tensors.values() if t.qtype == 12 and len(t.shape) == 2][:2]
-    assert q4k, "the Gemma 3 GGUF should hold Q4_K tensors"
-    for raw in q4k:
+    tensors = [t for t in ckpt.tensors.values() if t.qtype == qtype and len(t.shape) == 2][:2]
+    assert tensors, f"the Gemma 3 GGUF should hold tensors of type {qtype}"
+    for raw in tensors:
         assert weight_path(raw, quantized=True) == KEPT_QUANTIZED
         qw, ref_w = repack(raw), _reference(raw)
         assert torch.equal(qw.dequantize(), ref_w)
