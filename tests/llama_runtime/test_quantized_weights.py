@@ -118,3 +118,18 @@ def test_gemma3_q4_k_and_q5_0_repack_to_the_same_values_and_multiply(qtype: int)
         assert torch.equal(qw.dequantize(), ref_w)
         x = torch.randn(5, raw.shape[1], generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(qw.linear(x), x @ ref_w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_repacking_in_slices_and_wide_q4_0_offsets_keep_the_values(monkeypatch) -> None:
+    """pack() works a slice of rows at a time (here 16, so 40 rows take three, the last one
+    short), and a Q4_0 block whose offset -8d overflows float16 sends the scales to float32."""
+    from llama_runtime.native import layout
+
+    monkeypatch.setattr(layout, "PACK_ROWS", 16)
+    raw = _q4_0(40, 64)
+    data = np.array(raw.data).reshape(40, 2, 18)
+    data[3, 1, 0:2] = np.array([60000.0], dtype=np.float16).view(np.uint8)  # -8d: inf in f16
+    raw = RawTensor("w", raw.qtype, raw.shape, data.reshape(40, -1))
+    packed = layout.pack(raw)
+    assert packed.d.dtype == np.float32
+    assert torch.equal(repack(raw).dequantize(), _reference(raw))
