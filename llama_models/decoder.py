@@ -163,10 +163,16 @@ def fused_refusal(cfg: DecoderConfig, rope: RopeSpec) -> str | None:
     """Why the fused native step cannot run this model, or None when it can. It runs every
     variant a DecoderConfig describes (biases, Q/K norms, norms after attention and MLP, the
     activations, scaled embeddings, query scales, sliding windows, a second RoPE base, scaled
-    RoPE tables), with RoPE over whole heads."""
+    RoPE tables), with RoPE over whole heads and widths in whole 32-blocks (its kernels'
+    quantization blocks)."""
     if rope.rotary_dim != rope.head_dim:
         return (f"the native kernels rotate whole heads, and this {cfg.family} model rotates "
                 f"{rope.rotary_dim} of each head's {rope.head_dim} dimensions")
+    widths = {"hidden": cfg.dim, "MLP": cfg.ffn_dim, "attention": cfg.n_heads * cfg.head_dim}
+    odd = [f"{name} width {w}" for name, w in widths.items() if w % 32]
+    if odd:
+        return f"the native kernels take widths in multiples of 32, not this model's " \
+            f"{', '.join(odd)}"
     return None
 
 

@@ -81,6 +81,7 @@ DecodeModel::DecodeModel(const ModelDims& dims, const ModelOptions& options,
     : d_(dims), eps_(options.eps), attn_scale_(options.attn_scale),
       activation_(options.activation), windows_(options.windows), linears_(std::move(linears)) {
   const int64_t L = d_.n_layers;
+  require(L >= 1, "a model has at least one layer");
   if (windows_.empty()) windows_.assign(L, 0);
   require(static_cast<int64_t>(windows_.size()) == L, "windows: none, or one a layer");
   for (int64_t w : windows_) require(w >= 0, "a window is positive, or 0 for none");
@@ -126,7 +127,12 @@ void DecodeModel::add_bias(float* out, const std::vector<float>& bias, int64_t B
 // RMSNorm over each head_dim run of v (one row's heads) with weight w, in place.
 void DecodeModel::head_norm(float* v, int64_t heads, const std::vector<float>& w) const {
   if (w.empty()) return;
-  rms_norm(v, w.data(), eps_, heads, d_.head_dim, v);
+  const int64_t hd = d_.head_dim;
+  for (int64_t h = 0; h < heads; ++h) {  // serial: it runs inside a row-parallel region
+    float* x = v + h * hd;
+    const float inv = 1.f / std::sqrt(dot_f32(x, x, hd) / static_cast<float>(hd) + eps_);
+    for (int64_t i = 0; i < hd; ++i) x[i] = x[i] * inv * w[i];
+  }
 }
 
 void DecodeModel::activate(int64_t B) {
@@ -276,8 +282,8 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
                     qs.data() + r * per_unit * hd);
       dot_rows(qs.data(), nq, krows.data(), span, hd, scale, scores.data(), span);
       for (int64_t r = 0; r < R; ++r) {
-        // causal: this row sees positions [start, n); those before start weigh zero (adding
-        // 0 x V leaves each output's FMA chain as it was, so the tile changes no bit)
+        // causal: this row sees positions [start, n); its V sum below starts at start, so the
+        // tile changes no bit (the zeros only keep the scores row whole)
         const int64_t n = ctx_lens[r0 + r], start = first_visible(n, window) - lo;
         for (int64_t g = 0; g < per_unit; ++g) {
           float* row = scores.data() + (r * per_unit + g) * span;
@@ -287,13 +293,15 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
         }
       }
       // weighted sums of V, a chunk of positions at a time so each chunk stays in L1 for
-      // every query of the tile
+      // every query of the tile; a row's sum starts at its own window start (the same bits)
       for (int64_t p0 = 0; p0 < span; p0 += kVChunk) {
         for (int64_t r = 0; r < R; ++r) {
-          const int64_t n = std::min(ctx_lens[r0 + r] - lo, p0 + kVChunk) - p0;
+          const int64_t n_r = ctx_lens[r0 + r];
+          const int64_t from = std::max(p0, first_visible(n_r, window) - lo);
+          const int64_t n = std::min(n_r - lo, p0 + kVChunk) - from;
           if (n <= 0) continue;
-          weighted_sum_rows(scores.data() + r * per_unit * span + p0, per_unit, span,
-                            vrows.data() + p0, n, hd, att_.data() + ((r0 + r) * hq + h0) * hd,
+          weighted_sum_rows(scores.data() + r * per_unit * span + from, per_unit, span,
+                            vrows.data() + from, n, hd, att_.data() + ((r0 + r) * hq + h0) * hd,
                             hd, true);
         }
       }

@@ -168,8 +168,12 @@ class NativeModel:
             self.weight_paths[name] = "dequantized to float32"
             return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape)
 
-        def norm(name: str) -> int:
+        def norm(name: str, size: int | None = None) -> int:
+            """A small float32 tensor the library copies (dim floats, or `size`)."""
             a = _dense(w[name])
+            if a.size != (cfg.dim if size is None else size):
+                raise ValueError(f"{name} holds {a.size} values, expected "
+                                 f"{cfg.dim if size is None else size}")
             self._keep.append(a)
             self.weight_paths[name] = "float32"
             return int(a.ctypes.data)
@@ -183,7 +187,10 @@ class NativeModel:
                 if progress is not None:
                     progress()
         norms.append(norm("output_norm.weight"))
-        extras = [norm(f"blk.{i}.{key}") if f"blk.{i}.{key}" in w else None
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        extra_sizes = dict(zip(LAYER_EXTRAS, (q, kv, kv, cfg.head_dim, cfg.head_dim, cfg.dim,
+                                              cfg.dim), strict=True))
+        extras = [norm(f"blk.{i}.{key}", extra_sizes[key]) if f"blk.{i}.{key}" in w else None
                   for i in range(cfg.n_layers) for key in LAYER_EXTRAS]
         embed = w["token_embd.weight"]
         linears.append(weight("output.weight" if "output.weight" in w else "token_embd.weight"))

@@ -44,6 +44,8 @@ def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch
                                     "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 32}}),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        # a width the fused step's 32-blocks do not divide: served op by op
+        ("llama", {"hidden_size": 48}),
         ("mistral", {"sliding_window": None}),
         # a window shorter than the prompt: every layer attends to its last 16 positions
         ("mistral", {"sliding_window": 16}),
