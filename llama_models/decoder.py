@@ -356,8 +356,10 @@ def open_decoder(ckpt: Checkpoint, family: ModuleType
     with typed_errors(f"the weights of {ckpt.path}"):
         what = f"a {family.NAME} model"
         if ckpt.format == "hf":
+            ckpt = _renamed(ckpt, getattr(family, "HF_PREFIXES", {}))
+            ignored = _HF_IGNORED.pattern + "|" + getattr(family, "HF_IGNORED", "(?!)")
             named = rename_hf_tensors(ckpt, HF_WEIGHTS | getattr(family, "HF_WEIGHTS", {}),
-                                      _HF_IGNORED, what)
+                                      re.compile(ignored), what)
         else:
             named = {n: t for n, t in ckpt.tensors.items() if n not in _ROPE_TENSORS}
         adapt = getattr(family, "adapt_weights", None)
@@ -367,6 +369,19 @@ def open_decoder(ckpt: Checkpoint, family: ModuleType
                       optional=frozenset({"output.weight"}),
                       shapes_from="the model's configuration", order=_natural)
     return cfg, rope, named
+
+
+def _renamed(ckpt: Checkpoint, prefixes: Mapping[str, str]) -> Checkpoint:
+    """`ckpt` with each tensor name's leading `prefixes` key replaced by its value (a family's
+    multimodal checkpoint names -> its text model's)."""
+    if not prefixes:
+        return ckpt
+
+    def rename(name: str) -> str:
+        return next((new + name[len(old):] for old, new in prefixes.items()
+                     if name.startswith(old)), name)
+
+    return replace(ckpt, tensors={rename(n): t for n, t in ckpt.tensors.items()})
 
 
 def _natural(s: str) -> list[Any]:

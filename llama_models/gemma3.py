@@ -30,7 +30,15 @@ from llama_models.decoder import (
 
 NAME = "Gemma 3"
 GGUF_ARCHITECTURES = ("gemma3",)
-HF_ARCHITECTURES = ("gemma3_text",)
+HF_ARCHITECTURES = ("gemma3_text", "gemma3")
+"""gemma3: the multimodal checkpoints (Gemma3ForConditionalGeneration), whose language model is
+read and whose vision tower and projector are left out (text in, text out)."""
+
+HF_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+               "language_model.lm_head.": "lm_head."}
+"""A multimodal checkpoint's language-model names (the released files' and transformers 5's)
+-> the text model's."""
+HF_IGNORED = r"(model\.)?(vision_tower|multi_modal_projector)\..*"
 
 HF_WEIGHTS = {
     r"model\.layers\.(\d+)\.post_attention_layernorm\.weight": r"blk.\1.post_attention_norm.weight",
@@ -42,6 +50,8 @@ _LOCAL_THETA = 10_000.0
 
 
 def config(r: ConfigReader) -> DecoderConfig:
+    if not r.is_gguf and r.has("text_config"):  # a multimodal checkpoint: its language model
+        r = ConfigReader(r.mapping("text_config"), f"{r.source} (text_config)")
     check_activation(r, NAME, ("gelu_pytorch_tanh", "gelu_tanh"))
     refuse_options(r, NAME, attn_logit_softcapping="soft-capped attention scores",
                    final_logit_softcapping="soft-capped logits")

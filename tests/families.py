@@ -84,7 +84,13 @@ def make_hf_model(out: Path, model_type: str, tokenizer: Any, **extra: Any
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0)
-    cfg = AutoConfig.for_model(model_type, **(shape | extra))
+    if model_type == "gemma3":  # multimodal: the text model in text_config, a tiny vision tower
+        cfg = AutoConfig.for_model(
+            "gemma3", text_config=shape | extra, mm_tokens_per_image=4,
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "image_size": 28, "patch_size": 14})
+    else:
+        cfg = AutoConfig.for_model(model_type, **(shape | extra))
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # norms start at one (or zero, for Gemma's 1 + w): make them count
         for name, p in model.named_parameters():

@@ -59,6 +59,10 @@ def _make(tmp_path: Path, model_type: str, **extra: object) -> tuple[Path, torch
                          "layer_types": ["sliding_attention", "full_attention"]}),
         ("gemma3_text", {"head_dim": 32, "sliding_window": 1024,
                          "layer_types": ["full_attention", "sliding_attention"]}),
+        # a multimodal checkpoint (Gemma3ForConditionalGeneration): its language model, read
+        # from text_config and language_model.* weights; the vision tower is left out
+        ("gemma3", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"]}),
         # global layers only: the fused step runs Gemma's layer (norms after attention and
         # MLP, Q/K norms, tanh-GELU, scaled embeddings, its query scale)
         ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 24,
