@@ -246,10 +246,15 @@ def read_hf_dir(path: Path) -> Checkpoint:
             f"{path} has no *.safetensors files; llama-engine reads safetensors weights only "
             "(re-save .bin checkpoints with transformers' save_pretrained())")
     tensors: dict[str, RawTensor] = {}
+    # a multimodal checkpoint (a text_config beside a vision_config): its language model is
+    # what runs here, so the vision tower and projector are not read at all
+    skip = _VISION_TENSORS if {"text_config", "vision_config"} <= config.keys() else None
     for fp in files:
         try:
             with safe_open(fp, framework="pt") as sf:
                 names = list(sf.keys())
+                if skip is not None:
+                    names = [n for n in names if not skip.match(n)]
                 if len(tensors) + len(names) > MAX_TENSORS:
                     raise WeightLoadError(
                         f"{path} holds more than {MAX_TENSORS} tensors, more than llama-engine "
@@ -272,6 +277,9 @@ def read_hf_dir(path: Path) -> Checkpoint:
         raise WeightLoadError(f"{cfg_path} has no model_type; cannot tell the architecture")
     return Checkpoint(path=path, format="hf", architecture=arch, metadata=config,
                       tensors=tensors, hf_dir=path)
+
+
+_VISION_TENSORS = re.compile(r"(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
 
 
 def read_config_json(path: Path) -> dict[str, Any]:

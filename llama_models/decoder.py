@@ -357,9 +357,8 @@ def open_decoder(ckpt: Checkpoint, family: ModuleType
         what = f"a {family.NAME} model"
         if ckpt.format == "hf":
             ckpt = _renamed(ckpt, getattr(family, "HF_PREFIXES", {}))
-            ignored = _HF_IGNORED.pattern + "|" + getattr(family, "HF_IGNORED", "(?!)")
             named = rename_hf_tensors(ckpt, HF_WEIGHTS | getattr(family, "HF_WEIGHTS", {}),
-                                      re.compile(ignored), what)
+                                      _HF_IGNORED, what)
         else:
             named = {n: t for n, t in ckpt.tensors.items() if n not in _ROPE_TENSORS}
         adapt = getattr(family, "adapt_weights", None)

@@ -32,13 +32,12 @@ NAME = "Gemma 3"
 GGUF_ARCHITECTURES = ("gemma3",)
 HF_ARCHITECTURES = ("gemma3_text", "gemma3")
 """gemma3: the multimodal checkpoints (Gemma3ForConditionalGeneration), whose language model is
-read and whose vision tower and projector are left out (text in, text out)."""
+read (the checkpoint reader leaves the vision tower and projector out: text in, text out)."""
 
 HF_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
                "language_model.lm_head.": "lm_head."}
 """A multimodal checkpoint's language-model names (the released files' and transformers 5's)
 -> the text model's."""
-HF_IGNORED = r"(model\.)?(vision_tower|multi_modal_projector)\..*"
 
 HF_WEIGHTS = {
     r"model\.layers\.(\d+)\.post_attention_layernorm\.weight": r"blk.\1.post_attention_norm.weight",

@@ -78,6 +78,7 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, 
     path, ref = _make(tmp_path, model_type, **extra)
     engine = create_engine(str(path), progress=False)
     files = open_model(str(path))  # the fused step runs what it does not refuse
+    assert not any("vision" in n for n in files.checkpoint.tensors)  # a multimodal one's: unread
     assert (engine.decode_kernel != "torch") == (fused_refusal(files.config, files.rope) is None)
     ids = [101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 1997, 1996, 3194, 102] * 6
     assert_last_logits_match(engine, ref, ids)
