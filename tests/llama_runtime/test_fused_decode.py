@@ -102,21 +102,27 @@ def test_quantized_logits_stay_within_tolerance(engine, int8_engine, int16_engin
                                                 decode: str, prompt: str) -> None:
     quantized = {e.decode_kernel: e for e in (engine, int8_engine, int16_engine)}[decode]
     max_abs, rel_l2 = TOLERANCES[decode]
-    ids = quantized.tokenize(prompt)
-    s = quantized.new_session()
-    quantized.prefill(s, ids)
-    quantized.decode(s, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).collect()
-    got, context = quantized.next_token_logits(s), list(s.tokens)
-    quantized.close_session(s)
-    ref_s = exact_engine.new_session()
-    exact_engine.prefill(ref_s, context)  # the same context, computed exactly
-    want = exact_engine.next_token_logits(ref_s)
-    exact_engine.close_session(ref_s)
+    got, want = _after_greedy_steps(quantized, exact_engine, quantized.tokenize(prompt))
     assert np.abs(got - want).max() < max_abs
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < rel_l2
     top2 = np.sort(want)[-2:]
     if top2[1] - top2[0] > 2 * max_abs:  # a clear winner cannot flip
         assert got.argmax() == want.argmax()
+
+
+def _after_greedy_steps(engine, exact_engine, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """`engine`'s logits after `ids` and 8 greedy tokens, and exact_engine's on the same
+    context computed as a prompt (exactly)."""
+    s = engine.new_session()
+    engine.prefill(s, ids)
+    engine.decode(s, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).collect()
+    got, context = engine.next_token_logits(s), list(s.tokens)
+    engine.close_session(s)
+    ref = exact_engine.new_session()
+    exact_engine.prefill(ref, context)
+    want = exact_engine.next_token_logits(ref)
+    exact_engine.close_session(ref)
+    return got, want
 
 
 def test_decode_option_is_checked() -> None:
@@ -141,15 +147,7 @@ def test_mixed_computes_prompts_exactly_and_generated_tokens_in_int16(
         e.close_session(s)
     assert np.array_equal(prompt_logits["mixed"], prompt_logits["exact"])
     assert not np.array_equal(prompt_logits["int16"], prompt_logits["exact"])
-    s = mixed_engine.new_session()
-    mixed_engine.prefill(s, ids)
-    mixed_engine.decode(s, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).collect()
-    got, context = mixed_engine.next_token_logits(s), list(s.tokens)
-    mixed_engine.close_session(s)
-    ref = exact_engine.new_session()
-    exact_engine.prefill(ref, context)
-    want = exact_engine.next_token_logits(ref)
-    exact_engine.close_session(ref)
+    got, want = _after_greedy_steps(mixed_engine, exact_engine, ids)
     assert 0 < np.abs(got - want).max() < INT16_MAX_ABS
 
 
