@@ -14,26 +14,35 @@ namespace le = llama_engine;
 
 namespace {
 
-// qs: [G * 16, K / 2] (q4, uint8) or [G * 16, K] (q8, int8), d (and m): [G * 16, K / 32], in
-// the kernels' row-interleaved layout (qgemm.h); N <= G * 16 real rows.
+// qs: [G * 16, K / 2] (q4, uint8) or [G * 16, K] (q8, int8), d (and m): [G * 16, K / per], in
+// the kernels' row-interleaved layout (qgemm.h); N <= G * 16 real rows. The scales' count gives
+// per (32, or 16 for q8 without offsets).
 le::QMat as_qmat(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor* m,
                  int64_t N) {
-  const bool q4 = m != nullptr;
+  const bool q4 = qs.scalar_type() == torch::kByte;
   const bool f16 = d.scalar_type() == torch::kHalf;
-  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() &&
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && d.is_contiguous() &&
                   (f16 || d.scalar_type() == torch::kFloat),
               "malformed quantized weight: scales must be contiguous float32 or float16");
-  TORCH_CHECK(q4 ? qs.scalar_type() == torch::kByte : qs.scalar_type() == torch::kChar,
-              "q4 weights are uint8, q8 weights int8");
+  TORCH_CHECK(q4 || qs.scalar_type() == torch::kChar, "q4 weights are uint8, q8 weights int8");
   const int64_t rows = qs.size(0), K = q4 ? qs.size(1) * 2 : qs.size(1);
   TORCH_CHECK(rows % le::GROUP == 0 && N <= rows && N > rows - le::GROUP,
               "a quantized weight holds its rows padded to a multiple of ", le::GROUP);
-  TORCH_CHECK(d.numel() == rows * K / le::QK, "scales do not match the weight's shape");
-  if (q4)
+  TORCH_CHECK(K % le::QK == 0 && (d.numel() == rows * K / le::QK ||
+                                   d.numel() == rows * K / (le::QK / 2)),
+              "scales do not match the weight's shape");
+  if (m)
     TORCH_CHECK(m->is_contiguous() && m->numel() == d.numel() &&
                     m->scalar_type() == d.scalar_type(),
                 "malformed offsets");
-  return le::QMat{q4, qs.data_ptr(), d.data_ptr(), q4 ? m->data_ptr() : nullptr, N, K, f16};
+  le::QMat w{q4, qs.data_ptr(), d.data_ptr(), m ? m->data_ptr() : nullptr, N, K, f16};
+  w.per = static_cast<int>(rows * K / d.numel());
+  try {
+    le::qmat_check(w);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  return w;
 }
 
 torch::Tensor checked_x(const torch::Tensor& x, const le::QMat& w) {
@@ -209,18 +218,13 @@ class TorchDecodeModel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   using torch::Tensor;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  mod.def("q4_linear", [](Tensor x, Tensor qs, Tensor d, Tensor m, int64_t n, int64_t acts) {
-    return linear(x, as_qmat(qs, d, &m, n), acts);
-  }, "x [B,K] @ q4 weight [N,K].T -> [B,N]; acts 0 exact, 1 int8, 2 int16", nogil);
-  mod.def("q8_linear", [](Tensor x, Tensor qs, Tensor d, int64_t n, int64_t acts) {
-    return linear(x, as_qmat(qs, d, nullptr, n), acts);
-  }, "x [B,K] @ q8 weight [N,K].T -> [B,N]; acts 0 exact, 1 int8, 2 int16", nogil);
-  mod.def("q4_dequant", [](Tensor qs, Tensor d, Tensor m, int64_t n) {
-    return dequant(as_qmat(qs, d, &m, n));
-  }, "q4 weight -> float32 [N, K]", nogil);
-  mod.def("q8_dequant", [](Tensor qs, Tensor d, int64_t n) {
-    return dequant(as_qmat(qs, d, nullptr, n));
-  }, "q8 weight -> float32 [N, K]", nogil);
+  mod.def("linear", [](Tensor x, std::vector<Tensor> parts, int64_t n, int64_t acts) {
+    return linear(x, weight(parts, n), acts);
+  }, "x [B,K] @ weight [N,K].T -> [B,N] (parts: [qs, d] or [qs, d, m]); acts 0 exact, "
+     "1 int8, 2 int16", nogil);
+  mod.def("dequant", [](std::vector<Tensor> parts, int64_t n) {
+    return dequant(weight(parts, n));
+  }, "a quantized weight ([qs, d] or [qs, d, m]) -> float32 [N, K]", nogil);
   py::class_<TorchDecodeModel>(mod, "DecodeModel")
       .def(py::init<std::vector<int64_t>, double, std::vector<Tensor>,
                     std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<Tensor>,

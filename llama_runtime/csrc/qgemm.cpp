@@ -54,6 +54,7 @@ void QActs::resize(int64_t B_, int64_t K_, int digits_) {
     d.resize(B * nb);
     s.resize(B * nb);
     sum.resize(B * nb);
+    sum_lo.resize(B * nb);
   }
 }
 
@@ -77,6 +78,13 @@ constexpr int kDigitBase = 255;  // q = 255 * hi + lo (two digits)
 inline float high_digit(float q) { return std::nearbyint(q * (1.f / kDigitBase)); }
 
 #if LE_AVX2
+inline int32_t hsum_i32(__m256i v) {
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+  return _mm_cvtsi128_si32(t4);
+}
+
 // Eight int32 lanes in [-128, 127] of each of v[0..3] to 32 int8s, in order.
 inline void store_bytes(const __m256i v[4], int8_t* out) {
   const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]),
@@ -90,7 +98,8 @@ inline void store_bytes(const __m256i v[4], int8_t* out) {
 // to nearest even and clamped to [-kQMax, kQMax], NaN to 0: the same bits with or without
 // vector instructions.
 template <int D>
-inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int32_t* sum) {
+inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int32_t* sum,
+                           int32_t* sum_lo) {
   constexpr float qmax = kQMax<D>;
 #if LE_AVX2
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -107,13 +116,11 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
   const float scale = _mm_cvtss_f32(m4) / qmax;
   const __m256 inv = _mm256_set1_ps(inverse_scale(scale));
   __m256i iv[4];
-  __m256i total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
     __m256 f = _mm256_mul_ps(v[i], inv);
     f = _mm256_and_ps(f, _mm256_cmp_ps(f, f, _CMP_ORD_Q));  // NaN -> 0
     f = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-qmax)), _mm256_set1_ps(qmax));
     iv[i] = _mm256_cvtps_epi32(f);  // round to nearest even (MXCSR's default)
-    total = _mm256_add_epi32(total, iv[i]);
   }
   if constexpr (D == 1) {
     store_bytes(iv, qb);
@@ -127,16 +134,14 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
     store_bytes(hi, qb);
     store_bytes(lo, qb + QK);
   }
-  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
-  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
-  const int32_t total_q = _mm_cvtsi128_si32(t4);
+  const int32_t lo_q = hsum_i32(_mm256_add_epi32(iv[0], iv[1]));
+  const int32_t total_q = lo_q + hsum_i32(_mm256_add_epi32(iv[2], iv[3]));
 #else
   float amax = 0.f;
   for (int k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(xb[k]));  // NaN: keeps amax
   const float scale = amax / qmax;
   const float inv = inverse_scale(scale);
-  int32_t total_q = 0;
+  int32_t total_q = 0, lo_q = 0;
   for (int k = 0; k < QK; ++k) {
     const float f = xb[k] * inv;
     const float q = std::isnan(f) ? 0.f : std::nearbyint(std::clamp(f, -qmax, qmax));
@@ -148,11 +153,13 @@ inline void quantize_block(const float* xb, int8_t* qb, float* d, float* s, int3
       qb[QK + k] = static_cast<int8_t>(static_cast<int>(q) - kDigitBase * static_cast<int>(hi));
     }
     total_q += static_cast<int32_t>(q);
+    if (k == QK / 2 - 1) lo_q = total_q;
   }
 #endif
   *d = scale;
   *s = scale * static_cast<float>(total_q);
   *sum = total_q;
+  *sum_lo = lo_q;
 }
 
 }  // namespace
@@ -162,9 +169,11 @@ void QActs::quantize_rows(const float* x, int64_t b0, int64_t b1) {
   for (int64_t i = b0 * nb; i < b1 * nb; ++i) {
     int8_t* qb = q.data() + i * QK * digits;
     if (digits == 2)
-      quantize_block<2>(x + i * QK, qb, d.data() + i, s.data() + i, sum.data() + i);
+      quantize_block<2>(x + i * QK, qb, d.data() + i, s.data() + i, sum.data() + i,
+                        sum_lo.data() + i);
     else
-      quantize_block<1>(x + i * QK, qb, d.data() + i, s.data() + i, sum.data() + i);
+      quantize_block<1>(x + i * QK, qb, d.data() + i, s.data() + i, sum.data() + i,
+                        sum_lo.data() + i);
   }
 }
 
@@ -184,6 +193,13 @@ inline float scale_at(const QMat& w, const void* a, int64_t i) {
 
 // Bytes of one group's 32-block (16 rows).
 inline int64_t block_bytes(const QMat& w) { return w.q4 ? GROUP * QK / 2 : GROUP * QK; }
+
+// The quantized kernels' weight kinds (qgemm.h): q8, q4 (with offsets), q8 with offsets, q8 with
+// a scale per 16 elements.
+enum class WKind { q8 = 0, q4 = 1, q8_offset = 2, q8_half = 3 };
+inline WKind kind_of(const QMat& w) {
+  return w.q4 ? WKind::q4 : w.per == 16 ? WKind::q8_half : w.m ? WKind::q8_offset : WKind::q8;
+}
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -245,9 +261,11 @@ inline __m512i times_base(__m512i v) { return _mm512_sub_epi32(_mm512_slli_epi32
 // -128 * sum(q)). Register r holds four elements of each row, from element kRunStart[Q4][r].
 constexpr int kRunStart[2][8] = {{0, 4, 8, 12, 16, 20, 24, 28},   // q8: run c
                                  {0, 16, 4, 20, 8, 24, 12, 28}};  // q4: run c's low, high nibbles
-template <int T, int D, bool Q4>
+template <int T, int D, WKind W>
 inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
                     int64_t ldo) {
+  constexpr bool Q4 = W == WKind::q4, OFFSET = Q4 || W == WKind::q8_offset;
+  constexpr bool HALVES = W == WKind::q8_half;
   const int64_t nb = w.K / QK;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -265,34 +283,50 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
         wv[c] = _mm512_xor_si512(v, flip);
       }
     }
-    // start + the block's sum(w * digit) of 16 rows against one digit's 32 bytes, in two
-    // independent chains of vpdpbusd (their latency bounds a tile more than their number does;
-    // the integer sum is the same)
-    auto dot = [&](__m512i sum, const int8_t* x) {
-      __m512i odd = _mm512_setzero_si512();
-      for (int r = 0; r < 8; r += 2) {
-        sum = _mm512_dpbusd_epi32(sum, wv[r], _mm512_set1_epi32(load_i32(x + kRunStart[Q4][r])));
-        odd = _mm512_dpbusd_epi32(odd, wv[r + 1],
-                                  _mm512_set1_epi32(load_i32(x + kRunStart[Q4][r + 1])));
+    // the block's sum(w * digit) of 16 rows against one digit's 32 bytes, in two independent
+    // chains of vpdpbusd from starts s0 and s1 (their latency bounds a tile more than their
+    // number does): registers 0-3 and 4-7, which for q8 are the block's two 16-element halves
+    auto dot = [&](__m512i s0, __m512i s1, const int8_t* x, __m512i& h0, __m512i& h1) {
+      for (int r = 0; r < 4; ++r) {
+        s0 = _mm512_dpbusd_epi32(s0, wv[r], _mm512_set1_epi32(load_i32(x + kRunStart[Q4][r])));
+        s1 = _mm512_dpbusd_epi32(s1, wv[r + 4],
+                                 _mm512_set1_epi32(load_i32(x + kRunStart[Q4][r + 4])));
       }
-      return _mm512_add_epi32(sum, odd);
+      h0 = s0;
+      h1 = s1;
     };
+    const __m512i zero = _mm512_setzero_si512();
     const int64_t at = (g * nb + j) * GROUP;
-    const __m512 dw = load_scales16(w, w.d, at);
-    const __m512 mw = Q4 ? load_scales16(w, w.m, at) : _mm512_setzero_ps();
+    // one scale a block, or (HALVES) one a 16-element half: [G, K/16, 16]
+    const __m512 dw = load_scales16(w, w.d, HALVES ? 2 * at : at);
+    const __m512 dw_hi = HALVES ? load_scales16(w, w.d, 2 * at + GROUP) : dw;
+    const __m512 mw = OFFSET ? load_scales16(w, w.m, at) : _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {  // unrolled: the accumulators stay in registers
       const int64_t xb = (b0 + t) * nb + j;  // the activation row's block
       const int8_t* x = a.q.data() + xb * QK * D;  // its digits
-      // the last digit's sum (the q8 flip's -128 * sum(q) as its start), plus 255 times the
-      // high digit's: two independent chains
-      __m512i isum = dot(Q4 ? _mm512_setzero_si512() : _mm512_set1_epi32(-128 * a.sum[xb]),
-                         x + (D - 1) * QK);
-      if constexpr (D == 2)
-        isum = _mm512_add_epi32(isum, times_base(dot(_mm512_setzero_si512(), x)));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb])), acc[t]);
-      if (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[t]);
+      // the q8 flip's -128 * sum(q) starts the last digit's sums (per half with HALVES); the
+      // high digit's count 255 times
+      const int32_t lo_q = HALVES ? a.sum_lo[xb] : 0;
+      __m512i h0, h1;
+      dot(Q4 ? zero : _mm512_set1_epi32(-128 * (HALVES ? lo_q : a.sum[xb])),
+          HALVES ? _mm512_set1_epi32(-128 * (a.sum[xb] - lo_q)) : zero, x + (D - 1) * QK, h0,
+          h1);
+      if constexpr (D == 2) {
+        __m512i g0, g1;
+        dot(zero, zero, x, g0, g1);
+        h0 = _mm512_add_epi32(h0, times_base(g0));
+        h1 = _mm512_add_epi32(h1, times_base(g1));
+      }
+      const __m512 ad = _mm512_set1_ps(a.d[xb]);
+      if constexpr (HALVES) {
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(dw, ad), acc[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(dw_hi, ad), acc[t]);
+      } else {
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1)),
+                                 _mm512_mul_ps(dw, ad), acc[t]);
+      }
+      if (OFFSET) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[t]);
     }
   }
   const int64_t rows = std::min<int64_t>(GROUP, w.N - g * GROUP);
@@ -306,9 +340,11 @@ inline __m256i times_base(__m256i v) { return _mm256_sub_epi32(_mm256_slli_epi32
 // One group against T activation rows from b0 at D digits an activation, as two halves of eight
 // rows (a lane each): maddubs + madd take each digit's block sums (no VNNI), then the digits
 // combine as in the VNNI kernel.
-template <int T, int D, bool Q4>
+template <int T, int D, WKind W>
 inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
                     int64_t ldo) {
+  constexpr bool Q4 = W == WKind::q4, OFFSET = Q4 || W == WKind::q8_offset;
+  constexpr int HALVES = W == WKind::q8_half ? 2 : 1;  // integer sums kept a block
   const int64_t nb = w.K / QK;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -319,7 +355,7 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
       const uint8_t* blk = wq + j * block_bytes(w) + 32 * h;
       const int8_t* x[T];
       for (int t = 0; t < T; ++t) x[t] = a.q.data() + ((b0 + t) * nb + j) * QK * D;
-      __m256i isum[T][D];  // per digit
+      __m256i isum[T][D][HALVES];  // per digit (and half)
       if (Q4) {
         // a nibble x a digit pair is at most 2 * 15 * 127 = 3810, so the block's eight pair
         // sums fit 16 bits (30480): one madd a block instead of one per maddubs
@@ -341,32 +377,38 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
             }
         }
         for (int t = 0; t < T; ++t)
-          for (int e = 0; e < D; ++e) isum[t][e] = _mm256_madd_epi16(pairs[t][e], ones);
+          for (int e = 0; e < D; ++e) isum[t][e][0] = _mm256_madd_epi16(pairs[t][e], ones);
       } else {
         for (int t = 0; t < T; ++t)
-          for (int e = 0; e < D; ++e) isum[t][e] = _mm256_setzero_si256();
+          for (int e = 0; e < D; ++e)
+            for (int hv = 0; hv < HALVES; ++hv) isum[t][e][hv] = _mm256_setzero_si256();
         for (int c = 0; c < 8; ++c) {
+          const int hv = HALVES == 2 ? c / 4 : 0;  // runs 0-3 are elements 0-15
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
           const __m256i av = _mm256_sign_epi8(v, v);  // |w| as u8; the sign moves to x
           for (int t = 0; t < T; ++t)
             for (int e = 0; e < D; ++e) {
               const __m256i x4 =
                   _mm256_sign_epi8(_mm256_set1_epi32(load_i32(x[t] + e * QK + 4 * c)), v);
-              isum[t][e] = _mm256_add_epi32(
-                  isum[t][e], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x4), ones));
+              isum[t][e][hv] = _mm256_add_epi32(
+                  isum[t][e][hv], _mm256_madd_epi16(_mm256_maddubs_epi16(av, x4), ones));
             }
         }
       }
       const int64_t at = (g * nb + j) * GROUP + 8 * h;
-      const __m256 dw = load_scales8(w, w.d, at);
-      for (int t = 0; t < T; ++t) {
-        __m256i total = isum[t][0];
-        if constexpr (D == 2) total = _mm256_add_epi32(times_base(total), isum[t][1]);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total),
-                                 _mm256_mul_ps(dw, _mm256_set1_ps(a.d[(b0 + t) * nb + j])),
-                                 acc[t]);
+      for (int hv = 0; hv < HALVES; ++hv) {
+        // one scale a block, or one a 16-element half ([G, K/16, 16])
+        const int64_t d_at = HALVES == 2 ? (2 * (g * nb + j) + hv) * GROUP + 8 * h : at;
+        const __m256 dw = load_scales8(w, w.d, d_at);
+        for (int t = 0; t < T; ++t) {
+          __m256i total = isum[t][0][hv];
+          if constexpr (D == 2) total = _mm256_add_epi32(times_base(total), isum[t][1][hv]);
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total),
+                                   _mm256_mul_ps(dw, _mm256_set1_ps(a.d[(b0 + t) * nb + j])),
+                                   acc[t]);
+        }
       }
-      if (Q4) {
+      if (OFFSET) {
         const __m256 mw = load_scales8(w, w.m, at);
         for (int t = 0; t < T; ++t)
           acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[(b0 + t) * nb + j]), acc[t]);
@@ -399,16 +441,17 @@ inline int quant_at(const QMat& w, int64_t n, int64_t k) {
   return reinterpret_cast<const int8_t*>(blk)[(i / 4) * 64 + r * 4 + i % 4];
 }
 
-// Index of the scale (and offset) of row n's 32-block j.
+// Index of the scale of row n's scale block j (w.per elements a block); with per = 32 also its
+// offset's.
 inline int64_t scale_index(const QMat& w, int64_t n, int64_t j) {
-  return ((n / GROUP) * (w.K / QK) + j) * GROUP + n % GROUP;
+  return ((n / GROUP) * (w.K / w.per) + j) * GROUP + n % GROUP;
 }
 
 [[maybe_unused]] inline float weight_at(const QMat& w, int64_t n, int64_t k) {
   if (w.dense) return static_cast<const float*>(w.qs)[n * w.K + k];
-  const int64_t at = scale_index(w, n, k / QK);
+  const int64_t at = scale_index(w, n, k / w.per);
   const float q = static_cast<float>(quant_at(w, n, k));
-  if (w.q4) return std::fma(q, scale_at(w, w.d, at), scale_at(w, w.m, at));
+  if (w.m) return std::fma(q, scale_at(w, w.d, at), scale_at(w, w.m, at));
   return q * scale_at(w, w.d, at);
 }
 
@@ -422,14 +465,17 @@ inline int64_t scale_index(const QMat& w, int64_t n, int64_t j) {
       float acc = 0.f;
       for (int64_t j = 0; j < nb; ++j) {
         const int8_t* xq = a.block(b, j);
-        int32_t isum = 0;
+        const int halves = QK / w.per;  // integer sums a block: one per scale
+        int32_t isum[2] = {0, 0};
         for (int i = 0; i < QK; ++i) {
           const int32_t q = a.digits == 2 ? kDigitBase * xq[i] + xq[QK + i] : xq[i];
-          isum += quant_at(w, n, j * QK + i) * q;
+          isum[i / w.per] += quant_at(w, n, j * QK + i) * q;
         }
-        const int64_t at = scale_index(w, n, j);
-        acc = std::fma(static_cast<float>(isum), scale_at(w, w.d, at) * a.d[b * nb + j], acc);
-        if (w.q4) acc = std::fma(scale_at(w, w.m, at), a.s[b * nb + j], acc);
+        for (int hv = 0; hv < halves; ++hv)
+          acc = std::fma(static_cast<float>(isum[hv]),
+                         scale_at(w, w.d, scale_index(w, n, j * halves + hv)) * a.d[b * nb + j],
+                         acc);
+        if (w.m) acc = std::fma(scale_at(w, w.m, scale_index(w, n, j)), a.s[b * nb + j], acc);
       }
       out[b * ldo + n] = acc;
     }
@@ -504,7 +550,7 @@ inline void for_each_k(const QMat& w, int64_t g, int h, const F& f) {
   for (int64_t j = 0; j < nb; ++j) {
     const uint8_t* blk = wq + j * block_bytes(w);
     const int64_t at = (g * nb + j) * GROUP + h * kLanes;
-    const L::F d = L::scales(w, w.d, at);
+    const L::F d = w.per == QK ? L::scales(w, w.d, at) : L::zero();
     if (w.q4) {
       const L::F m = L::scales(w, w.m, at);
       L::I runs[4];
@@ -513,10 +559,20 @@ inline void for_each_k(const QMat& w, int64_t g, int h, const F& f) {
         for (int c = 0; c < 4; ++c)
           for (int i = 0; i < 4; ++i)
             f(j * QK + 16 * half + 4 * c + i, L::fma(L::cvt(L::nibble(runs[c], 8 * i + 4 * half)), d, m));
-    } else {
+    } else if (w.m) {
+      const L::F m = L::scales(w, w.m, at);
       for (int c = 0; c < 8; ++c) {
         const L::I run = L::load_runs(blk + 64 * c);
-        for (int i = 0; i < 4; ++i) f(j * QK + 4 * c + i, L::mul(L::cvt(L::byte_signed(run, i)), d));
+        for (int i = 0; i < 4; ++i)
+          f(j * QK + 4 * c + i, L::fma(L::cvt(L::byte_signed(run, i)), d, m));
+      }
+    } else {
+      L::F dc = d;
+      for (int c = 0; c < 8; ++c) {
+        if (w.per == 16 && c % 4 == 0)  // a scale a 16-element half: [G, K/16, 16]
+          dc = L::scales(w, w.d, (2 * (g * nb + j) + c / 4) * GROUP + h * kLanes);
+        const L::I run = L::load_runs(blk + 64 * c);
+        for (int i = 0; i < 4; ++i) f(j * QK + 4 * c + i, L::mul(L::cvt(L::byte_signed(run, i)), dc));
       }
     }
   }
@@ -586,29 +642,41 @@ namespace {
 #if LE_AVX2
 // Every activation row against groups [g0, g1) at D digits: tiles of rows share each weight
 // block's loads; any tiling gives the same bits.
-template <int D, bool Q4>
+template <int D, WKind W>
 void rows_q(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t b0 = 0;
 #if LE_VNNI512
-    for (; b0 + 8 <= a.B; b0 += 8) group_q<8, D, Q4>(w, a, g, b0, out, ldo);
+    for (; b0 + 8 <= a.B; b0 += 8) group_q<8, D, W>(w, a, g, b0, out, ldo);
 #endif
-    for (; b0 + 4 <= a.B; b0 += 4) group_q<4, D, Q4>(w, a, g, b0, out, ldo);
-    for (; b0 + 2 <= a.B; b0 += 2) group_q<2, D, Q4>(w, a, g, b0, out, ldo);
-    if (b0 < a.B) group_q<1, D, Q4>(w, a, g, b0, out, ldo);
+    for (; b0 + 4 <= a.B; b0 += 4) group_q<4, D, W>(w, a, g, b0, out, ldo);
+    for (; b0 + 2 <= a.B; b0 += 2) group_q<2, D, W>(w, a, g, b0, out, ldo);
+    if (b0 < a.B) group_q<1, D, W>(w, a, g, b0, out, ldo);
   }
 }
 #endif
 
 }  // namespace
 
+void qmat_check(const QMat& w) {
+  if (w.dense) return;
+  if (w.per != QK && w.per != QK / 2)
+    throw std::invalid_argument("a quantized weight has a scale a 32 or a 16 elements");
+  if (w.per == QK / 2 && (w.q4 || w.m))
+    throw std::invalid_argument("scales a 16 elements are for q8 weights without offsets");
+  if (w.q4 && !w.m) throw std::invalid_argument("a q4 weight has offsets");
+  if (w.K % QK != 0) throw std::invalid_argument("a quantized weight's K is a multiple of 32");
+}
+
 void qmat_rows_quant(const QMat& w, const QActs& a, float* out, int64_t ldo, int64_t g0,
                      int64_t g1) {
 #if LE_AVX2
   using F = void (*)(const QMat&, const QActs&, float*, int64_t, int64_t, int64_t);
-  static constexpr F kernels[2][2] = {{rows_q<1, false>, rows_q<1, true>},
-                                      {rows_q<2, false>, rows_q<2, true>}};
-  kernels[a.digits - 1][w.q4](w, a, out, ldo, g0, g1);
+  using K = WKind;
+  static constexpr F kernels[2][4] = {
+      {rows_q<1, K::q8>, rows_q<1, K::q4>, rows_q<1, K::q8_offset>, rows_q<1, K::q8_half>},
+      {rows_q<2, K::q8>, rows_q<2, K::q4>, rows_q<2, K::q8_offset>, rows_q<2, K::q8_half>}};
+  kernels[a.digits - 1][static_cast<int>(kind_of(w))](w, a, out, ldo, g0, g1);
 #else
   rows_q_scalar(w, a, out, ldo, g0, g1);
 #endif

@@ -33,6 +33,7 @@ struct QActs {
   std::vector<float> d;      // [B, K/32] scale
   std::vector<float> s;      // [B, K/32] d * sum(q), for the offset term of q4 weights
   std::vector<int32_t> sum;  // [B, K/32] sum(q), for q8 weights taken as unsigned (VNNI)
+  std::vector<int32_t> sum_lo;  // [B, K/32] the sum of the block's first 16 q (per-16 scales)
   int64_t B = 0, K = 0;
   int digits = 1;
   // Size for x [B, K] at `digits` an element; the buffers grow but are never shrunk, so a
@@ -61,25 +62,30 @@ inline int acts_digits(Acts acts) { return acts == Acts::int16 ? 2 : acts == Act
 // groups of 16 (G = ceil(N / 16) groups; the last one zero-padded) and, within a 32-block, in
 // runs of four consecutive elements, so one 64-byte load holds four elements of each of 16
 // rows: a vector lane per output row, and no horizontal sums.
-//   q8: qs int8 [G, K/32, 8, 16, 4]: element 4c + i of row r at [.., c, r, i]; w = d * q
+//   q8: qs int8 [G, K/32, 8, 16, 4]: element 4c + i of row r at [.., c, r, i]; w = d * q, or
+//       d * q + m where the weight has offsets
 //   q4: qs uint8 [G, K/32, 4, 16, 4]: byte [.., c, r, i] holds element 4c + i of row r in its
 //       low nibble and element 16 + 4c + i in its high one (GGUF's byte 4c + i); w = d * q + m
-//   d, m: [G, K/32, 16]
-// (GGUF Q8_0 -> q8; Q4_0, Q4_1, Q4_K -> q4.) Scales and offsets are float16 where that holds
-// them exactly (the GGUF's own f16 values) and float32 otherwise (Q4_K's products of two
-// scales): per 32 weights, Q4_1 20 bytes (as in the file), Q4_0 20 (the file's 18 plus the
-// offset -8d), Q8_0 34, Q4_K 24.
+//   d, m: [G, K/per, 16], one scale (and offset) a `per` elements of a row
+// (GGUF Q8_0 and Q5_0 -> q8; Q5_1 and Q5_K -> q8 with offsets; Q6_K -> q8 with a scale per 16;
+// Q4_0, Q4_1 and Q4_K -> q4.) Scales and offsets are float16 where that holds them exactly (the
+// GGUF's own f16 values) and float32 otherwise (the K-quants' products of two scales): per 32
+// weights, Q4_1 20 bytes (as in the file), Q4_0 20 (the file's 18 plus the offset -8d), Q8_0
+// and Q5_0 34, Q4_K 24, Q5_1 36, Q5_K 40, Q6_K 40.
 // A weight kept in float32 instead (a type not kept quantized) is `dense`: qs is then the row-major
 // [N, K] float32 matrix itself, d and m are unused, and every product takes the exact panel path.
 struct QMat {
   bool q4;
   const void* qs;
   const void* d;  // float32, or float16 when f16
-  const void* m;  // q4 only; same type as d
+  const void* m;  // offsets (q4 always, q8 optionally, with per 32), like d; or null
   int64_t N, K;
   bool f16 = false;
   bool dense = false;
+  int per = QK;  // elements a scale: 32, or 16 (q8 without offsets only)
 };
+// Throws std::invalid_argument unless `w`'s kind, offsets and scale granularity go together.
+void qmat_check(const QMat& w);
 constexpr int GROUP = 16;
 
 // out[b * ldo + n] for every activation row b and the weight rows n < N of groups [g0, g1).

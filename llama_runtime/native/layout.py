@@ -1,7 +1,7 @@
-"""The kernels' weight layout (csrc/qgemm.h), built with numpy alone: GGUF Q4_0, Q4_1, Q5_0, Q8_0
-and Q4_K bytes repacked into groups of 16 rows interleaved four elements at a time, with no
-requantization (the same values). Both the torch backend (qweights.py) and the torch-free
-native path use it."""
+"""The kernels' weight layout (csrc/qgemm.h), built with numpy alone: GGUF Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q4_K, Q5_K and Q6_K bytes repacked into groups of 16 rows interleaved four elements at a
+time, with no requantization (the same values). Both the torch backend (qweights.py) and the
+torch-free native path use it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from llama_models.checkpoint import RawTensor, release_pages
 
 __all__ = ["GROUP", "KEPT_QUANTIZED", "REPACKABLE", "RUN", "PackedWeight", "pack", "weight_path"]
 
-Q4_0, Q4_1, Q5_0, Q8_0, Q4_K = 2, 3, 6, 8, 12  # gguf.GGMLQuantizationType values
-REPACKABLE = frozenset({Q4_0, Q4_1, Q5_0, Q8_0, Q4_K})
+# gguf.GGMLQuantizationType values
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+REPACKABLE = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
+_Q4_KINDS = frozenset({Q4_0, Q4_1, Q4_K})
+"""Types held as nibbles (q4); the others hold a byte an element (q8)."""
 GROUP = 16
 """Weight rows interleaved per group (csrc/qgemm.h)."""
 RUN = 4
@@ -36,7 +39,8 @@ def weight_path(raw: RawTensor, quantized: bool) -> str:
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
     """A [N, K] weight in the kernels' layout: q4 (qs uint8 [G*16, K/2], d and m [G*16, K/32])
-    or q8 (qs int8 [G*16, K], d [G*16, K/32]), each array holding its groups' bytes in the
+    or q8 (qs int8 [G*16, K], d [G*16, K/32] and, for Q5_1 and Q5_K, offsets m alike; Q6_K's
+    scales are one a 16 elements, [G*16, K/16]), each array holding its groups' bytes in the
     order csrc/qgemm.h gives; scales float16 where the file has them so (exact), float32
     otherwise. Rows are zero-padded to a multiple of 16."""
 
@@ -46,22 +50,72 @@ class PackedWeight:
     m: np.ndarray | None
     shape: tuple[int, int]
 
+    @property
+    def per(self) -> int:
+        """Elements a scale: 32, or 16 (Q6_K's)."""
+        return self.shape[1] * self.d.shape[0] // self.d.size
 
-def _split_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K super-blocks [n, k/256, 144] (d f16, dmin f16, 12 bytes of 6-bit scales and mins,
-    128 bytes of nibbles) -> per-32 d, m [n, k/32] and our nibble order [n, k/32, 16]."""
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    """The float16 in a trailing axis of two bytes, as float32."""
+    return a.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K and Q5_K super-blocks [n, k/256, B] (d f16, dmin f16, 12 bytes of 6-bit scales and
+    mins, ...) -> their per-32 scales d * sc and offsets -dmin * m [n, k/32], float32 (the
+    products gguf's dequantization computes, exactly)."""
     from gguf.quants import Q4_K as GGUF_Q4_K
 
     n, nsb, _ = blocks.shape
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     sc, mn = GGUF_Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
-    d_sub = (d.reshape(-1, 1) * sc.astype(np.float32)).reshape(n, nsb * 8)
-    m_sub = -(dmin.reshape(-1, 1) * mn.astype(np.float32)).reshape(n, nsb * 8)
-    # 64 elements per 32 bytes: low nibbles are one sub-block, high nibbles the next
-    q = blocks[..., 16:].reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
-    q = (q & 0x0F).reshape(n, nsb * 8, 32)
+    d_sub = (_f16(blocks[..., 0:2]).reshape(-1, 1) * sc.astype(np.float32)).reshape(n, nsb * 8)
+    m_sub = -(_f16(blocks[..., 2:4]).reshape(-1, 1) * mn.astype(np.float32)).reshape(n, nsb * 8)
+    return d_sub, m_sub
+
+
+def _nibble_pairs(qs: np.ndarray, n: int, nsb: int) -> np.ndarray:
+    """A K-quant's 128 bytes of nibbles a super-block -> [n, k/32, 32] values: each 32 bytes
+    hold two 32-element sub-blocks, the first in the low nibbles."""
+    q = qs.reshape(n, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    return (q & 0x0F).reshape(n, nsb * 8, 32)
+
+
+def _split_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks [n, k/256, 144] (d, dmin, scales, 128 bytes of nibbles) -> per-32 d, m
+    [n, k/32] and our nibble order [n, k/32, 16]."""
+    n, nsb, _ = blocks.shape
+    d_sub, m_sub = _k_scales(blocks)
+    q = _nibble_pairs(blocks[..., 16:], n, nsb)
     return d_sub, m_sub, (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _split_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_K super-blocks [n, k/256, 176] (d, dmin, scales, 32 bytes of fifth bits, 128 bytes of
+    nibbles; w = d * sc * q - dmin * m, q in [0, 31]) -> per-32 d, m [n, k/32] and q as int8
+    [n, k/32, 32]."""
+    n, nsb, _ = blocks.shape
+    d_sub, m_sub = _k_scales(blocks)
+    low = _nibble_pairs(blocks[..., 48:], n, nsb)
+    # sub-block s's fifth bits: bit s of the 32 bytes qh
+    high = blocks[..., 16:48].reshape(n, nsb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+    high = (high & 1).reshape(n, nsb * 8, 32)
+    return d_sub, m_sub, (low | (high << 4)).astype(np.int8)
+
+
+def _split_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K super-blocks [n, k/256, 210] (128 bytes of low nibbles, 64 of high bit pairs, 16
+    int8 scales, d f16; w = d * sc * (q - 32)) -> per-16 scales d * sc [n, k/16] (float32,
+    exact) and q - 32 as int8 [n, k/32, 32]."""
+    n, nsb, _ = blocks.shape
+    low = blocks[..., 0:128].reshape(n, nsb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    low = (low & 0x0F).reshape(n, nsb * 8, 32)
+    high = blocks[..., 128:192].reshape(n, nsb, 2, 1, 32) >> np.array(
+        [0, 2, 4, 6], np.uint8).reshape(4, 1)
+    high = (high & 3).reshape(n, nsb * 8, 32)
+    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)  # [n, nsb, 16]
+    d16 = (_f16(blocks[..., 208:210])[..., None] * sc).reshape(n, nsb * 16)
+    return d16, ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
 
 
 PACK_ROWS = 4096
@@ -70,10 +124,11 @@ tensor (Gemma 3's 262144-row embedding would otherwise double its size at load).
 
 
 def pack(raw: RawTensor) -> PackedWeight:
-    """GGUF Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K bytes -> PackedWeight, exactly the stored values
-    (Q5_0's 5-bit values, less 16, as q8's int8; Q4_K's sub-block scales are the float32
-    products d * scale and -dmin * min that its dequantization computes). Works PACK_ROWS rows
-    at a time and drops the file's pages of each slice once it is copied (release_pages)."""
+    """GGUF bytes of a REPACKABLE type -> PackedWeight, exactly the stored values: Q5_0's
+    5-bit values less 16, Q5_1's and Q5_K's 5-bit values and Q6_K's 6-bit values less 32 as q8's
+    int8; the K-quants' sub-block scales (and offsets) are the float32 products d * scale and
+    -dmin * min that their dequantization computes. Works PACK_ROWS rows at a time and drops
+    the file's pages of each slice once it is copied (release_pages)."""
     if raw.qtype not in REPACKABLE:
         raise ValueError(f"type {raw.qtype} cannot be repacked")
     n, k = raw.shape
@@ -90,7 +145,7 @@ def pack(raw: RawTensor) -> PackedWeight:
         for out, a in zip(outs, parts, strict=True):
             out[r0:r0 + a.shape[0]] = a
         release_pages(rows)
-    return PackedWeight("q8" if len(outs) == 2 else "q4", outs[0], outs[1],
+    return PackedWeight("q4" if raw.qtype in _Q4_KINDS else "q8", outs[0], outs[1],
                         outs[2] if len(outs) == 3 else None, (n, k))
 
 
@@ -102,23 +157,33 @@ def _q4_0_offset_overflows(blocks: np.ndarray) -> bool:
 
 def _blocks(rows: np.ndarray, qtype: int, k: int,
             wide: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Some rows' GGUF bytes -> qs [r, k/32, L], d [r, k/32, 1] and m (q4 only) like d; scales
-    stay float16 where the file has them so (exact, and 4 bytes a block fewer to read)."""
+    """Some rows' GGUF bytes -> qs [r, k/32, L], d [r, k/32, 1] (Q6_K: [r, k/16, 1]) and m
+    (offsets, where the type has them) like d; scales stay float16 where the file has them so
+    (exact, and 4 bytes a block fewer to read)."""
     r, nb = rows.shape[0], k // 32
     m: np.ndarray | None = None
-    if qtype == Q4_K:
-        d, m, qs = _split_q4_k(rows.reshape(r, k // 256, 144))
+    if qtype in (Q4_K, Q5_K):
+        split = _split_q4_k if qtype == Q4_K else _split_q5_k
+        d, m, qs = split(rows.reshape(r, k // 256, -1))
         return qs, d[..., None], m[..., None]
+    if qtype == Q6_K:
+        d, qs = _split_q6_k(rows.reshape(r, k // 256, 210))
+        return qs, d[..., None], None
     data = rows.reshape(r, nb, -1)
     d = data[..., 0:2].copy().view(np.float16)[..., 0]
     if qtype == Q8_0:  # d f16, 32 x int8
         qs = data[..., 2:34].copy().view(np.int8)
-    elif qtype == Q5_0:  # d f16, 32 high bits, 16 bytes of nibbles; w = d * (q - 16)
-        high = data[..., 2:6].copy().view("<u4")  # [r, nb, 1]: bit j is element j's fifth
-        nibbles = data[..., 6:22]  # byte j: element j low, element j + 16 high
+    elif qtype in (Q5_0, Q5_1):
+        # Q5_0: d f16, 32 high bits, 16 bytes of nibbles; w = d * (q - 16)
+        # Q5_1: d f16, m f16, 32 high bits, 16 bytes of nibbles; w = d * q + m
+        at = 2 if qtype == Q5_0 else 4
+        high = data[..., at:at + 4].copy().view("<u4")  # [r, nb, 1]: bit j is element j's fifth
+        nibbles = data[..., at + 4:at + 20]  # byte j: element j low, element j + 16 high
         low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int16)
         fifth = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)
-        qs = ((low | (fifth << 4)) - 16).astype(np.int8)
+        qs = ((low | (fifth << 4)) - (16 if qtype == Q5_0 else 0)).astype(np.int8)
+        if qtype == Q5_1:
+            m = data[..., 2:4].copy().view(np.float16)[..., 0]
     elif qtype == Q4_1:  # d f16, m f16, 16 bytes of nibbles
         m = data[..., 2:4].copy().view(np.float16)[..., 0]
         qs = data[..., 4:20]

@@ -39,7 +39,7 @@ def _ptr(a: np.ndarray | None) -> int | None:
 def le_weight(p: PackedWeight) -> LeWeight:
     """The C API's view of a packed weight (it borrows the arrays: keep `p` alive)."""
     return LeWeight(1 if p.kind == "q4" else 2, int(p.d.dtype == np.float16), _ptr(p.qs),
-                    _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1])
+                    _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1], p.per)
 
 
 def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndarray:
@@ -50,7 +50,7 @@ def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndar
     x = np.ascontiguousarray(x, dtype=np.float32)
     if isinstance(p, np.ndarray):
         p = np.ascontiguousarray(p, dtype=np.float32)
-        w = LeWeight(0, 0, _ptr(p), None, None, p.shape[0], p.shape[1])
+        w = LeWeight(0, 0, _ptr(p), None, None, p.shape[0], p.shape[1], 0)
     else:
         w = le_weight(p)
     n, k = p.shape
@@ -166,7 +166,7 @@ class NativeModel:
             release_pages(raw.data)
             self._keep.append(dense)
             self.weight_paths[name] = "dequantized to float32"
-            return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape)
+            return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape, 0)
 
         def norm(name: str, size: int | None = None) -> int:
             """A small float32 tensor the library copies (dim floats, or `size`)."""

@@ -75,6 +75,11 @@ class QWeight:
     shape: tuple[int, int]
 
     @property
+    def per(self) -> int:
+        """Elements a scale: 32, or 16 (Q6_K's)."""
+        return self.shape[1] * self.d.shape[0] // self.d.numel()
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 
@@ -89,26 +94,27 @@ class QWeight:
         sequence's numbers."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        ext = kernels()
-        f = ext.q4_linear if self.kind == "q4" else ext.q8_linear
-        return f(x2, *self.parts(), self.shape[0], ACTS[acts]).reshape(*lead, self.shape[0])
+        out = kernels().linear(x2, self.parts(), self.shape[0], ACTS[acts])
+        return out.reshape(*lead, self.shape[0])
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [N, K] (or just `rows`)."""
         n, k = self.shape
         if rows is None:
             rows = torch.arange(n)
-        nb = k // 32
+        nb, per = k // 32, self.per
         g, lane = rows // GROUP, rows % GROUP
-        d = self.d.view(-1, nb, GROUP)[g, :, lane].float()  # [R, nb]
+        d = self.d.view(-1, k // per, GROUP)[g, :, lane].float()  # [R, k / per]
         if self.kind == "q8":  # [G, nb, 8, 16, 4] -> [R, nb, 8, 4]
-            q = self.qs.view(-1, nb, 8, GROUP, RUN)[g, :, :, lane].reshape(-1, nb, 32).float()
-            w = q * d[..., None]
+            q = self.qs.view(-1, nb, 8, GROUP, RUN)[g, :, :, lane].reshape(-1, k // per, per)
         else:  # [G, nb, 4, 16, 4]: low nibbles elements 0-15, high ones 16-31
-            m = self.m.view(-1, nb, GROUP)[g, :, lane].float()  # type: ignore[union-attr]
             b = self.qs.view(-1, nb, 4, GROUP, RUN)[g, :, :, lane].reshape(-1, nb, 16)
-            q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()
-            w = q * d[..., None] + m[..., None]
+            q = torch.cat((b & 0x0F, b >> 4), dim=-1)
+        # q * d is exact for every kept type (a few bits times the scale), so adding the offset
+        # rounds once, as the kernels' fma(q, d, m) does
+        w = q.float() * d[..., None]
+        if self.m is not None:
+            w = w + self.m.view(-1, nb, GROUP)[g, :, lane].float()[..., None]
         return w.reshape(rows.shape[0], k)
 
 

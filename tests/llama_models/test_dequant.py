@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from quant_blocks import F16_FIELDS, random_blocks
 
 from llama_engine.errors import UnsupportedQuantizationError, WeightLoadError
 from llama_models.dequant import SUPPORTED_TYPES, dequantize, row_bytes
@@ -22,19 +23,6 @@ from llama_models.dequant import SUPPORTED_TYPES, dequantize, row_bytes
 Q = gguf.GGMLQuantizationType
 N_ROWS = 64  # rows per real tensor checked; keeps the suite fast
 N_TENSORS = 3  # tensors per type checked in each real file
-
-# Byte offsets of the f16 scale fields (d, m, dmin) in each block type's layout.
-_F16_FIELDS: dict[Q, tuple[int, ...]] = {
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-}
-
 
 def _reference(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Tensor:
     """The gguf package's numpy dequantization, as a float32 torch tensor of `shape`."""
@@ -56,17 +44,6 @@ def _check_real_tensors(reader: gguf.GGUFReader, qtype: Q) -> None:
         got = dequantize(torch.from_numpy(raw.copy()), qtype, shape)
         assert got.dtype == torch.float32 and got.shape == shape, t.name
         assert torch.equal(got, expected), f"{t.name} ({qtype.name}) differs from gguf reference"
-
-
-def _random_blocks(qtype: Q, n_blocks: int, seed: int = 0) -> np.ndarray:
-    """Random bytes for `n_blocks` blocks, with each f16 scale field finite, in [1e-3, 1e-1]."""
-    rng = np.random.default_rng(seed)
-    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
-        scale = rng.uniform(1e-3, 1e-1, size=n_blocks).astype(np.float16)
-        blocks[:, off : off + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
-    return blocks
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +86,11 @@ def test_quantized_by_gguf_match_reference(qtype: Q) -> None:
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("qtype", list(_F16_FIELDS), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
 def test_random_blocks_match_reference(qtype: Q) -> None:
     # Random bytes hit every bit pattern of quants, scales and high bits, unlike real weights.
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    blocks = _random_blocks(qtype, 96)
+    blocks = random_blocks(qtype, 96)
     shape = (12, 8 * block_size)
     raw = blocks.reshape(12, 8 * type_size)
     got = dequantize(torch.from_numpy(raw.copy()), qtype, shape)
@@ -133,7 +110,7 @@ def test_float_tensors_accepted_in_their_own_dtype() -> None:
 
 
 def test_qtype_may_be_an_int() -> None:
-    raw = _random_blocks(Q.Q4_K, 2)
+    raw = random_blocks(Q.Q4_K, 2)
     a = dequantize(torch.from_numpy(raw), int(Q.Q4_K), (2, 256))
     assert torch.equal(a, dequantize(torch.from_numpy(raw), Q.Q4_K, (2, 256)))
 
@@ -196,10 +173,10 @@ def test_wrong_byte_count_raises() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("qtype", list(_F16_FIELDS), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
 def test_cuda_matches_reference(qtype: Q) -> None:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = _random_blocks(qtype, 64).reshape(8, 8 * type_size)
+    raw = random_blocks(qtype, 64).reshape(8, 8 * type_size)
     shape = (8, 8 * block_size)
     got = dequantize(torch.from_numpy(raw.copy()).cuda(), qtype, shape)
     assert got.device.type == "cuda"

@@ -21,28 +21,33 @@ ROWS = (1, 2, 5, 9, 40)
 
 # Writes {kind}_{rows}_{int16|int8|exact} products to the npz path argv[1], for the row counts
 # argv[2:]:
-# a q4 weight from the model (Q4_1, float16 scales), synthetic Q4_0 and Q8_0 ones with a row
-# count that leaves the last 16-row group padded, and a Gemma Q4_K one (float32 scales).
+# a q4 weight from the model (Q4_1, float16 scales), synthetic Q4_0, Q8_0, Q5_1 and Q5_K ones with
+# a row count that leaves the last 16-row group padded, and Gemma's Q4_K, Q5_0 and Q6_K ones: q4,
+# q8, q8 with offsets, q8 with a scale a 16 elements, float16 and float32 scales.
 _PRODUCTS = """
 import sys
-import gguf
 import numpy as np
 from llama_models import open_model, resolve_model_path
-from llama_models.checkpoint import RawTensor, read_gguf
+from llama_models.checkpoint import read_gguf
 from llama_runtime.native.layout import pack
 from llama_runtime.native.model import linear
-
-def synthetic(qtype, n, k):
-    w = np.random.default_rng(qtype).standard_normal((n, k)).astype(np.float32)
-    return RawTensor("w", int(qtype), (n, k), gguf.quants.quantize(w, qtype))
+from quant_blocks import T, quantized
 
 gemma = read_gguf(resolve_model_path("gemma3-270m"))
+
+def gemma_tensor(qtype):
+    return next(t for t in gemma.tensors.values() if t.qtype == qtype and len(t.shape) == 2)
+
 weights = {
     "q4_1": open_model("smollm2-135m-instruct").weights["blk.2.ffn_up.weight"],
-    "q4_0": synthetic(gguf.GGMLQuantizationType.Q4_0, 250, 576),
-    "q4_0_20": synthetic(gguf.GGMLQuantizationType.Q4_0, 20, 64),  # a group's second half padding
-    "q8_0": synthetic(gguf.GGMLQuantizationType.Q8_0, 250, 1536),
-    "q4_k": next(t for t in gemma.tensors.values() if t.qtype == 12 and len(t.shape) == 2),
+    "q4_0": quantized(T.Q4_0, 250, 576, seed=2),
+    "q4_0_20": quantized(T.Q4_0, 20, 64, seed=2),  # a group's second half padding
+    "q8_0": quantized(T.Q8_0, 250, 1536, seed=8),
+    "q5_1": quantized(T.Q5_1, 250, 576, seed=7),
+    "q5_k": quantized(T.Q5_K, 40, 512, seed=13),
+    "q4_k": gemma_tensor(T.Q4_K),
+    "q5_0": gemma_tensor(T.Q5_0),
+    "q6_k": gemma_tensor(T.Q6_K),
 }
 out = {}
 for kind, raw in [*weights.items(), ("dense", None)]:
@@ -74,6 +79,9 @@ def _products(tmp_path: Path, build: str | None) -> dict[str, np.ndarray]:
     path = tmp_path / f"{build or 'default'}.npz"
     env = dict(os.environ)
     env.pop("LLAMA_ENGINE_ISA", None)
+    # the script imports the tests' quant_blocks
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]),
+                                         *filter(None, [env.get("PYTHONPATH")])])
     if build:
         env["LLAMA_ENGINE_ISA"] = build
     done = subprocess.run([sys.executable, "-c", _PRODUCTS, str(path), *map(str, ROWS)], env=env,

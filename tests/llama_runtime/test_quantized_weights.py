@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from quant_blocks import T, quantized
 
 from llama_models import open_model
 from llama_models.checkpoint import RawTensor
 from llama_models.dequant import dequantize
+from llama_runtime.native.layout import REPACKABLE, pack
+from llama_runtime.native.model import linear
 from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, repack, weight_path
 
 
@@ -18,11 +21,7 @@ def weights() -> dict[str, RawTensor]:
 
 
 def _q4_0(n: int, k: int) -> RawTensor:
-    import gguf
-
-    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
-    data = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
-    return RawTensor("w", int(gguf.GGMLQuantizationType.Q4_0), (n, k), data)
+    return quantized(T.Q4_0, n, k)
 
 
 def _reference(raw: RawTensor) -> torch.Tensor:
@@ -101,11 +100,43 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(weights, acts: str) -> 
     assert torch.equal(together[:9], qw.linear(x[:9], acts=acts))
 
 
-@pytest.mark.parametrize("qtype", [12, 6])
-def test_gemma3_q4_k_and_q5_0_repack_to_the_same_values_and_multiply(qtype: int) -> None:
-    """Gemma 3's Q4_K tensors (the packaged Q4_K_M GGUF) keep their values exactly in the q4
-    layout (per-32 scale d * sc and offset -dmin * m), its Q5_0 ones in the q8 layout (the
-    5-bit value less 16, scale d)."""
+KEPT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def test_the_kept_types_are_the_repackable_ones() -> None:
+    assert {int(t) for t in KEPT_TYPES} == set(REPACKABLE)
+
+
+@pytest.mark.parametrize("qtype", KEPT_TYPES, ids=lambda t: t.name)
+def test_every_kept_type_repacks_exactly_and_multiplies(qtype: T) -> None:
+    """Each type the kernels keep quantized holds gguf's dequantized values exactly (read back
+    whole, by rows, and by the kernels' own dequantizer), and its product agrees with the float
+    one through both bindings (torch's and the C API's give the same bits) at every tile size.
+    250 rows leave the last 16-row group padded; 512 columns are two K-quant super-blocks."""
+    from llama_runtime.torch_backend.qweights import kernels
+
+    raw = quantized(qtype, 250, 512, seed=int(qtype))
+    ref_w = _reference(raw)
+    qw = repack(raw)
+    assert torch.equal(qw.dequantize(), ref_w)
+    rows = torch.tensor([0, 15, 16, 249])
+    assert torch.equal(qw.dequantize(rows), ref_w[rows])
+    assert torch.equal(kernels().dequant(qw.parts(), 250), ref_w)
+    packed = pack(raw)
+    for n in (1, 2, 5, 9, 17):
+        x = torch.randn(n, 512, generator=torch.Generator().manual_seed(n))
+        want = x.double() @ ref_w.double().T
+        for acts, bound in (("exact", 1e-6), ("int16", 1e-4), ("int8", 0.02)):
+            got = qw.linear(x, acts=acts)
+            assert torch.equal(got, torch.from_numpy(linear(packed, x.numpy(), acts=acts)))
+            assert float((got.double() - want).norm() / want.norm()) < bound, acts
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_gemma3_tensors_repack_to_the_same_values_and_multiply(qtype: T) -> None:
+    """The packaged Gemma 3 Q4_K_M GGUF's types keep their values exactly: Q4_K in the q4
+    layout (per-32 scale d * sc and offset -dmin * m), Q5_0 in the q8 layout (the 5-bit value
+    less 16, scale d), Q6_K in the q8 layout with a scale d * sc a 16 elements."""
     from llama_models import resolve_model_path
     from llama_models.checkpoint import read_gguf
 
