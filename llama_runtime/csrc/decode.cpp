@@ -26,6 +26,8 @@ void grow(std::vector<float>& v, int64_t n) {
 constexpr int64_t kSerialRows = 16;
 constexpr int64_t kTileRows = 16;  // prompt rows that attend together (see attention)
 constexpr int64_t kVChunk = 64;    // V rows summed per pass over a tile's queries
+constexpr int64_t kScoreChunk = 128;  // positions scored per work unit (attend_split)
+constexpr int64_t kSliceDims = 64;    // V dimensions summed per work unit (attend_split)
 template <class F>
 void over_rows(int64_t B, F&& f) {
   if (B < kSerialRows) {
@@ -248,22 +250,26 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
       tiles_.emplace_back(b, b + 1);
   }
   const int64_t n_tiles = static_cast<int64_t>(tiles_.size());
-  // Work units: one query head of a tile while there are few tiles (spreads a single sequence
-  // over the cores), else every query head of one KV head, which then reads its rows once.
-  const int64_t per_unit = n_tiles * hkv >= 2 * max_threads() ? group : 1;
-  parallel_for(0, n_tiles * hq / per_unit, 1, [&](int64_t u0, int64_t u1) {
+  // Work units: every query head of one KV head of a tile, which then reads its rows once. Too
+  // few of those to busy the cores (a decode step of one or two sequences): split the reads
+  // instead, by positions, then by dimensions (attend_split: the same bits).
+  if (n_tiles * hkv < 2 * max_threads() && max_threads() > 1 && hd % 32 == 0) {
+    attend_split(a, window, kl, vl);
+    return;
+  }
+  parallel_for(0, n_tiles * hkv, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores, qs;
     thread_local std::vector<const T*> krows, vrows;
     for (int64_t u = u0; u < u1; ++u) {
       // Later tiles of a prompt attend to more positions: units alternate between the two
       // ends of the tile list, so each thread's contiguous range gets an even share of work.
-      const int64_t i = u * per_unit / hq;
+      const int64_t i = u / hkv;
       const auto [r0, r1] = tiles_[i % 2 == 0 ? i / 2 : n_tiles - 1 - i / 2];
-      const int64_t h0 = u * per_unit % hq, kvh = h0 / group, R = r1 - r0;
+      const int64_t kvh = u % hkv, h0 = kvh * group, R = r1 - r0;
       // the tile reads positions [lo, len): its first row's window start (later rows' start
       // at or after it) up to its last row's own position
       const int64_t len = ctx_lens[r1 - 1], lo = first_visible(ctx_lens[r0], window);
-      const int64_t span = len - lo, nq = R * per_unit;
+      const int64_t span = len - lo, nq = R * group;
       const int64_t* table = tables + r0 * max_blocks;
       grow(scores, nq * span);
       grow(qs, nq * hd);
@@ -277,16 +283,16 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
         krows[p - lo] = kl + at;
         vrows[p - lo] = vl + at;
       }
-      for (int64_t r = 0; r < R; ++r)  // the tile's queries, contiguous: [R][per_unit][hd]
-        std::copy_n(q_.data() + ((r0 + r) * hq + h0) * hd, per_unit * hd,
-                    qs.data() + r * per_unit * hd);
+      for (int64_t r = 0; r < R; ++r)  // the tile's queries, contiguous: [R][group][hd]
+        std::copy_n(q_.data() + ((r0 + r) * hq + h0) * hd, group * hd,
+                    qs.data() + r * group * hd);
       dot_rows(qs.data(), nq, krows.data(), span, hd, scale, scores.data(), span);
       for (int64_t r = 0; r < R; ++r) {
         // causal: this row sees positions [start, n); its V sum below starts at start, so the
         // tile changes no bit (the zeros only keep the scores row whole)
         const int64_t n = ctx_lens[r0 + r], start = first_visible(n, window) - lo;
-        for (int64_t g = 0; g < per_unit; ++g) {
-          float* row = scores.data() + (r * per_unit + g) * span;
+        for (int64_t g = 0; g < group; ++g) {
+          float* row = scores.data() + (r * group + g) * span;
           std::fill_n(row, start, 0.f);
           softmax_inplace(row + start, n - lo - start);
           std::fill_n(att_.data() + ((r0 + r) * hq + h0 + g) * hd, hd, 0.f);
@@ -300,10 +306,105 @@ void DecodeModel::attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_c
           const int64_t from = std::max(p0, first_visible(n_r, window) - lo);
           const int64_t n = std::min(n_r - lo, p0 + kVChunk) - from;
           if (n <= 0) continue;
-          weighted_sum_rows(scores.data() + r * per_unit * span + from, per_unit, span,
+          weighted_sum_rows(scores.data() + r * group * span + from, group, span,
                             vrows.data() + from, n, hd, att_.data() + ((r0 + r) * hq + h0) * hd,
                             hd, true);
         }
+      }
+    }
+  });
+}
+
+// attention() for few tiles, in three parallel regions, each unit's arithmetic the one a
+// whole-head unit does: (1) scores of every query of a (tile, KV head) against a chunk of its
+// positions (dot_rows scores a position the same way however positions are split between
+// calls), (2) each query's softmax, (3) the V sums of a slice of dimensions (each output
+// element is one FMA chain over the positions in order, whatever the slice). K and V rows are
+// then read once for all the queries of their KV head, by every core.
+template <class T>
+void DecodeModel::attend_split(const StepArgs& a, int64_t window, const T* kl, const T* vl) {
+  const int64_t *ctx_lens = a.ctx_lens, *tables = a.block_tables;
+  const int64_t block_size = a.block_size, max_blocks = a.max_blocks;
+  const int64_t hd = d_.head_dim, hq = d_.n_heads, hkv = d_.n_kv_heads, group = hq / hkv;
+  const int64_t n_tiles = static_cast<int64_t>(tiles_.size()), jobs = n_tiles * hkv;
+  const float scale = attn_scale_;
+  auto span_of = [&](int64_t i) {  // tile i reads positions [lo, len)
+    const auto [r0, r1] = tiles_[i];
+    const int64_t len = ctx_lens[r1 - 1], lo = first_visible(ctx_lens[r0], window);
+    return std::pair<int64_t, int64_t>(lo, len);
+  };
+  split_at_.assign(jobs + 1, 0);
+  split_chunk_.assign(jobs + 1, 0);
+  tile_of_row_.resize(a.B);
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t i = j / hkv;
+    const auto [r0, r1] = tiles_[i];
+    const auto [lo, len] = span_of(i);
+    split_at_[j + 1] = split_at_[j] + (r1 - r0) * group * (len - lo);
+    split_chunk_[j + 1] = split_chunk_[j] + (len - lo + kScoreChunk - 1) / kScoreChunk;
+    for (int64_t b = r0; b < r1; ++b) tile_of_row_[b] = i;
+  }
+  grow(split_scores_, split_at_[jobs]);
+  float* scores = split_scores_.data();
+  auto position = [&](const T* base, const int64_t* table, int64_t kvh, int64_t p) {
+    return base + ((table[p / block_size] * hkv + kvh) * block_size + p % block_size) * hd;
+  };
+  // (1) scores, a chunk of positions of one (tile, KV head) a unit
+  parallel_for(0, split_chunk_[jobs], 1, [&](int64_t u0, int64_t u1) {
+    thread_local std::vector<float> qs;
+    thread_local std::vector<const T*> rows;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j =
+          std::upper_bound(split_chunk_.begin(), split_chunk_.end(), u) - split_chunk_.begin() - 1;
+      const int64_t i = j / hkv, kvh = j % hkv;
+      const auto [r0, r1] = tiles_[i];
+      const auto [lo, len] = span_of(i);
+      const int64_t p0 = lo + (u - split_chunk_[j]) * kScoreChunk;
+      const int64_t p1 = std::min(len, p0 + kScoreChunk), nq = (r1 - r0) * group;
+      grow(qs, nq * hd);
+      for (int64_t r = r0; r < r1; ++r)  // the tile's queries of this KV head: [R][group][hd]
+        std::copy_n(q_.data() + (r * hq + kvh * group) * hd, group * hd,
+                    qs.data() + (r - r0) * group * hd);
+      rows.resize(p1 - p0);
+      const int64_t* table = tables + r0 * max_blocks;
+      for (int64_t p = p0; p < p1; ++p) rows[p - p0] = position(kl, table, kvh, p);
+      dot_rows(qs.data(), nq, rows.data(), p1 - p0, hd, scale, scores + split_at_[j] + p0 - lo,
+               len - lo);
+    }
+  });
+  // (2) softmax, a query (row, head) a unit
+  parallel_for(0, a.B * hq, 4, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / hq, h = u % hq, i = tile_of_row_[b];
+      const int64_t r0 = tiles_[i].first;
+      const auto [lo, len] = span_of(i);
+      const int64_t span = len - lo, n = ctx_lens[b], start = first_visible(n, window) - lo;
+      float* row = scores + split_at_[i * hkv + h / group] + ((b - r0) * group + h % group) * span;
+      std::fill_n(row, start, 0.f);
+      softmax_inplace(row + start, n - lo - start);
+      std::fill_n(att_.data() + (b * hq + h) * hd, hd, 0.f);
+    }
+  });
+  // (3) weighted sums of V, a slice of dimensions of one (tile, KV head) a unit
+  const int64_t slices = (hd + kSliceDims - 1) / kSliceDims;
+  parallel_for(0, jobs * slices, 1, [&](int64_t u0, int64_t u1) {
+    thread_local std::vector<const T*> rows;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j = u / slices, d0 = u % slices * kSliceDims;
+      const int64_t width = std::min(kSliceDims, hd - d0);
+      const int64_t i = j / hkv, kvh = j % hkv;
+      const auto [r0, r1] = tiles_[i];
+      const auto [lo, len] = span_of(i);
+      const int64_t span = len - lo;
+      rows.resize(span);
+      const int64_t* table = tables + r0 * max_blocks;
+      for (int64_t p = lo; p < len; ++p) rows[p - lo] = position(vl, table, kvh, p) + d0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t from = first_visible(ctx_lens[r], window) - lo;
+        const int64_t n = ctx_lens[r] - lo - from;
+        weighted_sum_rows(scores + split_at_[j] + (r - r0) * group * span + from, group, span,
+                          rows.data() + from, n, width, att_.data() + (r * hq + kvh * group) * hd + d0,
+                          hd, true);
       }
     }
   });

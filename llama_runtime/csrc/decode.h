@@ -115,6 +115,9 @@ class DecodeModel {
                     Acts acts);
   template <class T>  // T: float, or half_t for a float16 cache
   void attention(const StepArgs& a, int64_t layer, T* k_cache, T* v_cache);
+  // attention's reads for few tiles (see attention): positions, then dimensions, split
+  template <class T>
+  void attend_split(const StepArgs& a, int64_t window, const T* kl, const T* vl);
 
   void add_bias(float* out, const std::vector<float>& bias, int64_t B) const;
   void head_norm(float* v, int64_t heads, const std::vector<float>& w) const;
@@ -133,6 +136,10 @@ class DecodeModel {
   // serialises every forward).
   std::vector<float> x_, h_, q_, k_, v_, att_, tmp_, gate_, up_;
   std::vector<std::pair<int64_t, int64_t>> tiles_;  // attention's row tiles [first, end)
+  // attend_split's scores of each (tile, KV head) at split_at_[j], [queries][span], and the
+  // first of its position chunks in split_chunk_[j]
+  std::vector<float> split_scores_;
+  std::vector<int64_t> split_at_, split_chunk_, tile_of_row_;
   QActs acts_;
   bool profiling_ = false;
   std::map<std::string, double> profile_;

@@ -54,3 +54,23 @@ def test_greedy_tokens_match_transformers(engine: Any, reference: Any, hf_greedy
     ids = engine.tokenize(prompt)
     got = engine.generate(ids, max_tokens=STEPS, temperature=0, ignore_eos=True).token_ids
     assert_same_greedy_tokens(got, hf_greedy(reference, ids, STEPS), reference, ids)
+
+
+def test_prompt_chunking_changes_no_bit(engine: Any) -> None:
+    """One KV head of 256 dimensions: a step of one row splits attention's reads over chunks of
+    positions and slices of dimensions (decode.cpp's attend_split), a step of a whole chunk
+    over tiles of rows; both give the same bits, on the windowed layers too (600 positions,
+    past the 512-position window)."""
+    import numpy as np
+
+    ids = engine.tokenize(" ".join(PROMPTS * 8))[:600]
+    assert len(ids) == 600
+    one_row = create_engine("gemma3-270m", progress=False, prefill_chunk=1)
+    logits = []
+    for e in (engine, one_row):
+        s = e.new_session()
+        e.prefill(s, ids)
+        logits.append(e.next_token_logits(s))
+        e.close_session(s)
+    one_row.close()
+    assert np.array_equal(logits[0], logits[1])
