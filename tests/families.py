@@ -72,6 +72,42 @@ def to_gguf(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     return out
 
 
+def retype_gguf(src: Path, out: Path, qtype_of: Any) -> Path:
+    """A copy of the GGUF `src` (float32 tensors, as to_gguf writes them) with each tensor
+    stored as qtype_of(name, shape) gives (a gguf.GGMLQuantizationType, or None to keep it):
+    gguf's quantizer where it has one, else random blocks (quant_blocks.random_blocks: the
+    K-quants), so the tensor's values change but the file stays a valid model."""
+    import gguf
+    from quant_blocks import QUANTIZABLE, quantized
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch=arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for i, t in enumerate(reader.tensors):
+        shape = tuple(int(s) for s in reversed(t.shape))
+        data = np.array(t.data, dtype=np.float32).reshape(shape)
+        qtype = qtype_of(t.name, shape)
+        if qtype is None:
+            writer.add_tensor(t.name, data)
+            continue
+        if qtype in QUANTIZABLE:  # the tensor's own values, quantized
+            payload = gguf.quants.quantize(data, qtype)
+        else:
+            payload = np.asarray(quantized(qtype, shape[0], shape[1], seed=i).data)
+        writer.add_tensor(t.name, payload, raw_shape=payload.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def make_hf_model(out: Path, model_type: str, tokenizer: Any, **extra: Any
                   ) -> torch.nn.Module:
     """A tiny random model of `model_type` saved to `out` with `tokenizer` (a transformers

@@ -1,7 +1,7 @@
 """GGUF blocks and tensors of the quantized types for the dequantizer and kernel tests: gguf's own
 quantizer where it has one (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), random bytes with finite float16
-scales for the K-quants (any byte pattern of their values, sub-block scales and bit planes is a
-valid block)."""
+scales for the others (any byte pattern of a K-quant's or IQ4's values, sub-block scales and bit
+planes is a valid block)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,15 @@ F16_FIELDS: dict[T, tuple[int, ...]] = {
     T.Q4_K: (0, 2),
     T.Q5_K: (0, 2),
     T.Q6_K: (208,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.IQ4_NL: (0,),
+    T.IQ4_XS: (0,),
 }
-"""Byte offsets of the float16 scale fields (d, m, dmin) in each block type's layout."""
+"""Byte offsets of the float16 scale fields (d, m, dmin) in each block type's layout
+(ggml-common.h)."""
+QUANTIZABLE = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0})
+"""The types gguf's quantizer writes; the others' blocks are made at random."""
 
 
 def random_blocks(qtype: T, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -37,8 +44,8 @@ def random_blocks(qtype: T, n_blocks: int, seed: int = 0) -> np.ndarray:
 
 
 def quantized(qtype: T, n: int, k: int, seed: int = 0) -> RawTensor:
-    """A [n, k] tensor of `qtype` (k a multiple of 256 for the K-quants)."""
-    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+    """A [n, k] tensor of `qtype` (k a multiple of the type's block, 256 for the K-quants)."""
+    if qtype not in QUANTIZABLE:
         per, size = gguf.GGML_QUANT_SIZES[qtype]
         data = random_blocks(qtype, n * k // per, seed).reshape(n, k // per * size)
     else:

@@ -22,9 +22,9 @@ namespace le = llama_engine;
 
 extern "C" {
 
-// A weight [n, k]: kind 0 = dense float32 row-major, 1 = q4 (qs, d, m), 2 = q8 (qs, d, and m
-// or null), in the kernels' layout (qgemm.h); f16: d and m are float16; per: elements a scale
-// (32, or 16 for q8 without offsets).
+// A weight [n, k]: kind 0 = dense float32 row-major, 1 = q4 (qs, d, m), 2 = q8 (qs, d), 3 = q5
+// (qs, d, m, qh), in the kernels' layout (qgemm.h); f16: d and m are float16; per: elements a
+// scale (32, or 16 for q8).
 struct le_weight {
   int32_t kind;
   int32_t f16;
@@ -33,6 +33,7 @@ struct le_weight {
   const void* m;
   int64_t n, k;
   int64_t per;
+  const void* qh;
 };
 
 }  // extern "C"
@@ -43,10 +44,15 @@ thread_local std::string last_error;
 
 // Throws std::invalid_argument for a kind, offsets and granularity that do not go together.
 le::QMat to_qmat(const le_weight& w) {
-  if (w.kind < 0 || w.kind > 2) throw std::invalid_argument("weight kind: 0, 1 or 2");
-  le::QMat m{w.kind == 1, w.qs, w.d, w.kind == 0 ? nullptr : w.m, w.n, w.k, w.f16 != 0};
+  if (w.kind < 0 || w.kind > 3) throw std::invalid_argument("weight kind: 0, 1, 2 or 3");
+  const bool nibbles = w.kind == 1 || w.kind == 3;
+  le::QMat m{nibbles, w.qs, w.d, nibbles ? w.m : nullptr, w.n, w.k, w.f16 != 0};
   m.dense = w.kind == 0;
   m.per = static_cast<int>(w.per);
+  if (w.kind == 3) {
+    if (!w.qh) throw std::invalid_argument("a q5 weight has fifth bits");
+    m.qh = static_cast<const uint64_t*>(w.qh);
+  }
   le::qmat_check(m);
   return m;
 }

@@ -14,11 +14,11 @@ namespace le = llama_engine;
 
 namespace {
 
-// qs: [G * 16, K / 2] (q4, uint8) or [G * 16, K] (q8, int8), d (and m): [G * 16, K / per], in
-// the kernels' row-interleaved layout (qgemm.h); N <= G * 16 real rows. The scales' count gives
-// per (32, or 16 for q8 without offsets).
+// qs: [G * 16, K / 2] (q4 and q5, uint8) or [G * 16, K] (q8, int8), d (and m): [G * 16, K / per],
+// qh (q5): uint8 [G * 16, K / 8], in the kernels' row-interleaved layout (qgemm.h); N <= G * 16
+// real rows. The scales' count gives per (32, or 16 for q8).
 le::QMat as_qmat(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor* m,
-                 int64_t N) {
+                 const torch::Tensor* qh, int64_t N) {
   const bool q4 = qs.scalar_type() == torch::kByte;
   const bool f16 = d.scalar_type() == torch::kHalf;
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && d.is_contiguous() &&
@@ -37,6 +37,12 @@ le::QMat as_qmat(const torch::Tensor& qs, const torch::Tensor& d, const torch::T
                 "malformed offsets");
   le::QMat w{q4, qs.data_ptr(), d.data_ptr(), m ? m->data_ptr() : nullptr, N, K, f16};
   w.per = static_cast<int>(rows * K / d.numel());
+  if (qh) {
+    TORCH_CHECK(qh->is_contiguous() && qh->scalar_type() == torch::kByte &&
+                    qh->numel() == rows * K / 8,
+                "malformed fifth bits");
+    w.qh = static_cast<const uint64_t*>(qh->data_ptr());
+  }
   try {
     le::qmat_check(w);
   } catch (const std::invalid_argument& e) {
@@ -76,7 +82,8 @@ torch::Tensor dequant(const le::QMat& w) {
   return out;
 }
 
-// The weight of one linear: [dense] float32 [N, K], or [qs, d] (q8) / [qs, d, m] (q4).
+// The weight of one linear: [dense] float32 [N, K], or [qs, d] (q8), [qs, d, m] (q4) or
+// [qs, d, m, qh] (q5).
 le::QMat weight(const std::vector<torch::Tensor>& parts, int64_t rows) {
   if (parts.size() == 1) {
     const torch::Tensor& w = parts[0];
@@ -87,8 +94,10 @@ le::QMat weight(const std::vector<torch::Tensor>& parts, int64_t rows) {
     m.dense = true;
     return m;
   }
-  TORCH_CHECK(parts.size() == 2 || parts.size() == 3, "a weight is [dense], [qs, d] or [qs, d, m]");
-  return as_qmat(parts[0], parts[1], parts.size() == 3 ? &parts[2] : nullptr, rows);
+  TORCH_CHECK(parts.size() >= 2 && parts.size() <= 4,
+              "a weight is [dense], [qs, d], [qs, d, m] or [qs, d, m, qh]");
+  return as_qmat(parts[0], parts[1], parts.size() >= 3 ? &parts[2] : nullptr,
+                 parts.size() == 4 ? &parts[3] : nullptr, rows);
 }
 
 torch::Tensor i64(const torch::Tensor& t, int64_t n, const char* what) {
@@ -220,11 +229,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   mod.def("linear", [](Tensor x, std::vector<Tensor> parts, int64_t n, int64_t acts) {
     return linear(x, weight(parts, n), acts);
-  }, "x [B,K] @ weight [N,K].T -> [B,N] (parts: [qs, d] or [qs, d, m]); acts 0 exact, "
+  }, "x [B,K] @ weight [N,K].T -> [B,N] (parts: weight()'s); acts 0 exact, "
      "1 int8, 2 int16", nogil);
   mod.def("dequant", [](std::vector<Tensor> parts, int64_t n) {
     return dequant(weight(parts, n));
-  }, "a quantized weight ([qs, d] or [qs, d, m]) -> float32 [N, K]", nogil);
+  }, "a quantized weight (parts: weight()'s) -> float32 [N, K]", nogil);
   py::class_<TorchDecodeModel>(mod, "DecodeModel")
       .def(py::init<std::vector<int64_t>, double, std::vector<Tensor>,
                     std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<Tensor>,

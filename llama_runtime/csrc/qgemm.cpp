@@ -194,11 +194,16 @@ inline float scale_at(const QMat& w, const void* a, int64_t i) {
 // Bytes of one group's 32-block (16 rows).
 inline int64_t block_bytes(const QMat& w) { return w.q4 ? GROUP * QK / 2 : GROUP * QK; }
 
-// The quantized kernels' weight kinds (qgemm.h): q8, q4 (with offsets), q8 with offsets, q8 with
-// a scale per 16 elements.
-enum class WKind { q8 = 0, q4 = 1, q8_offset = 2, q8_half = 3 };
+// The quantized kernels' weight kinds (qgemm.h): q8, q4, q5 (q4 and fifth bits), q8 with a scale
+// a 16 elements.
+enum class WKind { q8 = 0, q4 = 1, q5 = 2, q8_half = 3 };
 inline WKind kind_of(const QMat& w) {
-  return w.q4 ? WKind::q4 : w.per == 16 ? WKind::q8_half : w.m ? WKind::q8_offset : WKind::q8;
+  return w.q4 ? (w.qh ? WKind::q5 : WKind::q4) : w.per == 16 ? WKind::q8_half : WKind::q8;
+}
+
+// q5's eight fifth-bit masks of group g's block j.
+inline const uint64_t* fifth_masks(const QMat& w, int64_t g, int64_t j) {
+  return w.qh + (g * (w.K / QK) + j) * 8;
 }
 
 inline int32_t load_i32(const int8_t* p) {
@@ -242,6 +247,16 @@ inline __m256 load_scales8(const QMat& w, const void* a, int64_t i) {
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a) + i)));
   return _mm256_loadu_ps(static_cast<const float*>(a) + i);
 }
+
+// 32 bits -> 32 bytes: byte i is 16 where bit i is set, else 0 (q5's fifth bits of eight rows).
+inline __m256i fifth_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), spread);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit),
+                          _mm256_set1_epi8(16));
+}
 #endif  // LE_AVX2
 
 #if LE_VNNI512
@@ -264,11 +279,12 @@ constexpr int kRunStart[2][8] = {{0, 4, 8, 12, 16, 20, 24, 28},   // q8: run c
 template <int T, int D, WKind W>
 inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
                     int64_t ldo) {
-  constexpr bool Q4 = W == WKind::q4, OFFSET = Q4 || W == WKind::q8_offset;
+  constexpr bool Q5 = W == WKind::q5, Q4 = W == WKind::q4 || Q5;  // Q4: nibbles
   constexpr bool HALVES = W == WKind::q8_half;
   const int64_t nb = w.K / QK;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i sixteen = _mm512_set1_epi8(16);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
@@ -282,6 +298,11 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
       } else {
         wv[c] = _mm512_xor_si512(v, flip);
       }
+    }
+    if constexpr (Q5) {  // each value's fifth bit, from its register's mask (qgemm.h)
+      const uint64_t* masks = fifth_masks(w, g, j);
+      for (int r = 0; r < 8; ++r)
+        wv[r] = _mm512_mask_add_epi8(wv[r], _cvtu64_mask64(masks[r]), wv[r], sixteen);
     }
     // the block's sum(w * digit) of 16 rows against one digit's 32 bytes, in two independent
     // chains of vpdpbusd from starts s0 and s1 (their latency bounds a tile more than their
@@ -300,7 +321,7 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
     // one scale a block, or (HALVES) one a 16-element half: [G, K/16, 16]
     const __m512 dw = load_scales16(w, w.d, HALVES ? 2 * at : at);
     const __m512 dw_hi = HALVES ? load_scales16(w, w.d, 2 * at + GROUP) : dw;
-    const __m512 mw = OFFSET ? load_scales16(w, w.m, at) : _mm512_setzero_ps();
+    const __m512 mw = Q4 ? load_scales16(w, w.m, at) : _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {  // unrolled: the accumulators stay in registers
       const int64_t xb = (b0 + t) * nb + j;  // the activation row's block
@@ -326,7 +347,7 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1)),
                                  _mm512_mul_ps(dw, ad), acc[t]);
       }
-      if (OFFSET) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[t]);
+      if (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[t]);
     }
   }
   const int64_t rows = std::min<int64_t>(GROUP, w.N - g * GROUP);
@@ -343,7 +364,7 @@ inline __m256i times_base(__m256i v) { return _mm256_sub_epi32(_mm256_slli_epi32
 template <int T, int D, WKind W>
 inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float* out,
                     int64_t ldo) {
-  constexpr bool Q4 = W == WKind::q4, OFFSET = Q4 || W == WKind::q8_offset;
+  constexpr bool Q5 = W == WKind::q5, Q4 = W == WKind::q4 || Q5;  // Q4: nibbles
   constexpr int HALVES = W == WKind::q8_half ? 2 : 1;  // integer sums kept a block
   const int64_t nb = w.K / QK;
   const uint8_t* wq = static_cast<const uint8_t*>(w.qs) + g * nb * block_bytes(w);
@@ -358,14 +379,24 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
       __m256i isum[T][D][HALVES];  // per digit (and half)
       if (Q4) {
         // a nibble x a digit pair is at most 2 * 15 * 127 = 3810, so the block's eight pair
-        // sums fit 16 bits (30480): one madd a block instead of one per maddubs
+        // sums fit 16 bits (30480): one madd a block instead of one per maddubs. A q5 value's
+        // pairs reach 2 * 31 * 127 = 7874: they are widened every run instead.
         __m256i pairs[T][D];
         for (int t = 0; t < T; ++t)
-          for (int e = 0; e < D; ++e) pairs[t][e] = _mm256_setzero_si256();
+          for (int e = 0; e < D; ++e) {
+            pairs[t][e] = _mm256_setzero_si256();
+            isum[t][e][0] = _mm256_setzero_si256();
+          }
+        const uint64_t* masks = Q5 ? fifth_masks(w, g, j) : nullptr;
         for (int c = 0; c < 4; ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * c));
-          const __m256i lo = _mm256_and_si256(v, low);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          __m256i lo = _mm256_and_si256(v, low);
+          __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          if constexpr (Q5) {
+            lo = _mm256_or_si256(lo, fifth_bytes(static_cast<uint32_t>(masks[2 * c] >> 32 * h)));
+            hi = _mm256_or_si256(hi,
+                                 fifth_bytes(static_cast<uint32_t>(masks[2 * c + 1] >> 32 * h)));
+          }
           for (int t = 0; t < T; ++t)
             for (int e = 0; e < D; ++e) {
               const int8_t* xd = x[t] + e * QK;
@@ -374,10 +405,16 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
               pairs[t][e] = _mm256_add_epi16(
                   pairs[t][e], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
                                                 _mm256_maddubs_epi16(hi, xh)));
+              if constexpr (Q5) {
+                isum[t][e][0] =
+                    _mm256_add_epi32(isum[t][e][0], _mm256_madd_epi16(pairs[t][e], ones));
+                pairs[t][e] = _mm256_setzero_si256();
+              }
             }
         }
-        for (int t = 0; t < T; ++t)
-          for (int e = 0; e < D; ++e) isum[t][e][0] = _mm256_madd_epi16(pairs[t][e], ones);
+        if constexpr (!Q5)
+          for (int t = 0; t < T; ++t)
+            for (int e = 0; e < D; ++e) isum[t][e][0] = _mm256_madd_epi16(pairs[t][e], ones);
       } else {
         for (int t = 0; t < T; ++t)
           for (int e = 0; e < D; ++e)
@@ -408,7 +445,7 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
                                    acc[t]);
         }
       }
-      if (OFFSET) {
+      if (Q4) {
         const __m256 mw = load_scales8(w, w.m, at);
         for (int t = 0; t < T; ++t)
           acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[(b0 + t) * nb + j]), acc[t]);
@@ -429,14 +466,17 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
 }
 #endif
 
-// Element k of weight row n, as its quantized integer (q4: 0..15, q8: -128..127).
+// Element k of weight row n, as its quantized integer (q4: 0..15, q5: 0..31, q8: -128..127).
 inline int quant_at(const QMat& w, int64_t n, int64_t k) {
   const int64_t nb = w.K / QK, j = k / QK, i = k % QK, r = n % GROUP;
   const uint8_t* blk = static_cast<const uint8_t*>(w.qs) + ((n / GROUP) * nb + j) * block_bytes(w);
   if (w.q4) {
     const int64_t e = i % 16;  // nibble pair: elements e and e + 16
     const uint8_t byte = blk[(e / 4) * 64 + r * 4 + e % 4];
-    return i < 16 ? (byte & 0x0F) : (byte >> 4);
+    const int nibble = i < 16 ? (byte & 0x0F) : (byte >> 4);
+    if (!w.qh) return nibble;
+    const uint64_t mask = fifth_masks(w, n / GROUP, j)[2 * (e / 4) + (i < 16 ? 0 : 1)];
+    return nibble | static_cast<int>((mask >> (4 * r + e % 4)) & 1) << 4;
   }
   return reinterpret_cast<const int8_t*>(blk)[(i / 4) * 64 + r * 4 + i % 4];
 }
@@ -504,8 +544,14 @@ struct Lanes<16> {
   static I byte_signed(I v, int i) {  // byte i of each lane, sign-extended
     return _mm512_srai_epi32(_mm512_sllv_epi32(v, _mm512_set1_epi32(24 - 8 * i)), 24);
   }
-  static I nibble(I v, int shift) {
-    return _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(shift)), _mm512_set1_epi32(0x0F));
+  static I nibbles(I v, int shift) {  // each byte's low (0) or high (4) nibble
+    return _mm512_and_si512(_mm512_srli_epi16(v, shift), _mm512_set1_epi8(0x0F));
+  }
+  static I byte_unsigned(I v, int i) {  // byte i of each lane
+    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * i), _mm512_set1_epi32(0xFF));
+  }
+  static I with_fifth(I v, uint64_t mask, int) {  // 16 added to the bytes of mask's set bits
+    return _mm512_mask_add_epi8(v, _cvtu64_mask64(mask), v, _mm512_set1_epi8(16));
   }
   static F scales(const QMat& w, const void* a, int64_t i) { return load_scales16(w, a, i); }
 };
@@ -527,8 +573,14 @@ struct Lanes<8> {
   static I byte_signed(I v, int i) {
     return _mm256_srai_epi32(_mm256_sllv_epi32(v, _mm256_set1_epi32(24 - 8 * i)), 24);
   }
-  static I nibble(I v, int shift) {
-    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(shift)), _mm256_set1_epi32(0x0F));
+  static I nibbles(I v, int shift) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(0x0F));
+  }
+  static I byte_unsigned(I v, int i) {
+    return _mm256_and_si256(_mm256_srli_epi32(v, 8 * i), _mm256_set1_epi32(0xFF));
+  }
+  static I with_fifth(I v, uint64_t mask, int h) {  // lanes h: the mask's bits [32h, 32h + 32)
+    return _mm256_or_si256(v, fifth_bytes(static_cast<uint32_t>(mask >> 32 * h)));
   }
   static F scales(const QMat& w, const void* a, int64_t i) { return load_scales8(w, a, i); }
 };
@@ -553,19 +605,16 @@ inline void for_each_k(const QMat& w, int64_t g, int h, const F& f) {
     const L::F d = w.per == QK ? L::scales(w, w.d, at) : L::zero();
     if (w.q4) {
       const L::F m = L::scales(w, w.m, at);
+      const uint64_t* masks = w.qh ? fifth_masks(w, g, j) : nullptr;
       L::I runs[4];
       for (int c = 0; c < 4; ++c) runs[c] = L::load_runs(blk + 64 * c);
       for (int half = 0; half < 2; ++half)  // low nibbles: elements 0-15, high: 16-31
-        for (int c = 0; c < 4; ++c)
+        for (int c = 0; c < 4; ++c) {
+          L::I v = L::nibbles(runs[c], 4 * half);  // a value a byte
+          if (masks) v = L::with_fifth(v, masks[2 * c + half], h);
           for (int i = 0; i < 4; ++i)
-            f(j * QK + 16 * half + 4 * c + i, L::fma(L::cvt(L::nibble(runs[c], 8 * i + 4 * half)), d, m));
-    } else if (w.m) {
-      const L::F m = L::scales(w, w.m, at);
-      for (int c = 0; c < 8; ++c) {
-        const L::I run = L::load_runs(blk + 64 * c);
-        for (int i = 0; i < 4; ++i)
-          f(j * QK + 4 * c + i, L::fma(L::cvt(L::byte_signed(run, i)), d, m));
-      }
+            f(j * QK + 16 * half + 4 * c + i, L::fma(L::cvt(L::byte_unsigned(v, i)), d, m));
+        }
     } else {
       L::F dc = d;
       for (int c = 0; c < 8; ++c) {
@@ -662,9 +711,11 @@ void qmat_check(const QMat& w) {
   if (w.dense) return;
   if (w.per != QK && w.per != QK / 2)
     throw std::invalid_argument("a quantized weight has a scale a 32 or a 16 elements");
-  if (w.per == QK / 2 && (w.q4 || w.m))
-    throw std::invalid_argument("scales a 16 elements are for q8 weights without offsets");
-  if (w.q4 && !w.m) throw std::invalid_argument("a q4 weight has offsets");
+  if (w.per == QK / 2 && w.q4)
+    throw std::invalid_argument("scales a 16 elements are for q8 weights");
+  if (w.q4 != (w.m != nullptr))
+    throw std::invalid_argument("q4 and q5 weights have offsets, q8 weights none");
+  if (w.qh && !w.q4) throw std::invalid_argument("fifth bits are for q5 (nibble) weights");
   if (w.K % QK != 0) throw std::invalid_argument("a quantized weight's K is a multiple of 32");
 }
 
@@ -674,8 +725,8 @@ void qmat_rows_quant(const QMat& w, const QActs& a, float* out, int64_t ldo, int
   using F = void (*)(const QMat&, const QActs&, float*, int64_t, int64_t, int64_t);
   using K = WKind;
   static constexpr F kernels[2][4] = {
-      {rows_q<1, K::q8>, rows_q<1, K::q4>, rows_q<1, K::q8_offset>, rows_q<1, K::q8_half>},
-      {rows_q<2, K::q8>, rows_q<2, K::q4>, rows_q<2, K::q8_offset>, rows_q<2, K::q8_half>}};
+      {rows_q<1, K::q8>, rows_q<1, K::q4>, rows_q<1, K::q5>, rows_q<1, K::q8_half>},
+      {rows_q<2, K::q8>, rows_q<2, K::q4>, rows_q<2, K::q5>, rows_q<2, K::q8_half>}};
   kernels[a.digits - 1][static_cast<int>(kind_of(w))](w, a, out, ldo, g0, g1);
 #else
   rows_q_scalar(w, a, out, ldo, g0, g1);

@@ -62,28 +62,33 @@ inline int acts_digits(Acts acts) { return acts == Acts::int16 ? 2 : acts == Act
 // groups of 16 (G = ceil(N / 16) groups; the last one zero-padded) and, within a 32-block, in
 // runs of four consecutive elements, so one 64-byte load holds four elements of each of 16
 // rows: a vector lane per output row, and no horizontal sums.
-//   q8: qs int8 [G, K/32, 8, 16, 4]: element 4c + i of row r at [.., c, r, i]; w = d * q, or
-//       d * q + m where the weight has offsets
+//   q8: qs int8 [G, K/32, 8, 16, 4]: element 4c + i of row r at [.., c, r, i]; w = d * q
 //   q4: qs uint8 [G, K/32, 4, 16, 4]: byte [.., c, r, i] holds element 4c + i of row r in its
 //       low nibble and element 16 + 4c + i in its high one (GGUF's byte 4c + i); w = d * q + m
+//   q5: q4's nibbles, and each value's fifth bit in qh uint64 [G, K/32, 8]: mask v of a block
+//       holds, at bit 4r + i, the fifth bit of row r's element kFifthStart[v] + i (the elements
+//       the VNNI kernel's register v holds); w = d * (nibble + 16 * bit) + m
 //   d, m: [G, K/per, 16], one scale (and offset) a `per` elements of a row
-// (GGUF Q8_0 and Q5_0 -> q8; Q5_1 and Q5_K -> q8 with offsets; Q6_K -> q8 with a scale per 16;
-// Q4_0, Q4_1 and Q4_K -> q4.) Scales and offsets are float16 where that holds them exactly (the
-// GGUF's own f16 values) and float32 otherwise (the K-quants' products of two scales): per 32
-// weights, Q4_1 20 bytes (as in the file), Q4_0 20 (the file's 18 plus the offset -8d), Q8_0
-// and Q5_0 34, Q4_K 24, Q5_1 36, Q5_K 40, Q6_K 40.
+// (GGUF Q8_0 -> q8; Q6_K -> q8 with a scale per 16 elements; Q4_0, Q4_1 and Q4_K -> q4; Q5_0,
+// Q5_1 and Q5_K -> q5.) Scales and offsets are float16 where that holds them exactly (the GGUF's
+// own f16 values) and float32 otherwise (the K-quants' products of two scales): per 32 weights,
+// Q4_1 20 bytes (as in the file), Q4_0 20 (the file's 18 plus the offset -8d), Q5_0 24 (22 plus
+// the offset -16d), Q5_1 24, Q8_0 34, Q4_K 24, Q5_K 28, Q6_K 40.
 // A weight kept in float32 instead (a type not kept quantized) is `dense`: qs is then the row-major
 // [N, K] float32 matrix itself, d and m are unused, and every product takes the exact panel path.
 struct QMat {
   bool q4;
   const void* qs;
   const void* d;  // float32, or float16 when f16
-  const void* m;  // offsets (q4 always, q8 optionally, with per 32), like d; or null
+  const void* m;  // offsets (q4 and q5), like d; null for q8
   int64_t N, K;
   bool f16 = false;
   bool dense = false;
-  int per = QK;  // elements a scale: 32, or 16 (q8 without offsets only)
+  int per = QK;  // elements a scale: 32, or 16 (q8 only)
+  const uint64_t* qh = nullptr;  // q5's fifth bits (q4 is then true); null otherwise
 };
+// The first element of a block that each of q5's eight fifth-bit masks covers.
+constexpr int kFifthStart[8] = {0, 16, 4, 20, 8, 24, 12, 28};
 // Throws std::invalid_argument unless `w`'s kind, offsets and scale granularity go together.
 void qmat_check(const QMat& w);
 constexpr int GROUP = 16;

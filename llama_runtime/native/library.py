@@ -143,7 +143,7 @@ class LeWeight(ctypes.Structure):
 
     _fields_ = [("kind", ctypes.c_int32), ("f16", ctypes.c_int32), ("qs", ctypes.c_void_p),
                 ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("n", ctypes.c_int64),
-                ("k", ctypes.c_int64), ("per", ctypes.c_int64)]
+                ("k", ctypes.c_int64), ("per", ctypes.c_int64), ("qh", ctypes.c_void_p)]
 
 
 class StepArgs(ctypes.Structure):

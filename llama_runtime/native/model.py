@@ -6,6 +6,7 @@ here imports torch, so a process that serves a GGUF model this way carries no to
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,9 @@ from llama_runtime.step import RopeTables, SeqStep, row_arrays
 
 __all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
 
+log = logging.getLogger(__name__)
+
+_FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16 (gguf.GGMLQuantizationType)
 _LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -36,10 +40,13 @@ def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
 
 
+_KINDS = {"q4": 1, "q8": 2, "q5": 3}  # le_weight's kind (csrc/capi.cpp)
+
+
 def le_weight(p: PackedWeight) -> LeWeight:
     """The C API's view of a packed weight (it borrows the arrays: keep `p` alive)."""
-    return LeWeight(1 if p.kind == "q4" else 2, int(p.d.dtype == np.float16), _ptr(p.qs),
-                    _ptr(p.d), _ptr(p.m), p.shape[0], p.shape[1], p.per)
+    return LeWeight(_KINDS[p.kind], int(p.d.dtype == np.float16), _ptr(p.qs), _ptr(p.d),
+                    _ptr(p.m), p.shape[0], p.shape[1], p.per, _ptr(p.qh))
 
 
 def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndarray:
@@ -50,7 +57,7 @@ def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndar
     x = np.ascontiguousarray(x, dtype=np.float32)
     if isinstance(p, np.ndarray):
         p = np.ascontiguousarray(p, dtype=np.float32)
-        w = LeWeight(0, 0, _ptr(p), None, None, p.shape[0], p.shape[1], 0)
+        w = LeWeight(0, 0, _ptr(p), None, None, p.shape[0], p.shape[1], 0, None)
     else:
         w = le_weight(p)
     n, k = p.shape
@@ -152,6 +159,7 @@ class NativeModel:
         self.cfg, self.decode = cfg, decode  # a key of DECODE_MODES
         self._keep: list[Any] = []  # every array the library borrows
         self.weight_paths: dict[str, str] = {}
+        widened: set[int] = set()  # quantized types no kernel keeps quantized
         w = files.weights
 
         def weight(name: str) -> LeWeight:
@@ -162,11 +170,13 @@ class NativeModel:
                 self._keep.append(p)
                 self.weight_paths[name] = KEPT_QUANTIZED
                 return le_weight(p)
+            if raw.qtype not in _FLOAT_TYPES:
+                widened.add(raw.qtype)
             dense = _dense(raw)
             release_pages(raw.data)
             self._keep.append(dense)
             self.weight_paths[name] = "dequantized to float32"
-            return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape, 0)
+            return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape, 0, None)
 
         def norm(name: str, size: int | None = None) -> int:
             """A small float32 tensor the library copies (dim floats, or `size`)."""
@@ -194,6 +204,12 @@ class NativeModel:
                   for i in range(cfg.n_layers) for key in LAYER_EXTRAS]
         embed = w["token_embd.weight"]
         linears.append(weight("output.weight" if "output.weight" in w else "token_embd.weight"))
+        if widened:
+            import gguf
+
+            names = ", ".join(sorted(gguf.GGMLQuantizationType(t).name for t in widened))
+            log.warning("%s weights are dequantized to float32 at load: no kernel keeps them "
+                        "quantized (docs/models.md lists the kept types)", names)
         # token embeddings are looked up row by row from the file (gguf's dequantizer)
         self._embed = embed
         dims = (ctypes.c_int64 * 7)(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,

@@ -1,7 +1,8 @@
 """Weights kept quantized in memory, and the compiled kernels that multiply them.
 
-GGUF Q4_0, Q4_1, Q8_0 and Q4_K tensors are repacked at load (no requantization: the same values)
-into `QWeight`s in the kernels' layout (csrc/qgemm.h: 16-row groups, a vector lane per row).
+GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K tensors are repacked at load (no
+requantization: the same values) into `QWeight`s in the kernels' layout (csrc/qgemm.h: 16-row
+groups, a vector lane per row).
 csrc/qgemm.cpp multiplies them directly, three ways:
 - exact: float activations against weights widened to float (dequantize-then-matmul's
   arithmetic up to summation order, and one FMA rounding in d * q + m).
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 
 from llama_models.checkpoint import RawTensor
-from llama_runtime.native.layout import GROUP, KEPT_QUANTIZED, REPACKABLE, RUN, pack, weight_path
+from llama_runtime.native.layout import (
+    FIFTH_START,
+    GROUP,
+    KEPT_QUANTIZED,
+    REPACKABLE,
+    RUN,
+    pack,
+    weight_path,
+)
 from llama_runtime.native.library import ACTS, CSRC, compile_flags
 
 __all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "kernels", "repack", "weight_path"]
@@ -68,11 +77,12 @@ class QWeight:
     """A [N, K] weight in the kernels' layout (csrc/qgemm.h): rows interleaved in groups of 16
     and zero-padded to a multiple of 16."""
 
-    kind: str  # "q4" or "q8"
+    kind: str  # "q4", "q5" or "q8"
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
     shape: tuple[int, int]
+    qh: torch.Tensor | None = None  # q5's fifth bits
 
     @property
     def per(self) -> int:
@@ -81,11 +91,12 @@ class QWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.parts())
 
     def parts(self) -> list[torch.Tensor]:
-        """The tensors the native kernels take: [qs, d] or [qs, d, m]."""
-        return [self.qs, self.d] if self.m is None else [self.qs, self.d, self.m]
+        """The tensors the native kernels take: [qs, d] (q8), [qs, d, m] (q4) or
+        [qs, d, m, qh] (q5)."""
+        return [t for t in (self.qs, self.d, self.m, self.qh) if t is not None]
 
     def linear(self, x: torch.Tensor, *, acts: str = "exact") -> torch.Tensor:
         """x @ W.T by the compiled kernel with `acts` (a key of ACTS): float activations, or
@@ -110,6 +121,12 @@ class QWeight:
         else:  # [G, nb, 4, 16, 4]: low nibbles elements 0-15, high ones 16-31
             b = self.qs.view(-1, nb, 4, GROUP, RUN)[g, :, :, lane].reshape(-1, nb, 16)
             q = torch.cat((b & 0x0F, b >> 4), dim=-1)
+            if self.qh is not None:  # [G, nb, 8 masks, 64 bits]: bit 4 * lane + i
+                masks = self.qh.view(-1, nb, 8, 8)[g]  # [R, nb, 8, 8 bytes]
+                bits = (masks[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+                bits = bits.reshape(-1, nb, 8, GROUP, RUN)
+                bits = bits[torch.arange(len(rows)), :, :, lane].reshape(-1, nb, 32)
+                q = q | (bits[..., _FIFTH_ELEMENT] << 4)
         # q * d is exact for every kept type (a few bits times the scale), so adding the offset
         # rounds once, as the kernels' fma(q, d, m) does
         w = q.float() * d[..., None]
@@ -118,9 +135,15 @@ class QWeight:
         return w.reshape(rows.shape[0], k)
 
 
+_FIFTH_ELEMENT = torch.tensor([v * RUN + i for e in range(32) for v, start in
+                               enumerate(FIFTH_START) for i in range(RUN) if start + i == e])
+"""Block element e's place among q5's mask bits taken in mask order (FIFTH_START)."""
+
+
 def repack(raw: RawTensor) -> QWeight:
-    """GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K bytes -> QWeight (see native.layout.pack): exactly the
-    stored values."""
+    """GGUF bytes of a kept type -> QWeight (see native.layout.pack): exactly the stored
+    values."""
     p = pack(raw)
     return QWeight(p.kind, torch.from_numpy(p.qs), torch.from_numpy(p.d),
-                   None if p.m is None else torch.from_numpy(p.m), p.shape)
+                   None if p.m is None else torch.from_numpy(p.m), p.shape,
+                   None if p.qh is None else torch.from_numpy(p.qh))

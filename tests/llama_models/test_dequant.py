@@ -141,7 +141,7 @@ def test_types_read_by_ggufs_decoders(qtype: Q, caplog: pytest.LogCaptureFixture
     raw = rng.integers(0, 256, (6, 2 * type_size), dtype=np.uint8)
     blocks = raw.reshape(-1, type_size)
     f16 = np.float16(rng.uniform(-0.01, 0.01))  # every float16 field of a block: small, finite
-    for at in _F16_OFFSETS[qtype]:
+    for at in F16_FIELDS[qtype]:
         blocks[:, at:at + 2] = np.frombuffer(f16.tobytes(), np.uint8)
     with caplog.at_level("WARNING", logger="llama_models.dequant"):
         got = dequantize(torch.from_numpy(raw.copy()), qtype, (6, 2 * block_size))
@@ -149,10 +149,6 @@ def test_types_read_by_ggufs_decoders(qtype: Q, caplog: pytest.LogCaptureFixture
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     np.testing.assert_array_equal(got.numpy(), want)
     assert not caplog.records or qtype.name in caplog.text
-
-
-_F16_OFFSETS = {  # byte offsets of each block's float16 scales (ggml-common.h)
-    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 
 
 def test_unsupported_type_raises() -> None:

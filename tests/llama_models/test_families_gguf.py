@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from families import assert_last_logits_match, assert_same_greedy_tokens, make_hf_model, to_gguf
+from families import (
+    assert_last_logits_match,
+    assert_same_greedy_tokens,
+    make_hf_model,
+    retype_gguf,
+    to_gguf,
+)
 
 from llama_models import open_model, resolve_model_path
 from llama_models.decoder import fused_refusal
@@ -98,3 +104,50 @@ def test_native_kernels_run_the_variant_layers_as_the_torch_path(
     tokens = [e.generate(IDS, max_tokens=16, temperature=0, ignore_eos=True).token_ids
               for e in (native, torch_path)]
     assert tokens[0] == tokens[1]
+
+
+def test_every_kept_type_stays_quantized_and_the_others_load(
+        tmp_path: Path, smollm2_tokenizer: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A Llama GGUF whose linears take, in turn, every type a real file mixes (Q4_0 to Q6_K) and
+    some no kernel keeps (Q2_K, IQ4_NL): the kept ones stay quantized on the native backend, the
+    others are dequantized with a log line, and its exact step agrees with the op-by-op torch
+    path (which dequantizes everything) on the same file."""
+    import gguf as gg
+
+    from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE
+
+    Q = gg.GGMLQuantizationType
+    types = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.IQ4_NL]
+    make_hf_model(tmp_path / "hf", "llama", smollm2_tokenizer, hidden_size=256,
+                  intermediate_size=512)
+    f32 = to_gguf(tmp_path / "hf", tmp_path / "f32.gguf")
+    assigned: dict[str, Any] = {}
+
+    def qtype_of(name: str, shape: tuple[int, ...]) -> Any:
+        if len(shape) != 2 or name == "token_embd.weight":
+            return None
+        assigned[name] = types[len(assigned) % len(types)]
+        return assigned[name]
+
+    mixed = retype_gguf(f32, tmp_path / "mixed.gguf", qtype_of)
+    assert set(assigned.values()) == set(types)
+    with caplog.at_level("WARNING", logger="llama_runtime.native.model"):
+        native = create_engine(str(mixed), progress=False, decode="exact")
+    assert native.backend == "native"
+    paths = native.weight_paths()
+    for name, qtype in assigned.items():
+        assert (paths[name] == KEPT_QUANTIZED) == (int(qtype) in REPACKABLE), (name, qtype)
+    assert "IQ4_NL, Q2_K weights are dequantized" in caplog.text
+    torch_path = create_engine(str(mixed), progress=False, backend="torch", decode="torch")
+    logits = []
+    for e in (native, torch_path):
+        s = e.new_session()
+        e.prefill(s, IDS)
+        logits.append(e.next_token_logits(s))
+        e.close_session(s)
+    assert abs(logits[0] - logits[1]).max() < 1e-4 * abs(logits[1]).max()
+    tokens = [e.generate(IDS, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+              for e in (native, torch_path)]
+    assert tokens[0] == tokens[1]
+    native.close()
+    torch_path.close()

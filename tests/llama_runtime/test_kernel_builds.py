@@ -23,7 +23,7 @@ ROWS = (1, 2, 5, 9, 40)
 # argv[2:]:
 # a q4 weight from the model (Q4_1, float16 scales), synthetic Q4_0, Q8_0, Q5_1 and Q5_K ones with
 # a row count that leaves the last 16-row group padded, and Gemma's Q4_K, Q5_0 and Q6_K ones: q4,
-# q8, q8 with offsets, q8 with a scale a 16 elements, float16 and float32 scales.
+# q5, q8, q8 with a scale a 16 elements, float16 and float32 scales.
 _PRODUCTS = """
 import sys
 import numpy as np

@@ -135,8 +135,9 @@ def test_every_kept_type_repacks_exactly_and_multiplies(qtype: T) -> None:
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_gemma3_tensors_repack_to_the_same_values_and_multiply(qtype: T) -> None:
     """The packaged Gemma 3 Q4_K_M GGUF's types keep their values exactly: Q4_K in the q4
-    layout (per-32 scale d * sc and offset -dmin * m), Q5_0 in the q8 layout (the 5-bit value
-    less 16, scale d), Q6_K in the q8 layout with a scale d * sc a 16 elements."""
+    layout (per-32 scale d * sc and offset -dmin * m), Q5_0 in the q5 layout (nibbles and
+    fifth bits, scale d and offset -16d), Q6_K in the q8 layout with a scale d * sc a 16
+    elements."""
     from llama_models import resolve_model_path
     from llama_models.checkpoint import read_gguf
 
