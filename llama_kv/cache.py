@@ -13,6 +13,13 @@ reuse them: carry out plans in the order they were made (a batched forward that 
 K/V of a layer before attending is fine). If a forward fails after its plan, call
 ``truncate(session_id, plan.start_pos, invalidate=True)`` so unwritten blocks are never reused.
 
+With `window` (every layer of the model attends to at most its last `window` positions), a
+session's blocks that fall wholly before the next token's window are given back as it grows
+(`release_behind`, called by the scheduler before each step): a long generation holds
+O(window) blocks, not O(context). Released full blocks keep their hashes, so they stay in the
+prefix cache (cached, evictable) and a later prompt with the same prefix still takes them back;
+the released session itself can be rewound only past its window (else it recomputes).
+
 Invariants (checked by `PagedKVCache.check`, on top of `BlockPool.check`):
   - a block's ref_count equals the number of tables holding it; every held block is used;
   - a table holding n tokens has exactly ceil(n / block_size) blocks and n // block_size hashes;
@@ -33,7 +40,7 @@ from typing import Any
 
 from llama_engine.errors import InvalidParamsError, SessionError
 from llama_kv.block_pool import BlockPool, out_of_kv_memory
-from llama_kv.block_table import BlockTable
+from llama_kv.block_table import RELEASED, BlockTable
 from llama_kv.hashing import BlockHash, hash_block_tokens, root_hash
 
 __all__ = ["PagedKVCache", "SlotPlan"]
@@ -66,11 +73,16 @@ class PagedKVCache:
     """Block tables keyed by session id over a pool of `num_blocks` blocks of `block_size`.
 
     `hash_namespace` seeds the prefix hashes (use the model's id so caches of two models never
-    match each other's blocks in saved sessions).
+    match each other's blocks in saved sessions). `window`: the positions a new token attends
+    back over on every layer (the model's sliding window when every layer has one), or 0: all.
     """
 
-    def __init__(self, num_blocks: int, *, block_size: int = 16, hash_namespace: str = "") -> None:
+    def __init__(self, num_blocks: int, *, block_size: int = 16, hash_namespace: str = "",
+                 window: int = 0) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise InvalidParamsError(f"window must be a non-negative int, got {window!r}")
         self.pool = BlockPool(num_blocks, block_size)
+        self.window = window
         self._root = root_hash(hash_namespace)
         self._tables: dict[str, BlockTable] = {}
         self._queries = 0
@@ -106,11 +118,17 @@ class PagedKVCache:
         return list(self._table(session_id).token_ids)
 
     def block_ids(self, session_id: str) -> list[int]:
-        """The session's block ids in position order (a copy)."""
+        """The session's block ids in position order (a copy; RELEASED for released blocks)."""
         return list(self._table(session_id).block_ids)
 
+    def released_tokens(self, session_id: str) -> int:
+        """Leading positions whose K/V was given back (release_behind)."""
+        table = self._table(session_id)
+        return min(table.released * self.block_size, table.num_tokens)
+
     def slot_mapping(self, session_id: str, start: int = 0, end: int | None = None) -> list[int]:
-        """Flat slots (``block_id * block_size + offset``) of positions ``start..end-1``."""
+        """Flat slots (``block_id * block_size + offset``) of positions ``start..end-1``;
+        RELEASED for released positions."""
         table = self._table(session_id)
         end = table.num_tokens if end is None else end
         if not 0 <= start <= end <= table.num_tokens:
@@ -175,7 +193,7 @@ class PagedKVCache:
         """Make `dst_id` a copy of `src_id` sharing every block (copy-on-write)."""
         src = self._table(src_id)
         self._new_id(dst_id)
-        for block in src.block_ids:
+        for block in src.held_ids:
             self.pool.incref(block)
         self._tables[dst_id] = src.copy()
 
@@ -192,7 +210,31 @@ class PagedKVCache:
             raise InvalidParamsError(
                 f"n_tokens must be in 0..{table.num_tokens} (session {session_id!r}'s length), "
                 f"got {n_tokens}")
+        if n_tokens and not self._can_continue(table, n_tokens):
+            lowest = table.released * self.block_size + self.window - 1
+            raise InvalidParamsError(
+                f"session {session_id!r} gave back its first {table.released * self.block_size} "
+                f"positions (out of the {self.window}-position window): rewind it to no fewer "
+                f"than {lowest} tokens, or to 0 and prefill it again")
         self._truncate(table, n_tokens, invalidate=invalidate)
+
+    def release_behind(self, session_id: str, next_pos: int) -> int:
+        """Give back the session's blocks that lie wholly before what a token at `next_pos`
+        (and every later one) attends to, `next_pos + 1 - window` on, and return how many
+        leading positions are now released. Nothing without a window. Call it before planning a
+        step whose first new row is at `next_pos`: the blocks it frees may go to another
+        session's rows of the same step."""
+        table = self._table(session_id)
+        if not self.window:
+            return 0
+        first = min(next_pos, table.num_tokens) + 1 - self.window
+        upto = max(0, first) // self.block_size
+        if upto > table.released:
+            gone = table.block_ids[table.released:upto]
+            table.block_ids[table.released:upto] = [RELEASED] * len(gone)
+            table.released = upto
+            self.pool.release(reversed(gone))  # hashed ones stay cached, newest evicted first
+        return self.released_tokens(session_id)
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -219,12 +261,15 @@ class PagedKVCache:
         limit = min(len(held), len(context) - 1)
         while keep < limit and held[keep] == context[keep]:
             keep += 1
+        if not self._can_continue(table, keep):
+            keep = 0  # the first new token would attend to released positions: start over
         return self._plan(session_id, table, keep, context[keep:], reuse=True)
 
     # --- save / restore ------------------------------------------------------------------------
 
     def export_session(self, session_id: str) -> dict[str, Any]:
-        """The session's bookkeeping as plain data (the backend saves K/V of `block_ids`)."""
+        """The session's bookkeeping as plain data (the backend saves K/V of `block_ids`, the
+        released ones' being gone)."""
         table = self._table(session_id)
         return {
             "format": "llama-kv/1",
@@ -233,6 +278,7 @@ class PagedKVCache:
             "num_tokens": table.num_tokens,
             "token_ids": list(table.token_ids),
             "block_ids": list(table.block_ids),
+            "released_blocks": table.released,
             "block_hashes": [h.hex() for h in table.block_hashes],
         }
 
@@ -287,7 +333,7 @@ class PagedKVCache:
                 table.check()
             except RuntimeError as e:
                 raise RuntimeError(f"session {sid!r}: {e}") from None
-            for block in table.block_ids:
+            for block in table.held_ids:
                 holders[block] += 1
             parent = self._root
             for i, h in enumerate(table.block_hashes):
@@ -295,7 +341,8 @@ class PagedKVCache:
                                                                    (i + 1) * self.block_size])
                 if h != parent:
                     raise RuntimeError(f"session {sid!r}: hash of block {i} is not its tokens'")
-                pooled = pool.block_hash(table.block_ids[i])
+                block = table.block_ids[i]
+                pooled = None if block == RELEASED else pool.block_hash(block)
                 if pooled is not None and pooled != h:
                     raise RuntimeError(
                         f"session {sid!r}: full block {table.block_ids[i]} is registered under "
@@ -320,16 +367,21 @@ class PagedKVCache:
         if session_id in self._tables:
             raise SessionError(f"KV session {session_id!r} already exists; free it first")
 
+    def _can_continue(self, table: BlockTable, n: int) -> bool:
+        """Whether a token at position n attends to held positions only."""
+        return table.released * self.block_size <= max(0, n + 1 - self.window)
+
     def _truncate(self, table: BlockTable, n: int, *, invalidate: bool) -> None:
         bs = self.block_size
         keep_blocks = -(-n // bs)
-        released = table.block_ids[keep_blocks:]
+        gone = [b for b in table.block_ids[keep_blocks:] if b != RELEASED]
         del table.block_ids[keep_blocks:]
         del table.token_ids[n:]
         del table.block_hashes[n // bs :]
-        if invalidate and n % bs:
+        table.released = min(table.released, keep_blocks)
+        if invalidate and n % bs and table.block_ids[-1] != RELEASED:
             self.pool.drop_hash(table.block_ids[-1])
-        self.pool.release(reversed(released), uncache=invalidate)
+        self.pool.release(reversed(gone), uncache=invalidate)
         if n == 0:
             table.shared = True  # nothing from outside is left
 
@@ -355,7 +407,7 @@ class PagedKVCache:
         pool, bs = self.pool, self.block_size
         keep_blocks = -(-keep // bs)
         dropped = table.block_ids[keep_blocks:]  # released by truncating to `keep`
-        freed = {b for b in dropped if pool.ref_count(b) == 1}
+        freed = {b for b in dropped if b != RELEASED and pool.ref_count(b) == 1}
 
         # Whole blocks from the prefix cache, right after `keep` (only at a block boundary),
         # always leaving the last token to compute.

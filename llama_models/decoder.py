@@ -114,6 +114,14 @@ class DecoderConfig:
         return self.windows[layer] if self.windows else 0
 
     @property
+    def kv_reach(self) -> int:
+        """How many positions back a token attends on every layer: the largest window when
+        every layer has one (older K/V can be given back), else 0 (all of them)."""
+        if not self.windows or min(self.windows) == 0:
+            return 0
+        return max(self.windows)
+
+    @property
     def attn_scale(self) -> float:
         return self.head_dim ** -0.5 if self.query_scale is None else self.query_scale
 

@@ -233,10 +233,11 @@ class BatchedEngine(LlamaEngine):
 
     def _install(self, *, tokenizer: Tokenizer, ctx: int, fingerprint: str, num_blocks: int,
                  store: Any, weight_paths: dict[str, str], handle: ModelHandle,
-                 activate: Callable[[], None]) -> None:
+                 activate: Callable[[], None], kv_reach: int = 0) -> None:
         """Make a loaded model current: the old scheduler stopped and its sessions closed,
         then `activate` (the backend swaps in its model), a fresh KV cache over `store` and a
-        new scheduler."""
+        new scheduler. kv_reach: DecoderConfig.kv_reach (a session's K/V older than that is
+        given back as it grows)."""
         with self._lock:
             self._check_open()
             if self._scheduler is not None:
@@ -255,7 +256,7 @@ class BatchedEngine(LlamaEngine):
             self._tokenizer, self._ctx = tokenizer, ctx
             self._fingerprint = fingerprint
             self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
-                                       hash_namespace=fingerprint)
+                                       hash_namespace=fingerprint, window=kv_reach)
             self._store = store
             # The scheduler reaches the engine through weak references, so an engine nobody
             # holds is collected (and its finalizer below stops the thread).
@@ -447,7 +448,12 @@ class BatchedEngine(LlamaEngine):
             with self._sched().lock:
                 tokens = list(session.tokens)
                 slots = self._cache.slot_mapping(session.id, 0, len(tokens))
-            k, v = self._store.read(slots)
+                gone = min(self._cache.released_tokens(session.id), len(tokens))
+            # positions given back (out of every layer's window) are never read again: zeros
+            k, v = self._store.read(slots[gone:])
+            if gone:
+                pad = np.zeros(self._store.kv_shape(gone), dtype=k.dtype)
+                k, v = (np.concatenate([pad, a], axis=1) for a in (k, v))
             try:
                 write_session(path, model=self._fingerprint, tokens=tokens, k=k, v=v)
             except OSError as e:
@@ -475,6 +481,8 @@ class BatchedEngine(LlamaEngine):
             except BaseException:
                 self._cache.free(s.id)
                 raise
+            # out of every layer's window (the saved session had given them back): not kept
+            self._cache.release_behind(s.id, len(saved.tokens))
             s.tokens = saved.tokens
             self._register(s, sched)
         return s

@@ -52,6 +52,7 @@ from llama_engine import (
     Usage,
 )
 from llama_kv import PagedKVCache
+from llama_kv.block_table import RELEASED
 from llama_runtime.generation import Generation
 from llama_runtime.step import SeqStep
 
@@ -81,6 +82,8 @@ class Request:
     todo_slots: list[int] = field(default_factory=list)
     pos: int = 0
     ctx_slots: list[int] = field(default_factory=list)
+    given_back: int = 0
+    """Leading positions of ctx_slots given back (RELEASED): out of every layer's window."""
     next_token: int | None = None
     prefill: PrefillResult | None = None
     prefill_started: float = 0.0
@@ -268,6 +271,7 @@ class Scheduler:
             if logits is None:
                 raise LlamaError(f"session {sid} has no prompt; call prefill() first")
             r.ctx_slots = self.cache.slot_mapping(sid)
+            r.given_back = self.cache.released_tokens(sid)
             r.pos = len(r.session.tokens)
             r.prefill = r.session.last_prefill
             self._begin_generation(r, logits)
@@ -281,6 +285,17 @@ class Scheduler:
             r.cached_tokens = plan.start_pos
         r.todo, r.todo_slots = list(plan.token_ids), list(plan.slot_mapping)
         r.ctx_slots = self.cache.slot_mapping(sid, 0, plan.start_pos) + r.todo_slots
+        r.given_back = self.cache.released_tokens(sid)
+
+    def _release_behind(self, r: Request) -> None:
+        """Give back `r`'s blocks that its next row (at r.pos) and every later one cannot
+        attend to (a model whose every layer has a sliding window): a long generation holds
+        O(window) blocks. Done while planning the step, before its rows are placed, so the
+        blocks it frees may serve another sequence of the same step."""
+        gone = self.cache.release_behind(r.session.id, r.pos)
+        if gone > r.given_back:
+            r.ctx_slots[r.given_back:gone] = [RELEASED] * (gone - r.given_back)
+            r.given_back = gone
 
     def _build_step(self) -> tuple[list[SeqStep], list[int], list[int], list[Request]]:
         seqs: list[SeqStep] = []
@@ -292,6 +307,7 @@ class Scheduler:
             if r.next_token is None or r.done or r not in self._running:  # preempted meanwhile
                 continue
             try:
+                self._release_behind(r)
                 plan = self._append_or_preempt(r, order)
                 if plan is None:
                     continue
@@ -311,6 +327,7 @@ class Scheduler:
             if not r.todo or budget <= 0:
                 continue
             n = min(len(r.todo), budget)
+            self._release_behind(r)
             chunk, slots = r.todo[:n], r.todo_slots[:n]
             done = n == len(r.todo)
             seqs.append(SeqStep(start=r.pos, n_new=n, write_slots=slots,
@@ -358,6 +375,7 @@ class Scheduler:
             r.next_token = None
         # else: prefilling, r.prompt is still the whole context to compute
         r.todo, r.todo_slots, r.ctx_slots = [], [], []
+        r.given_back = 0
         r.preemptions += 1
         self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
         self.cache.truncate(sid, 0)  # full blocks stay in the prefix cache for the recompute

@@ -72,11 +72,13 @@ def to_gguf(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     return out
 
 
-def retype_gguf(src: Path, out: Path, qtype_of: Any) -> Path:
-    """A copy of the GGUF `src` (float32 tensors, as to_gguf writes them) with each tensor
-    stored as qtype_of(name, shape) gives (a gguf.GGMLQuantizationType, or None to keep it):
-    gguf's quantizer where it has one, else random blocks (quant_blocks.random_blocks: the
-    K-quants), so the tensor's values change but the file stays a valid model."""
+def rewrite_gguf(src: Path, out: Path, qtype_of: Any = None,
+                 uint32_keys: dict[str, int] | None = None) -> Path:
+    """A copy of the GGUF `src` (float32 tensors, as to_gguf writes them) with `uint32_keys`
+    added and each tensor stored as qtype_of(name, shape) gives (a gguf.GGMLQuantizationType,
+    or None to keep it): gguf's quantizer where it has one, else random blocks
+    (quant_blocks.random_blocks: the K-quants), so the tensor's values change but the file
+    stays a valid model."""
     import gguf
     from quant_blocks import QUANTIZABLE, quantized
 
@@ -89,10 +91,12 @@ def retype_gguf(src: Path, out: Path, qtype_of: Any) -> Path:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for key, value in (uint32_keys or {}).items():
+        writer.add_uint32(key, value)
     for i, t in enumerate(reader.tensors):
         shape = tuple(int(s) for s in reversed(t.shape))
         data = np.array(t.data, dtype=np.float32).reshape(shape)
-        qtype = qtype_of(t.name, shape)
+        qtype = None if qtype_of is None else qtype_of(t.name, shape)
         if qtype is None:
             writer.add_tensor(t.name, data)
             continue

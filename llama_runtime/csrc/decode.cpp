@@ -438,11 +438,16 @@ void DecodeModel::check(const StepArgs& a) const {
     require(r == 0 || a.logit_rows[r] > a.logit_rows[r - 1], "logit rows must ascend");
   }
   const int64_t n_blocks = a.n_slots / bs;
+  // the positions every layer may read: all, or with a window on every layer only the last
+  // `reach` of each row (blocks wholly before them may have been given back: -1)
+  const int64_t reach = *std::min_element(windows_.begin(), windows_.end()) > 0
+                            ? *std::max_element(windows_.begin(), windows_.end())
+                            : 0;
   for (int64_t b = 0; b < B; ++b) {  // attention reads through these: check them all
     const int64_t len = a.ctx_lens[b], used = (len + bs - 1) / bs;
     require(len >= 1 && used <= a.max_blocks, "context length beyond the block table");
     const int64_t* table = a.block_tables + b * a.max_blocks;
-    for (int64_t i = 0; i < used; ++i)
+    for (int64_t i = first_visible(len, reach) / bs; i < used; ++i)
       require(table[i] >= 0 && table[i] < n_blocks, "block id out of range");
     require(a.write_slots[b] == table[(len - 1) / bs] * bs + (len - 1) % bs,
             "the new token's slot must be its position's slot in the block table");

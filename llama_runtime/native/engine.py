@@ -95,7 +95,7 @@ class NativeEngine(BatchedEngine):
         self._install(tokenizer=tokenizer, ctx=ctx,
                       fingerprint=fingerprint(ckpt, cfg, "float32"), num_blocks=num_blocks,
                       store=store, weight_paths=dict(model.weight_paths), handle=handle,
-                      activate=lambda: setattr(self, "_native", model))
+                      activate=lambda: setattr(self, "_native", model), kv_reach=cfg.kv_reach)
         return handle
 
     def _release_model(self) -> None:

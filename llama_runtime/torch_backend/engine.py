@@ -120,7 +120,8 @@ class TorchEngine(BatchedEngine):
                       num_blocks=num_blocks, store=store, handle=handle,
                       weight_paths={name: weight_path(raw, quantized)
                                     for name, raw in files.weights.items()},
-                      activate=lambda: self._activate(model, fused, device, dtype))
+                      activate=lambda: self._activate(model, fused, device, dtype),
+                      kv_reach=cfg.kv_reach)
         return handle
 
     @property

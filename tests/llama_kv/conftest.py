@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llama_kv import PagedKVCache, SlotPlan
+from llama_kv.block_table import RELEASED
 
 
 class FakeKV:
@@ -33,17 +34,28 @@ class FakeKV:
         for pos, slot in zip(plan.positions, plan.slot_mapping, strict=True):
             self.slots[slot] = tuple(tokens[: pos + 1])
 
-    def write_saved(self, session_id: str, saved: list[tuple[int, ...]]) -> None:
-        """Restore an imported session's K/V, position by position."""
+    def write_saved(self, session_id: str, saved: list[tuple[int, ...] | None]) -> None:
+        """Restore an imported session's K/V, position by position (a released position's is
+        gone: None)."""
         for slot, value in zip(self.cache.slot_mapping(session_id), saved, strict=True):
-            self.slots[slot] = value
+            if value is None:
+                self.slots.pop(slot, None)
+            else:
+                self.slots[slot] = value
 
     def read(self, session_id: str) -> list[tuple[int, ...] | None]:
-        return [self.slots.get(s) for s in self.cache.slot_mapping(session_id)]
+        return [None if s == RELEASED else self.slots.get(s)
+                for s in self.cache.slot_mapping(session_id)]
 
     def verify(self, session_id: str) -> None:
+        """Every held position encodes its prefix, and the next token's window is held."""
         tokens = self.cache.token_ids(session_id)
+        released = self.cache.released_tokens(session_id)
+        window = self.cache.window
+        assert released <= max(0, len(tokens) + 1 - window) if window else released == 0
         for pos, value in enumerate(self.read(session_id)):
+            if pos < released:
+                continue
             assert value == tuple(tokens[: pos + 1]), (
                 f"session {session_id!r} position {pos} holds K/V of {value}, "
                 f"not of {tokens[: pos + 1]}")

@@ -3,6 +3,7 @@ each session holds and a fake backend that records which prefix every slot's K/V
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -13,7 +14,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from llama_engine.errors import OutOfKVMemoryError
+from llama_engine.errors import InvalidParamsError, OutOfKVMemoryError
 from llama_kv import PagedKVCache
 
 NUM_BLOCKS = 12
@@ -27,9 +28,9 @@ prompts = st.builds(lambda base, n, tail: base[:n] + tail,
 
 
 class KVMachine(RuleBasedStateMachine):
-    def __init__(self, fake_kv: type) -> None:
+    def __init__(self, fake_kv: type, window: int) -> None:
         super().__init__()
-        self.cache = PagedKVCache(NUM_BLOCKS, block_size=BLOCK_SIZE)
+        self.cache = PagedKVCache(NUM_BLOCKS, block_size=BLOCK_SIZE, window=window)
         self.kv = fake_kv(self.cache)
         self.model: dict[str, list[int]] = {}  # session id -> the tokens it must hold
         self.next_id = 0
@@ -147,8 +148,26 @@ class KVMachine(RuleBasedStateMachine):
     def truncate(self, data: st.DataObject, invalidate: bool) -> None:
         sid = self._pick(data)
         n = data.draw(st.integers(0, len(self.model[sid])))
+        released, window = self.cache.released_tokens(sid), self.cache.window
+        if n and released and n < released + window - 1:  # its window reaches released ones
+            with pytest.raises(InvalidParamsError, match="rewind it to no fewer"):
+                self.cache.truncate(sid, n, invalidate=invalidate)
+            return
         self.cache.truncate(sid, n, invalidate=invalidate)
         del self.model[sid][n:]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def release_behind(self, data: st.DataObject) -> None:
+        """What the scheduler does before a step: blocks out of the next token's window go."""
+        sid = self._pick(data)
+        used = self.cache.stats()["kv_blocks_used"]
+        before = self.cache.released_tokens(sid)
+        after = self.cache.release_behind(sid, len(self.model[sid]))
+        assert after >= before
+        if not self.cache.window:
+            assert after == 0
+        assert self.cache.stats()["kv_blocks_used"] <= used
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
@@ -175,6 +194,10 @@ class KVMachine(RuleBasedStateMachine):
         assert not set(blocks) & set(saved["block_ids"])  # fresh blocks
         self.kv.write_saved(dst, saved_kv)
         self.model[dst] = list(saved["token_ids"])
+        # what the engine does on load: the positions the file's session had given back go
+        self.cache.release_behind(dst, len(self.model[dst]))
+        assert self.cache.released_tokens(dst) >= min(saved["released_blocks"] * BLOCK_SIZE,
+                                                      len(self.model[dst]))
 
     @rule(prompt=prompts)
     def match_prefix_is_consistent(self, prompt: list[int]) -> None:
@@ -209,9 +232,10 @@ class KVMachine(RuleBasedStateMachine):
         assert s["kv_blocks_free"] + s["kv_blocks_cached"] == NUM_BLOCKS
 
 
-def test_kv_cache_state_machine(fake_kv: type) -> None:
+@pytest.mark.parametrize("window", [0, 6])
+def test_kv_cache_state_machine(fake_kv: type, window: int) -> None:
     run_state_machine_as_test(
-        lambda: KVMachine(fake_kv),
+        lambda: KVMachine(fake_kv, window),
         settings=settings(max_examples=100, stateful_step_count=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow]),
     )

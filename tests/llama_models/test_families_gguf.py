@@ -19,7 +19,7 @@ from families import (
     assert_last_logits_match,
     assert_same_greedy_tokens,
     make_hf_model,
-    retype_gguf,
+    rewrite_gguf,
     to_gguf,
 )
 
@@ -129,7 +129,7 @@ def test_every_kept_type_stays_quantized_and_the_others_load(
         assigned[name] = types[len(assigned) % len(types)]
         return assigned[name]
 
-    mixed = retype_gguf(f32, tmp_path / "mixed.gguf", qtype_of)
+    mixed = rewrite_gguf(f32, tmp_path / "mixed.gguf", qtype_of)
     assert set(assigned.values()) == set(types)
     with caplog.at_level("WARNING", logger="llama_runtime.native.model"):
         native = create_engine(str(mixed), progress=False, decode="exact")
@@ -151,3 +151,45 @@ def test_every_kept_type_stays_quantized_and_the_others_load(
     assert tokens[0] == tokens[1]
     native.close()
     torch_path.close()
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_a_model_windowed_on_every_layer_holds_o_window_blocks(
+        tmp_path: Path, smollm2_tokenizer: Any, hf_greedy: Any, fmt: str) -> None:
+    """Mistral with a 24-position window on every layer and KV blocks of 8 positions (its GGUF
+    on the native backend, its HF directory on torch's): as a session grows, the blocks wholly
+    out of its next token's window are given back, so a 200-token context holds at most 5
+    blocks (25 without), its tokens are transformers', a save mid-way loads and continues
+    exactly, and given-back blocks stay in the prefix cache."""
+    ref = make_hf_model(tmp_path / "hf", "mistral", smollm2_tokenizer, sliding_window=24)
+    path = tmp_path / "hf"
+    if fmt == "gguf":  # llama.cpp's converter leaves Mistral's window out: the key it reads
+        path = rewrite_gguf(to_gguf(path, tmp_path / "m.gguf"), tmp_path / "windowed.gguf",
+                            uint32_keys={"llama.attention.sliding_window": 24})
+    engine = create_engine(str(path), progress=False, kv_block_size=8)
+    assert engine.backend == ("native" if fmt == "gguf" else "torch")
+    ids = IDS[:39]
+    s = engine.new_session()
+    peak, got = 0, []
+    for chunk in engine.stream(ids, session=s, max_tokens=160, temperature=0, ignore_eos=True):
+        got += [chunk.token_id] if chunk.token_id is not None else []
+        peak = max(peak, engine.stats()["kv_blocks_used"])
+    assert len(got) == 160
+    assert_same_greedy_tokens(got, hf_greedy(ref, ids, 160), ref, ids)
+    # ceil(24 / 8) blocks of window, the block being written, and one partly out of the window
+    assert peak <= 5, peak
+    assert engine.stats()["kv_blocks_cached"] >= 16  # given back full blocks stay matchable
+
+    engine.save_session(s, tmp_path / "s.npz")
+    context = [*ids, *got]
+    more = engine.generate(context, session=s, max_tokens=24, temperature=0, ignore_eos=True)
+    restored = engine.load_session(tmp_path / "s.npz")
+    again = engine.generate(context, session=restored, max_tokens=24, temperature=0,
+                            ignore_eos=True)
+    assert again.token_ids == more.token_ids
+    assert engine.stats()["kv_blocks_used"] <= 10  # both sessions: their windows only
+
+    # the same prompt again, in a fresh session: its first blocks come from the prefix cache
+    hit = engine.generate(ids, max_tokens=1, temperature=0, ignore_eos=True)
+    assert hit.usage.cached_tokens == 32 and hit.token_ids == got[:1]
+    engine.close()
