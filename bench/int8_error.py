@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from llama_runtime.bench import prompt_logits
+
 REFERENCE = Path(__file__).parent.parent / "tests" / "llama_runtime" / "data" / \
     "float_reference.json"
 
@@ -155,14 +157,6 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
                 "max": round(max(r[k] for r in rows), 6)} for k in rows[0]}
 
 
-def _last_logits(engine: Any, ids: list[int]) -> np.ndarray:
-    s = engine.new_session()
-    engine.prefill(s, ids)
-    out = engine.next_token_logits(s)
-    engine.close_session(s)
-    return out
-
-
 def logit_errors(engines: dict[str, Any], ref: Any, default: Any, steps: int,
                  threads: int) -> dict[str, Any]:
     """Part 2: each quantized mode's (and llama.cpp's) last logits against `ref` (exact), after
@@ -174,11 +168,11 @@ def logit_errors(engines: dict[str, Any], ref: Any, default: Any, steps: int,
     peer = _llama_cpp_logits(ref.model.path, threads)
     per_context = []
     for text, ids in zip(CONTEXTS, contexts, strict=True):
-        want = _last_logits(ref, ids)
+        want = prompt_logits(ref, ids)
         row: dict[str, Any] = {"context": text, "tokens": len(ids)}
         for mode, engine in engines.items():
             if mode != "exact":
-                row[mode] = _errors(_last_logits(engine, ids), want)
+                row[mode] = _errors(prompt_logits(engine, ids), want)
         if peer is not None:
             row["llama_cpp"] = _errors(peer(ids), want)
         per_context.append(row)

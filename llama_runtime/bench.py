@@ -11,7 +11,7 @@ from typing import Any
 
 from llama_engine import Completion, LlamaEngine
 
-__all__ = ["generate_all", "make_prompt", "peak_rss_mb", "run_bench"]
+__all__ = ["generate_all", "make_prompt", "peak_rss_mb", "prompt_logits", "run_bench"]
 
 _FILLER = (
     "The history of computing is a story of abstraction layered on abstraction. Early machines "
@@ -21,6 +21,16 @@ _FILLER = (
     "world. Each layer hid the details below it so that people could think about larger "
     "problems. "
 )
+
+
+def prompt_logits(engine: LlamaEngine, ids: Sequence[int]) -> Any:
+    """The engine's next-token logits after prefilling `ids` in a session of their own."""
+    s = engine.new_session()
+    try:
+        engine.prefill(s, ids)
+        return engine.next_token_logits(s)
+    finally:
+        engine.close_session(s)
 
 
 def make_prompt(engine: LlamaEngine, n_tokens: int, variant: int = 0) -> list[int]:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama_runtime.bench import prompt_logits
+
 LLAMA_CPP_PYTHON = "0.3.36"
 
 _CONVERT = textwrap.dedent("""
@@ -167,10 +169,7 @@ def assert_last_logits_match(engine: Any, ref: torch.nn.Module, ids: list[int],
                              tol: float = 1e-4) -> np.ndarray:
     """The engine's logits after prefilling `ids` within `tol` of the reference's float32 ones
     at the last position; returns ours."""
-    s = engine.new_session()
-    engine.prefill(s, ids)
-    ours = engine.next_token_logits(s)
-    engine.close_session(s)
+    ours = prompt_logits(engine, ids)
     with torch.inference_mode():
         theirs = ref(torch.tensor([ids])).logits[0, -1].numpy()
     assert np.abs(ours - theirs).max() < tol

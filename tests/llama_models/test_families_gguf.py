@@ -26,6 +26,7 @@ from families import (
 from llama_models import open_model, resolve_model_path
 from llama_models.decoder import fused_refusal
 from llama_runtime import create_engine
+from llama_runtime.bench import prompt_logits
 
 IDS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1123, 5612, 28, 253, 1345, 29, 17] * 5
 
@@ -93,12 +94,7 @@ def test_native_kernels_run_the_variant_layers_as_the_torch_path(
     chunked = create_engine(str(gguf), progress=False, decode="exact", prefill_chunk=7)
     torch_path = create_engine(str(gguf), progress=False, backend="torch", decode="torch")
     assert native.backend == "native"
-    logits = []
-    for e in (native, chunked, torch_path):
-        s = e.new_session()
-        e.prefill(s, IDS)
-        logits.append(e.next_token_logits(s))
-        e.close_session(s)
+    logits = [prompt_logits(e, IDS) for e in (native, chunked, torch_path)]
     assert (logits[0] == logits[1]).all()
     assert abs(logits[0] - logits[2]).max() < 1e-3
     tokens = [e.generate(IDS, max_tokens=16, temperature=0, ignore_eos=True).token_ids
@@ -139,12 +135,7 @@ def test_every_kept_type_stays_quantized_and_the_others_load(
         assert (paths[name] == KEPT_QUANTIZED) == (int(qtype) in REPACKABLE), (name, qtype)
     assert "IQ4_NL, Q2_K weights are dequantized" in caplog.text
     torch_path = create_engine(str(mixed), progress=False, backend="torch", decode="torch")
-    logits = []
-    for e in (native, torch_path):
-        s = e.new_session()
-        e.prefill(s, IDS)
-        logits.append(e.next_token_logits(s))
-        e.close_session(s)
+    logits = [prompt_logits(e, IDS) for e in (native, torch_path)]
     assert abs(logits[0] - logits[1]).max() < 1e-4 * abs(logits[1]).max()
     tokens = [e.generate(IDS, max_tokens=16, temperature=0, ignore_eos=True).token_ids
               for e in (native, torch_path)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llama_engine import InvalidParamsError, SamplingParams
+from llama_runtime.bench import prompt_logits
 
 PROMPTS = [
     "The capital of France is",
@@ -88,10 +89,7 @@ def test_prompt_chunking_changes_no_bit(engine, exact_engine, int8_engine, int16
         e = first if chunk == 512 else create_engine(
             "smollm2-135m-instruct", threads=2, progress=False, decode=decode,
             prefill_chunk=chunk)
-        s = e.new_session()
-        e.prefill(s, ids)
-        got.append(e.next_token_logits(s))
-        e.close_session(s)
+        got.append(prompt_logits(e, ids))
     assert np.array_equal(got[0], got[1])
     assert np.array_equal(got[0], got[2])
 
@@ -139,14 +137,10 @@ def test_mixed_computes_prompts_exactly_and_generated_tokens_in_int16(
     mixed_engine = engine
     assert mixed_engine.decode_kernel == "mixed"
     ids = mixed_engine.tokenize(PROMPTS[2])
-    prompt_logits = {}
-    for e in (mixed_engine, exact_engine, int16_engine):
-        s = e.new_session()
-        e.prefill(s, ids)
-        prompt_logits[e.decode_kernel] = e.next_token_logits(s)
-        e.close_session(s)
-    assert np.array_equal(prompt_logits["mixed"], prompt_logits["exact"])
-    assert not np.array_equal(prompt_logits["int16"], prompt_logits["exact"])
+    by_mode = {e.decode_kernel: prompt_logits(e, ids)
+               for e in (mixed_engine, exact_engine, int16_engine)}
+    assert np.array_equal(by_mode["mixed"], by_mode["exact"])
+    assert not np.array_equal(by_mode["int16"], by_mode["exact"])
     got, want = _after_greedy_steps(mixed_engine, exact_engine, ids)
     assert 0 < np.abs(got - want).max() < INT16_MAX_ABS
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llama_engine import InvalidParamsError, SamplingParams, UnsupportedBackendError
+from llama_runtime.bench import prompt_logits
 
 PROMPTS = [
     "The capital of France is",
@@ -59,13 +60,7 @@ def test_exact_native_equals_the_torch_backend(native_exact, exact_engine, promp
     p = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     assert native_exact.generate(ids, params=p).token_ids == \
         exact_engine.generate(ids, params=p).token_ids
-    logits = []
-    for e in (native_exact, exact_engine):
-        s = e.new_session()
-        e.prefill(s, ids)
-        logits.append(e.next_token_logits(s))
-        e.close_session(s)
-    assert np.array_equal(logits[0], logits[1])
+    assert np.array_equal(prompt_logits(native_exact, ids), prompt_logits(exact_engine, ids))
 
 
 def test_the_default_native_step_matches_the_torch_backends(native, torch_cpu_engine) -> None:
