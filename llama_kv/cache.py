@@ -291,7 +291,8 @@ class PagedKVCache:
 
         The table is private unless `shared`: K/V read from a file serves only this session,
         and its blocks never enter the prefix cache (a crafted file would otherwise answer
-        other sessions' prompts). Pass shared=True only for K/V this process computed."""
+        other sessions' prompts). Pass shared=True only for K/V this process computed, at every
+        position (not for a session that gave blocks back: export_session's released_blocks)."""
         self._new_id(session_id)
         tokens = _as_tokens(token_ids)
         need = -(-len(tokens) // self.block_size)

@@ -184,9 +184,11 @@ class KVMachine(RuleBasedStateMachine):
         saved_kv = self.kv.read(src)
         dst = self._new_id()
         before = self._snapshot()
+        # shared: K/V this process computed, every position of it (a session that gave blocks
+        # back no longer has them all, so it comes back private, as the engine loads files)
+        shared = data.draw(st.booleans()) and not saved["released_blocks"]
         try:
-            blocks = self.cache.import_session(dst, saved["token_ids"],
-                                               shared=data.draw(st.booleans()))
+            blocks = self.cache.import_session(dst, saved["token_ids"], shared=shared)
         except OutOfKVMemoryError:
             assert self._snapshot() == before
             return
