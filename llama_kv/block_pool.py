@@ -141,12 +141,15 @@ class BlockPool:
             del self._cached[block_id]
         self._ref[block_id] += 1
 
-    def release(self, block_ids: Iterable[int], *, uncache: bool = False) -> None:
+    def release(self, block_ids: Iterable[int], *, uncache: bool = False,
+                evict_first: bool = False) -> None:
         """Drop one holder from each block, in order.
 
         A block whose count reaches 0 becomes cached (most recently used) if it has a hash, else
         free. Pass the tail first so tails are evicted before the prefixes they extend.
         `uncache=True` also drops the hashes of these blocks (their contents are not trusted).
+        `evict_first=True` caches them as the least recently used instead, each before the
+        previous one (pass the head first: the last one given is evicted first).
         """
         for block in block_ids:
             if self._ref[block] <= 0:
@@ -159,6 +162,8 @@ class BlockPool:
                     self._free.append(block)
                 else:
                     self._cached[block] = None
+                    if evict_first:
+                        self._cached.move_to_end(block, last=False)
 
     def register(self, block_id: int, block_hash: BlockHash) -> bool:
         """Record that used block `block_id` holds the full block `block_hash`.

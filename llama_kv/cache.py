@@ -17,8 +17,10 @@ With `window` (every layer of the model attends to at most its last `window` pos
 session's blocks that fall wholly before the next token's window are given back as it grows
 (`release_behind`, called by the scheduler before each step): a long generation holds
 O(window) blocks, not O(context). Released full blocks keep their hashes, so they stay in the
-prefix cache (cached, evictable) and a later prompt with the same prefix still takes them back;
-the released session itself can be rewound only past its window (else it recomputes).
+prefix cache (cached, evicted first and deepest first) and a later prompt with the same prefix
+still takes them back; the released session itself can be rewound only past its window (else it
+recomputes). Recomputing a context (a preempted request, a rewind past the window) and importing
+a saved session still reserve blocks for the whole context before giving the old ones back.
 
 Invariants (checked by `PagedKVCache.check`, on top of `BlockPool.check`):
   - a block's ref_count equals the number of tables holding it; every held block is used;
@@ -233,7 +235,10 @@ class PagedKVCache:
             gone = table.block_ids[table.released:upto]
             table.block_ids[table.released:upto] = [RELEASED] * len(gone)
             table.released = upto
-            self.pool.release(reversed(gone))  # hashed ones stay cached, newest evicted first
+            # hashed ones stay cached, evicted before every other cached block (a long
+            # generation's deep blocks are worth least) and the deepest first: the prefix's
+            # head, which every later match needs, goes last
+            self.pool.release(gone, evict_first=True)
         return self.released_tokens(session_id)
 
     # --- writing -------------------------------------------------------------------------------

@@ -487,3 +487,29 @@ def test_importing_llama_kv_imports_no_torch_mlx_or_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_windowed_session_gives_blocks_back_and_keeps_its_prefix_matchable(fake_kv) -> None:
+    """Window 24, blocks of 8: generating 200 tokens one at a time, the session never holds
+    more than 4 blocks; the blocks it gave back stay cached and are evicted deepest first, so
+    once the session is closed and another takes six blocks, the prompt's head still matches."""
+    cache = PagedKVCache(30, block_size=8, window=24)
+    kv = fake_kv(cache)
+    tokens = [(7 * i) % 50 for i in range(200)]
+    cache.allocate("s")
+    kv.run("s", cache.prefill_plan("s", tokens[:1]))
+    for i in range(1, 200):
+        cache.release_behind("s", i)
+        kv.run("s", cache.append_tokens("s", [tokens[i]]))
+        assert cache.stats()["kv_blocks_used"] <= 4
+        kv.verify("s")
+        cache.check()
+    assert cache.released_tokens("s") == 176  # (199 + 1 - 24) // 8 blocks
+    cache.free("s")
+    cache.allocate("t")
+    # 6 blocks: the 5 free ones and one cached, the deepest given back (block 21)
+    cache.append_tokens("t", [1] * 48)
+    blocks, n = cache.match_prefix(tokens)
+    assert n == 21 * 8 and cache.stats()["kv_evictions"] == 1
+    for i, block in enumerate(blocks):  # what they hold is the prompt's own K/V
+        assert kv.slots[block * 8] == tuple(tokens[: i * 8 + 1])
