@@ -254,6 +254,15 @@ inline __m256 load_scales8(const QMat& w, const void* a, int64_t i) {
 // short of the memory's bandwidth: prefetching is ~10% off a one-row product and ~20% off one
 // of sixteen rows (measured with both builds' calls interleaved in one process).
 constexpr int64_t kPrefetchBlocks = 8;
+template <bool Q5>
+inline void prefetch_ahead(const QMat& w, const uint8_t* blk, int64_t g, int64_t j) {
+  for (int64_t o = 0; o < block_bytes(w); o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * block_bytes(w) + o),
+                 _MM_HINT_T0);
+  if (Q5)
+    _mm_prefetch(reinterpret_cast<const char*>(fifth_masks(w, g, j + kPrefetchBlocks)),
+                 _MM_HINT_T0);
+}
 
 // 32 bits -> 32 bytes: byte i is 16 where bit i is set, else 0 (q5's fifth bits of eight rows).
 inline __m256i fifth_bytes(uint32_t bits) {
@@ -296,11 +305,7 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
     const uint8_t* blk = wq + j * block_bytes(w);
-    for (int64_t o = 0; o < block_bytes(w); o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * block_bytes(w) + o),
-                   _MM_HINT_T0);
-    if (Q5) _mm_prefetch(reinterpret_cast<const char*>(fifth_masks(w, g, j + kPrefetchBlocks)),
-                         _MM_HINT_T0);
+    prefetch_ahead<Q5>(w, blk, g, j);
     __m512i wv[8];
     for (int c = 0; c < (Q4 ? 4 : 8); ++c) {
       const __m512i v = _mm512_loadu_si512(blk + 64 * c);
@@ -341,23 +346,23 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
       // the q8 flip's -128 * sum(q) starts the last digit's sums (per half with HALVES); the
       // high digit's count 255 times
       const int32_t lo_q = HALVES ? a.sum_lo[xb] : 0;
-      __m512i h0, h1;
+      __m512i h0, h1, g0 = zero, g1 = zero;
       dot(Q4 ? zero : _mm512_set1_epi32(-128 * (HALVES ? lo_q : a.sum[xb])),
           HALVES ? _mm512_set1_epi32(-128 * (a.sum[xb] - lo_q)) : zero, x + (D - 1) * QK, h0,
           h1);
-      if constexpr (D == 2) {
-        __m512i g0, g1;
-        dot(zero, zero, x, g0, g1);
-        h0 = _mm512_add_epi32(h0, times_base(g0));
-        h1 = _mm512_add_epi32(h1, times_base(g1));
-      }
+      if constexpr (D == 2) dot(zero, zero, x, g0, g1);
       const __m512 ad = _mm512_set1_ps(a.d[xb]);
-      if constexpr (HALVES) {
+      if constexpr (HALVES) {  // a sum and a scale a half
+        if constexpr (D == 2) {
+          h0 = _mm512_add_epi32(h0, times_base(g0));
+          h1 = _mm512_add_epi32(h1, times_base(g1));
+        }
         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(dw, ad), acc[t]);
         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(dw_hi, ad), acc[t]);
-      } else {
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1)),
-                                 _mm512_mul_ps(dw, ad), acc[t]);
+      } else {  // the halves' chains join first: one base multiply for the high digit
+        __m512i isum = _mm512_add_epi32(h0, h1);
+        if constexpr (D == 2) isum = _mm512_add_epi32(isum, times_base(_mm512_add_epi32(g0, g1)));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, ad), acc[t]);
       }
       if (Q4) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[t]);
     }
@@ -386,14 +391,7 @@ inline void group_q(const QMat& w, const QActs& a, int64_t g, int64_t b0, float*
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t j = 0; j < nb; ++j) {
       const uint8_t* blk = wq + j * block_bytes(w) + 32 * h;
-      if (h == 0) {  // the whole block, both halves' lanes
-        for (int64_t o = 0; o < block_bytes(w); o += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * block_bytes(w) + o),
-                       _MM_HINT_T0);
-        if (Q5)
-          _mm_prefetch(reinterpret_cast<const char*>(fifth_masks(w, g, j + kPrefetchBlocks)),
-                       _MM_HINT_T0);
-      }
+      if (h == 0) prefetch_ahead<Q5>(w, blk, g, j);  // the whole block, both halves' lanes
       const int8_t* x[T];
       for (int t = 0; t < T; ++t) x[t] = a.q.data() + ((b0 + t) * nb + j) * QK * D;
       __m256i isum[T][D][HALVES];  // per digit (and half)

@@ -49,6 +49,11 @@ def le_weight(p: PackedWeight) -> LeWeight:
                     _ptr(p.m), p.shape[0], p.shape[1], p.per, _ptr(p.qh))
 
 
+def dense_weight(a: np.ndarray) -> LeWeight:
+    """The C API's view of a float32 [N, K] weight (borrowed: keep `a` alive)."""
+    return LeWeight(0, 0, _ptr(a), None, None, a.shape[0], a.shape[1], 0, None)
+
+
 def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndarray:
     """x [B, K] @ W.T by the library's kernel, the product the fused step computes with `acts`
     (a key of ACTS: float activations, or activations quantized per 32-block to int8 or int16).
@@ -57,7 +62,7 @@ def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndar
     x = np.ascontiguousarray(x, dtype=np.float32)
     if isinstance(p, np.ndarray):
         p = np.ascontiguousarray(p, dtype=np.float32)
-        w = LeWeight(0, 0, _ptr(p), None, None, p.shape[0], p.shape[1], 0, None)
+        w = dense_weight(p)
     else:
         w = le_weight(p)
     n, k = p.shape
@@ -176,7 +181,7 @@ class NativeModel:
             release_pages(raw.data)
             self._keep.append(dense)
             self.weight_paths[name] = "dequantized to float32"
-            return LeWeight(0, 0, _ptr(dense), None, None, *dense.shape, 0, None)
+            return dense_weight(dense)
 
         def norm(name: str, size: int | None = None) -> int:
             """A small float32 tensor the library copies (dim floats, or `size`)."""
