@@ -51,7 +51,7 @@ def main() -> None:
     run_step = engine._run_step
     forward = engine._forward
 
-    native = engine._fused._native if args.decode != "torch" else None
+    native = engine._fused.fused if args.decode != "torch" else None
 
     def timed_step(*a: Any) -> Any:
         nonlocal profiled

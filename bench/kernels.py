@@ -40,9 +40,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from llama_models import open_model
-    from llama_runtime.native.layout import pack
-    from llama_runtime.native.library import ACTS, isa, library
-    from llama_runtime.native.model import linear
+    from llama_runtime.kernels.api import linear
+    from llama_runtime.kernels.layout import pack
+    from llama_runtime.kernels.library import ACTS, isa, library
 
     library().le_set_threads(args.threads)
     weights = open_model(args.model).weights

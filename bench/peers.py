@@ -56,7 +56,7 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     decode = [u.decode_tok_s] + [  # repeats reuse the prompt's cached blocks: decode only
         engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True).usage.decode_tok_s
         for _ in range(job["repeats"] - 1)]
-    from llama_runtime.native.library import library
+    from llama_runtime.kernels.library import library
 
     res: dict[str, Any] = {"backend": engine.model.backend,
                            "kernels": library().le_isa().decode(),  # the build it loaded

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llama_engine.errors import UnsupportedBackendError
-from llama_runtime.native.library import DECODE_MODES
+from llama_runtime.kernels.library import DECODE_MODES
 
 __all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "describe_decode",
            "physical_cores", "pick_backend", "pick_device"]
@@ -70,27 +69,29 @@ def _torch_info() -> BackendInfo:
         dtypes=("float32", "bfloat16", "float16"),
         quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"),
         paged_attention=True, compile=True, max_batch=32, default_eligible=True,
-        note="CPU: quantized weights and a fused native decode step (compiled C++ kernels, "
-             f"built on first use; decode='auto' runs {describe_decode(CPU_DECODE)}); CUDA: "
+        note="CPU: quantized weights and a fused native decode step (the C++ kernels "
+             f"built at install; decode='auto' runs {describe_decode(CPU_DECODE)}); CUDA: "
              "op-by-op "
              "torch, weights dequantized to bfloat16",
     )
 
 
 def _native_info() -> BackendInfo:
-    from llama_runtime.native.library import isa
+    from llama_runtime.kernels.library import available_isas, isa, library
 
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     try:
-        kernels = f"kernels built for {isa()}"
-    except RuntimeError as e:  # a LLAMA_ENGINE_ISA this CPU cannot run
-        kernels = str(e)
+        library()
+        kernels = (f"kernels built at install, running the {isa()} build (of "
+                   f"{', '.join(available_isas())} on this CPU)")
+        available = True
+    except RuntimeError as e:  # not installed, or a LLAMA_ENGINE_ISA this CPU cannot run
+        kernels, available = str(e), False
     return BackendInfo(
-        name="native", available=compiler is not None, devices=("cpu",), dtypes=("float32",),
+        name="native", available=available, devices=("cpu",), dtypes=("float32",),
         quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
         max_batch=32, default_eligible=True,
         note="CPU without torch: the torch backend's fused native step and kernels (the same "
-             "bits), built as a plain library (C++ compiler needed) and driven over ctypes; "
+             "bits), one library driven over ctypes; "
              "GGUF models whose layers the fused step runs (docs/models.md). backend='auto' "
              "tries it first on a CPU and hands anything else to torch; "
              f"{kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
@@ -133,7 +134,7 @@ def _gpu_present() -> bool:
 
 def native_may_serve(device: str, options: dict[str, object]) -> bool:
     """Whether backend="auto" tries the native backend first: a CPU run (device "cpu", or
-    "auto" on a machine without a GPU), options it supports, and a C++ compiler. The model
+    "auto" on a machine without a GPU), options it supports, and the installed kernels. The model
     itself is checked when it loads (GGUF, Llama family); torch takes over if it is refused."""
     if device not in ("auto", "cpu") or (device == "auto" and _gpu_present()):
         return False

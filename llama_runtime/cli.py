@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llama_engine import LlamaError
-from llama_runtime.native.library import DECODE_MODES
+from llama_runtime.kernels.library import DECODE_MODES
 
 __all__ = ["main"]
 
@@ -234,7 +234,7 @@ def _info_encoder(args: argparse.Namespace) -> int:
 
 def _weight_paths(files: Any) -> dict[str, int]:
     """{"Q4_1: kept quantized (compiled kernel)": 210, ...} on a CPU backend."""
-    from llama_runtime.native.layout import weight_path
+    from llama_runtime.kernels.layout import weight_path
 
     counts: dict[str, int] = {}
     for raw in files.weights.values():

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from llama_engine import InvalidParamsError, ModelHandle, ModelSpec, UnsupportedBackendError
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores
 from llama_runtime.batched import BatchedEngine, fingerprint, host_available_memory
-from llama_runtime.native.library import DECODE_MODES, library
+from llama_runtime.kernels.library import DECODE_MODES, library
 from llama_runtime.native.model import NativeKVStore, NativeModel, unsupported
 from llama_runtime.step import SeqStep
 

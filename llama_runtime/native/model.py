@@ -5,7 +5,6 @@ here imports torch, so a process that serves a GGUF model this way carries no to
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 from collections.abc import Sequence
@@ -15,64 +14,23 @@ import numpy as np
 
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import release_pages
-from llama_models.decoder import LAYER_EXTRAS, fused_refusal, local_rope
-from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
-from llama_runtime.native.library import (
-    ACTIVATIONS,
-    ACTS,
-    DECODE_MODES,
+from llama_models.decoder import LAYER_EXTRAS, fused_refusal
+from llama_runtime.kernels.api import dense_weight, le_weight
+from llama_runtime.kernels.fused import LAYER_LINEARS, FusedModel
+from llama_runtime.kernels.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
+from llama_runtime.kernels.library import (
     LeWeight,
-    StepArgs,
     library,
 )
-from llama_runtime.step import RopeTables, SeqStep, row_arrays
+from llama_runtime.step import SeqStep
 
-__all__ = ["NativeKVStore", "NativeModel", "le_weight", "linear", "unsupported"]
+__all__ = ["NativeKVStore", "NativeModel", "unsupported"]
 
 log = logging.getLogger(__name__)
 
 _FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16 (gguf.GGMLQuantizationType)
-_LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
 _KV_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _ptr(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.ctypes.data
-
-
-_KINDS = {"q4": 1, "q8": 2, "q5": 3}  # le_weight's kind (csrc/capi.cpp)
-
-
-def le_weight(p: PackedWeight) -> LeWeight:
-    """The C API's view of a packed weight (it borrows the arrays: keep `p` alive)."""
-    return LeWeight(_KINDS[p.kind], int(p.d.dtype == np.float16), _ptr(p.qs), _ptr(p.d),
-                    _ptr(p.m), p.shape[0], p.shape[1], p.per, _ptr(p.qh))
-
-
-def dense_weight(a: np.ndarray) -> LeWeight:
-    """The C API's view of a float32 [N, K] weight (borrowed: keep `a` alive)."""
-    return LeWeight(0, 0, _ptr(a), None, None, a.shape[0], a.shape[1], 0, None)
-
-
-def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndarray:
-    """x [B, K] @ W.T by the library's kernel, the product the fused step computes with `acts`
-    (a key of ACTS: float activations, or activations quantized per 32-block to int8 or int16).
-    `p` is a packed weight, or a dense float32 [N, K] one (always the float kernel, as in the
-    step)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if isinstance(p, np.ndarray):
-        p = np.ascontiguousarray(p, dtype=np.float32)
-        w = dense_weight(p)
-    else:
-        w = le_weight(p)
-    n, k = p.shape
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be [B, {k}], got {list(x.shape)}")
-    out = np.empty((x.shape[0], n), dtype=np.float32)
-    lib = library()
-    if lib.le_linear(ctypes.byref(w), _ptr(x), x.shape[0], _ptr(out), ACTS[acts]):
-        raise ValueError(lib.le_error().decode())
-    return out
 
 
 def _dense(raw: RawTensor) -> np.ndarray:
@@ -159,8 +117,6 @@ class NativeModel:
 
     def __init__(self, files: ModelFiles, *, decode: str, progress: Any = None) -> None:
         cfg = files.config
-        lib = library()
-        self._lib = lib
         self.cfg, self.decode = cfg, decode  # a key of DECODE_MODES
         self._keep: list[Any] = []  # every array the library borrows
         self.weight_paths: dict[str, str] = {}
@@ -197,7 +153,7 @@ class NativeModel:
         linears: list[LeWeight] = []
         for i in range(cfg.n_layers):
             norms += [norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")]
-            for key in _LAYER_LINEARS:
+            for key in LAYER_LINEARS:
                 linears.append(weight(f"blk.{i}.{key}.weight"))
                 if progress is not None:
                     progress()
@@ -217,24 +173,8 @@ class NativeModel:
                         "quantized (docs/models.md lists the kept types)", names)
         # token embeddings are looked up row by row from the file (gguf's dequantizer)
         self._embed = embed
-        dims = (ctypes.c_int64 * 7)(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
-                                    cfg.head_dim, cfg.ffn_dim, cfg.vocab_size)
-        norm_ptrs = (ctypes.c_void_p * len(norms))(*norms)
-        lin = (LeWeight * len(linears))(*linears)
-        extra_ptrs = (ctypes.c_void_p * len(extras))(*extras)
-        windows = (ctypes.c_int64 * len(cfg.windows))(*cfg.windows)
-        handle = lib.le_model_new(dims, cfg.norm_eps, cfg.attn_scale, ACTIVATIONS[cfg.activation],
-                                  windows, len(cfg.windows), norm_ptrs, len(norms), lin,
-                                  len(linears), extra_ptrs, len(extras))
-        if not handle:
-            raise ValueError(lib.le_error().decode())
-        self._handle = handle
-        self._rope = RopeTables(files.rope, local_rope(cfg, files.rope))
-
-    def __del__(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle:
-            self._lib.le_model_free(handle)
+        self.fused = FusedModel(cfg, files.rope, norms=norms, weights=linears, extras=extras,
+                                keep=self._keep)
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 [len(tokens), dim]: the token embeddings (times the model's embedding scale)."""
@@ -255,28 +195,10 @@ class NativeModel:
         sequence's new tokens, in order); `decode` overrides the model's mode (a key of
         DECODE_MODES).
         With `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
-        cfg = self.cfg
-        want = (cfg.n_layers, store.num_blocks, cfg.n_kv_heads, store.block_size, cfg.head_dim)
-        if store.k.shape != want or store.v.shape != want or store.k.dtype != store.v.dtype:
-            raise ValueError(f"a KV store of shape {store.k.shape} does not fit this model")
-        rows = row_arrays(positions, seqs, store.block_size)
-        x = self.embed(tokens)
-        cos, sin, *local = self._rope(rows.positions)
-        wanted = np.arange(len(tokens), dtype=np.int64) if hidden else rows.logit_rows
-        out = np.empty((len(wanted), self.cfg.dim if hidden else self.cfg.vocab_size),
-                       dtype=np.float32)
-        generated, prompt = DECODE_MODES[decode or self.decode]
-        args = StepArgs(
-            _ptr(x), _ptr(cos), _ptr(sin), _ptr(rows.write_slots), _ptr(rows.block_tables),
-            rows.block_tables.shape[1], _ptr(rows.ctx_lens), len(tokens), _ptr(store.k),
-            _ptr(store.v), store.k.dtype == np.float16, store.num_blocks * store.block_size,
-            store.block_size,
-            _ptr(wanted), len(wanted), ACTS[generated], ACTS[prompt], rows.generated_rows,
-            None if hidden else _ptr(out), _ptr(out) if hidden else None,
-            *(_ptr(t) for t in local))
-        if self._lib.le_model_step(self._handle, ctypes.byref(args)) != 0:
-            raise ValueError(self._lib.le_error().decode())
-        return out
+        if store.num_blocks * store.block_size != store.k.shape[1] * store.k.shape[3]:
+            raise ValueError("a KV store whose arrays do not match its block count")
+        return self.fused.run(self.embed(tokens), positions, seqs, store.k, store.v,
+                              decode=decode or self.decode, hidden=hidden)
 
     def mean_hidden(self, tokens: Sequence[int], *, chunk: int = 512) -> np.ndarray:
         """float32 [dim]: the mean final-normed hidden state over `tokens`, L2-normalized

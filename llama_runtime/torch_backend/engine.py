@@ -27,12 +27,13 @@ from llama_runtime.batched import (
     fingerprint,
     host_available_memory,
 )
+from llama_runtime.kernels.library import KernelsUnavailable, library
 from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.embedder import decoder_embeddings
 from llama_runtime.torch_backend.fused import DECODE_KERNELS, FusedDecoder
 from llama_runtime.torch_backend.ops import TorchOps
 from llama_runtime.torch_backend.paged import PagedKVStore, StepBatch
-from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, kernels, repack, weight_path
+from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, repack, weight_path
 
 __all__ = ["TorchEngine"]
 
@@ -87,17 +88,13 @@ class TorchEngine(BatchedEngine):
         ckpt, cfg = files.checkpoint, files.config
         quantized = self._weights_mode != "dequant" and device.type == "cpu"
         if quantized:
-            bar.set_description(f"loading {spec.model} (compiling kernels on first use)")
             try:
-                kernels()  # compile (or find cached) before committing to the quantized path
-            except RuntimeError as e:
+                library()  # the installed kernels, before committing to the quantized path
+            except KernelsUnavailable as e:
                 if self._weights_mode == "quantized":
-                    raise UnsupportedBackendError(
-                        f"{e}; install a C++ compiler and ninja, or pass weights='dequant'"
-                    ) from e
+                    raise UnsupportedBackendError(f"{e}; or pass weights='dequant'") from e
                 log.warning("%s; weights are dequantized to float instead", e)
                 quantized = False
-            bar.set_description(f"loading {spec.model}")
         self._quantized = quantized
         prepared = self._prepare_weights(files.weights, device, dtype, bar, quantized)
         ops = TorchOps(device, dtype)
@@ -163,8 +160,8 @@ class TorchEngine(BatchedEngine):
         why = FusedDecoder.supports(model, device, dtype, kv_dtype)
         if why is None:
             try:
-                kernels()
-            except RuntimeError as e:
+                library()
+            except KernelsUnavailable as e:
                 why = str(e)
         if why is not None:
             if mode not in ("auto", "exact"):  # op by op is exact too (float, in order)

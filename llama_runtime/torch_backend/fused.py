@@ -19,55 +19,59 @@ so batching never changes a sequence's tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from llama_models.decoder import (
-    LAYER_EXTRAS,
-    DecoderConfig,
-    DecoderModel,
-    fused_refusal,
-    local_rope,
-)
-from llama_runtime.native.library import ACTIVATIONS, ACTS, DECODE_MODES
-from llama_runtime.step import RopeTables, SeqStep, row_arrays
+from llama_models.decoder import LAYER_EXTRAS, DecoderModel, fused_refusal
+from llama_runtime.kernels.fused import LAYER_LINEARS, FusedModel
+from llama_runtime.kernels.library import DECODE_MODES, LeWeight
+from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.paged import PagedKVStore
-from llama_runtime.torch_backend.qweights import QWeight, kernels
+from llama_runtime.torch_backend.qweights import QWeight, dense_le_weight
 
 __all__ = ["DECODE_KERNELS", "FusedDecoder"]
 
 DECODE_KERNELS = tuple(DECODE_MODES)
-_LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 class FusedDecoder:
+    """A DecoderModel's torch weights (quantized QWeights, or float32 tensors) in the kernels'
+    fused step (kernels/fused.py), which reads them in place."""
+
     def __init__(self, model: DecoderModel, *, decode: str) -> None:
-        cfg: DecoderConfig = model.cfg
-        norms: list[torch.Tensor] = []
-        linears: list[list[torch.Tensor]] = []
-        rows: list[int] = []
+        cfg = model.cfg
+        keep: list[torch.Tensor] = []
 
-        def add(w: torch.Tensor | QWeight) -> None:
-            linears.append(w.parts() if isinstance(w, QWeight) else [w])
-            rows.append(w.shape[0])
+        def small(t: torch.Tensor) -> int:
+            t = t.detach().to(torch.float32).contiguous()
+            keep.append(t)
+            return t.data_ptr()
 
-        extras: list[torch.Tensor] = []
+        def weight(w: torch.Tensor | QWeight) -> LeWeight:
+            if isinstance(w, QWeight):
+                keep.extend(w.parts())
+                return w.le_weight()
+            w = w.detach().contiguous()
+            keep.append(w)
+            return dense_le_weight(w)
+
+        norms: list[int] = []
+        weights: list[LeWeight] = []
+        extras: list[int | None] = []
         for layer in model.layers:
-            norms += [layer["attn_norm"], layer["ffn_norm"]]
-            for key in _LAYER_LINEARS:
-                add(layer[key])
-            extras += [layer.get(key, torch.empty(0)) for key in LAYER_EXTRAS]
-        norms.append(model.out_norm)
-        add(model.output)
-        dims = [cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
-                cfg.vocab_size]
-        self._native = kernels().DecodeModel(dims, cfg.norm_eps, norms, linears, rows, extras,
-                                             cfg.attn_scale, ACTIVATIONS[cfg.activation],
-                                             list(cfg.windows))
+            norms += [small(layer["attn_norm"]), small(layer["ffn_norm"])]
+            weights += [weight(layer[key]) for key in LAYER_LINEARS]
+            extras += [small(layer[key]) if key in layer else None for key in LAYER_EXTRAS]
+        norms.append(small(model.out_norm))
+        weights.append(weight(model.output))
+        self._fused = FusedModel(cfg, model.rope, norms=norms, weights=weights, extras=extras,
+                                 keep=keep)
         self._model = model
         self._decode = decode  # a key of DECODE_MODES
-        self._rope = RopeTables(model.rope, local_rope(cfg, model.rope))
+
+    @property
+    def fused(self) -> FusedModel:
+        return self._fused
 
     @staticmethod
     def supports(model: DecoderModel, device: torch.device, dtype: torch.dtype,
@@ -84,19 +88,10 @@ class FusedDecoder:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order: one for a generated token, a chunk for a prompt).
         `decode` overrides the kernel chosen at construction."""
-        rows = row_arrays(positions, seqs, store.block_size)
         ids = torch.tensor(tokens, dtype=torch.long)
         x = self._model.ops.embedding(self._model.embed, ids)
         if self._model.cfg.embed_scale != 1.0:
             x = x * self._model.cfg.embed_scale
-        x = x.contiguous()
-        cos, sin, *local = self._rope(rows.positions)
-        cos_local, sin_local = (torch.from_numpy(t) for t in local) if local else (
-            torch.empty(0), torch.empty(0))
-        generated, prompt = DECODE_MODES[decode or self._decode]
-        out: Any = self._native.step(
-            x, torch.from_numpy(cos), torch.from_numpy(sin), torch.from_numpy(rows.write_slots),
-            torch.from_numpy(rows.block_tables), torch.from_numpy(rows.ctx_lens), store.k,
-            store.v, store.block_size, torch.from_numpy(rows.logit_rows),
-            ACTS[generated], ACTS[prompt], rows.generated_rows, cos_local, sin_local)
-        return out
+        out = self._fused.run(x.float().contiguous().numpy(), positions, seqs, store.k.numpy(),
+                              store.v.numpy(), decode=decode or self._decode)
+        return torch.from_numpy(out)

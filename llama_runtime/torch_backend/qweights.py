@@ -11,22 +11,21 @@ csrc/qgemm.cpp multiplies them directly, three ways:
 - int8: activations quantized per 32-block to 8 bits and dot products on integers (llama.cpp's CPU
   scheme).
 Either way a row's result depends only on that row, and every build (AVX-512 VNNI, AVX2, plain
-C++) gives the same bits. The kernels are compiled on first use with torch's extension builder
-(cached by torch).
+C++) gives the same bits. The kernels are the package's compiled library (llama_runtime/kernels),
+called through the tensors' data pointers.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from llama_models.checkpoint import RawTensor
-from llama_runtime.native.layout import (
+from llama_runtime.kernels.api import KINDS, check
+from llama_runtime.kernels.layout import (
     FIFTH_START,
     GROUP,
     KEPT_QUANTIZED,
@@ -35,41 +34,12 @@ from llama_runtime.native.layout import (
     pack,
     weight_path,
 )
-from llama_runtime.native.library import ACTS, CSRC, compile_flags
+from llama_runtime.kernels.library import ACTS, LeWeight, library
 
-__all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "kernels", "repack", "weight_path"]
+__all__ = ["KEPT_QUANTIZED", "REPACKABLE", "QWeight", "dense_le_weight", "repack", "weight_path"]
 
 log = logging.getLogger(__name__)
 
-
-_SOURCES = ("qgemm.cpp", "decode.cpp", "module.cpp")
-_lock = threading.Lock()
-_ext: Any = None
-_ext_error: str | None = None
-
-
-def kernels() -> Any:
-    """The compiled extension, building it on first use; raises RuntimeError if it cannot."""
-    global _ext, _ext_error
-    with _lock:
-        if _ext is None and _ext_error is None:
-            from torch.utils.cpp_extension import load
-
-            csrc = CSRC  # shared with the torch-free build (native/library.py)
-            # torch rebuilds when a source or a flag changes, not a header: name the headers'
-            # contents in a flag
-            headers = b"".join(p.read_bytes() for p in sorted(csrc.glob("*.h")))
-            try:
-                flags = compile_flags()
-                flags.append(f"-DLE_HEADERS={hashlib.sha256(headers).hexdigest()[:16]}")
-                _ext = load(name="llama_engine_kernels",
-                            sources=[str(csrc / f) for f in _SOURCES],
-                            extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # no compiler, no ninja...: report once, fall back
-                _ext_error = f"{type(e).__name__}: {e}"
-        if _ext is None:
-            raise RuntimeError(f"the quantized kernels could not be built ({_ext_error})")
-        return _ext
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +68,12 @@ class QWeight:
         [qs, d, m, qh] (q5)."""
         return [t for t in (self.qs, self.d, self.m, self.qh) if t is not None]
 
+    def le_weight(self) -> LeWeight:
+        """The C API's view of this weight (it borrows the tensors: keep self alive)."""
+        n, k = self.shape
+        return LeWeight(KINDS[self.kind], int(self.d.dtype == torch.float16), _ptr(self.qs),
+                        _ptr(self.d), _ptr(self.m), n, k, self.per, _ptr(self.qh))
+
     def linear(self, x: torch.Tensor, *, acts: str = "exact") -> torch.Tensor:
         """x @ W.T by the compiled kernel with `acts` (a key of ACTS): float activations, or
         activations quantized per 32-block to int16 or int8. Each row's result depends only on
@@ -105,7 +81,12 @@ class QWeight:
         sequence's numbers."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        out = kernels().linear(x2, self.parts(), self.shape[0], ACTS[acts])
+        if x2.shape[1] != self.shape[1]:
+            raise ValueError(f"x has {x2.shape[1]} columns, the weight has {self.shape[1]}")
+        out = torch.empty((x2.shape[0], self.shape[0]), dtype=torch.float32)
+        w = self.le_weight()
+        check(library().le_linear(ctypes.byref(w), x2.data_ptr(), x2.shape[0], out.data_ptr(),
+                                  ACTS[acts]))
         return out.reshape(*lead, self.shape[0])
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +114,21 @@ class QWeight:
         if self.m is not None:
             w = w + self.m.view(-1, nb, GROUP)[g, :, lane].float()[..., None]
         return w.reshape(rows.shape[0], k)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("the kernels read contiguous CPU tensors")
+    return t.data_ptr()
+
+
+def dense_le_weight(w: torch.Tensor) -> LeWeight:
+    """The C API's view of a contiguous float32 [N, K] CPU tensor (borrowed: keep `w` alive)."""
+    if w.dtype != torch.float32 or w.dim() != 2:
+        raise ValueError("a dense weight must be a float32 [N, K] tensor")
+    return LeWeight(0, 0, _ptr(w), None, None, w.shape[0], w.shape[1], 0, None)
 
 
 _FIFTH_ELEMENT = torch.tensor([v * RUN + i for e in range(32) for v, start in

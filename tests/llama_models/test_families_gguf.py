@@ -110,7 +110,7 @@ def test_every_kept_type_stays_quantized_and_the_others_load(
     path (which dequantizes everything) on the same file."""
     import gguf as gg
 
-    from llama_runtime.native.layout import KEPT_QUANTIZED, REPACKABLE
+    from llama_runtime.kernels.layout import KEPT_QUANTIZED, REPACKABLE
 
     Q = gg.GGMLQuantizationType
     types = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.IQ4_NL]

@@ -1,9 +1,10 @@
-"""The kernels' builds (native/library.py): AVX-512 VNNI, AVX2 + FMA and plain C++ compute one
-product each way (int16, int8 and float activations). Every kernel keeps an output row per vector
+"""The kernels' builds (kernels/library.py; setup.py compiles them at install): AVX-512 VNNI,
+AVX2 + FMA and plain C++ compute one product each way (int16, int8 and float activations). Every
+kernel keeps an output row per vector
 lane and does the same arithmetic in the same order in every build (the quantized ones' block
 sums are exact integers; the float one is one FMA chain per output), so every build must give
 the same bits. Each other build this CPU runs is
-compiled in a subprocess (LLAMA_ENGINE_ISA) and compared with this process's."""
+loaded in a subprocess (LLAMA_ENGINE_ISA) and compared with this process's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_runtime.native.library import available_isas, isa
+from llama_runtime.kernels.library import ISAS, available_isas, cpu_features, isa
 
 ROWS = (1, 2, 5, 9, 40)
 
@@ -29,8 +30,8 @@ import sys
 import numpy as np
 from llama_models import open_model, resolve_model_path
 from llama_models.checkpoint import read_gguf
-from llama_runtime.native.layout import pack
-from llama_runtime.native.model import linear
+from llama_runtime.kernels.layout import pack
+from llama_runtime.kernels.api import linear
 from quant_blocks import T, quantized
 
 gemma = read_gguf(resolve_model_path("gemma3-270m"))
@@ -107,7 +108,7 @@ def test_every_build_gives_the_same_bits(this_build, tmp_path, build: str) -> No
 def test_an_unknown_or_unsupported_build_is_refused() -> None:
     env = dict(os.environ, LLAMA_ENGINE_ISA="avx9000")
     done = subprocess.run([sys.executable, "-c",
-                           "from llama_runtime.native.library import library; library()"],
+                           "from llama_runtime.kernels.library import library; library()"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "LLAMA_ENGINE_ISA='avx9000'" in done.stderr
@@ -126,3 +127,22 @@ def test_a_quantized_product_is_within_its_quantization_error(this_build, acts: 
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound, key
             checked += 1
     assert checked > 0
+
+
+def test_every_build_is_installed_and_the_best_one_runs() -> None:
+    """setup.py compiled every build at install; the one loaded is the fastest this machine
+    runs, and a slower one is what the CPU lacks a feature for."""
+    from llama_runtime.kernels.library import library
+
+    assert available_isas()[-1] == "generic"
+    assert isa() == available_isas()[0] or os.environ.get("LLAMA_ENGINE_ISA")
+    assert library().le_isa().decode() == isa()
+    if sys.platform == "linux" and Path("/proc/cpuinfo").exists():
+        assert ISAS[0] == "avx512-vnni"
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+        # what the library finds the OS enables is at most what the CPU lists
+        assert cpu_features() <= flags | {"amx_tile"}
+        assert "amx_tile" not in cpu_features() or "amx_tile" in flags
+        wants = {"avx512_vnni", "avx512f", "avx512bw", "avx512vl"}
+        assert ("avx512-vnni" in available_isas()) == (wants <= cpu_features())

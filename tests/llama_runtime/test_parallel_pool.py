@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from llama_runtime.native.library import library
+from llama_runtime.kernels.library import library
 
 
 def _value(i: np.ndarray) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_an_exception_reaches_the_caller_and_the_pool_still_works() -> None:
 
 STRESS = textwrap.dedent("""
     import ctypes, sys
-    from llama_runtime.native.library import library
+    from llama_runtime.kernels.library import library
 
     lib = library()
     lib.le_set_threads(2)

@@ -10,8 +10,8 @@ from quant_blocks import T, quantized
 from llama_models import open_model
 from llama_models.checkpoint import RawTensor
 from llama_models.dequant import dequantize
-from llama_runtime.native.layout import REPACKABLE, pack
-from llama_runtime.native.model import linear
+from llama_runtime.kernels.api import dequant, linear
+from llama_runtime.kernels.layout import REPACKABLE, pack
 from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, repack, weight_path
 
 
@@ -111,18 +111,16 @@ def test_the_kept_types_are_the_repackable_ones() -> None:
 def test_every_kept_type_repacks_exactly_and_multiplies(qtype: T) -> None:
     """Each type the kernels keep quantized holds gguf's dequantized values exactly (read back
     whole, by rows, and by the kernels' own dequantizer), and its product agrees with the float
-    one through both bindings (torch's and the C API's give the same bits) at every tile size.
+    one through both callers (torch tensors and numpy arrays: the same bits) at every tile size.
     250 rows leave the last 16-row group padded; 512 columns are two K-quant super-blocks."""
-    from llama_runtime.torch_backend.qweights import kernels
-
     raw = quantized(qtype, 250, 512, seed=int(qtype))
     ref_w = _reference(raw)
     qw = repack(raw)
     assert torch.equal(qw.dequantize(), ref_w)
     rows = torch.tensor([0, 15, 16, 249])
     assert torch.equal(qw.dequantize(rows), ref_w[rows])
-    assert torch.equal(kernels().dequant(qw.parts(), 250), ref_w)
     packed = pack(raw)
+    assert torch.equal(torch.from_numpy(dequant(packed)), ref_w)
     for n in (1, 2, 5, 9, 17):
         x = torch.randn(n, 512, generator=torch.Generator().manual_seed(n))
         want = x.double() @ ref_w.double().T
@@ -155,7 +153,7 @@ def test_gemma3_tensors_repack_to_the_same_values_and_multiply(qtype: T) -> None
 def test_repacking_in_slices_and_wide_q4_0_offsets_keep_the_values(monkeypatch) -> None:
     """pack() works a slice of rows at a time (here 16, so 40 rows take three, the last one
     short), and a Q4_0 block whose offset -8d overflows float16 sends the scales to float32."""
-    from llama_runtime.native import layout
+    from llama_runtime.kernels import layout
 
     monkeypatch.setattr(layout, "PACK_ROWS", 16)
     raw = _q4_0(40, 64)

@@ -1,9 +1,11 @@
-// C entry points of the kernels, for a caller without torch (llama_runtime/native, over ctypes):
-// plain pointers in, 0 or -1 out, and the failure's message from le_error(). The caller owns
+// The kernels' one C interface, for every caller (the native backend over numpy, the torch backend
+// through tensors' data pointers; kernels/library.py loads it with ctypes): plain pointers in, 0
+// or -1 out, and the failure's message from le_error(). The caller owns
 // and checks its buffers; these functions check what they can see (dims, block ids, slots).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
@@ -17,7 +19,7 @@
 
 namespace le = llama_engine;
 
-// the library is built with hidden symbols (native/library.py): export the C API only
+// the library is built with hidden symbols (setup.py): export the C API only
 #define LE_API __attribute__((visibility("default")))
 
 extern "C" {
@@ -92,6 +94,18 @@ LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* o
   });
 }
 
+// out [n, k] float32: the weight's values (a quantized one widened exactly as the float kernel
+// widens it).
+LE_API int32_t le_dequant(const le_weight* w, float* out) {
+  return guarded([&] {
+    const le::QMat m = to_qmat(*w);
+    if (m.dense) throw std::invalid_argument("a dense weight is already float32");
+    le::parallel_for(0, le::qmat_groups(m), 16, [&](int64_t g0, int64_t g1) {
+      le::qmat_dequant_rows(m, out + g0 * le::GROUP * m.K, g0, g1);
+    });
+  });
+}
+
 // dims: dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab; eps, attn_scale,
 // activation, windows (n_windows: n_layers, or 0): le::ModelOptions. norms: 2 * n_layers + 1 arrays of dim floats (copied); weights:
 // 7 * n_layers + 1 (borrowed: they must outlive the model); extras: le::kExtras a layer (null
@@ -122,6 +136,16 @@ LE_API int32_t le_model_step(void* model, const le::StepArgs* args) {
 
 LE_API void le_model_set_profiling(void* model, int32_t on) {
   static_cast<le::DecodeModel*>(model)->set_profiling(on != 0);
+}
+
+// The profile of the steps run since profiling was turned on, as "phase microseconds" lines;
+// returns the text's length, writing at most `cap` bytes (ask with cap 0 for the length).
+LE_API int64_t le_model_profile(void* model, char* buf, int64_t cap) {
+  std::string text;
+  for (const auto& [phase, us] : static_cast<le::DecodeModel*>(model)->profile())
+    text += phase + " " + std::to_string(us) + "\n";
+  if (cap > 0) std::memcpy(buf, text.data(), std::min<int64_t>(cap, text.size()));
+  return static_cast<int64_t>(text.size());
 }
 
 // A check of parallel_for for tests (tests/llama_runtime/test_parallel_pool.py): adds

@@ -1,0 +1,105 @@
+"""The fused step (csrc/decode.cpp) as one object: a model in the library over weights it borrows,
+and a step over numpy arrays (embedded rows in, logits or hidden states out, K/V written in place
+in the paged store). Both backends drive it: the native one over numpy weights, the torch one
+over its tensors' memory."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llama_models.decoder import DecoderConfig, local_rope
+from llama_models.ops import RopeSpec
+from llama_runtime.kernels.api import check, ptr
+from llama_runtime.kernels.library import (
+    ACTIVATIONS,
+    ACTS,
+    DECODE_MODES,
+    LeWeight,
+    StepArgs,
+    library,
+)
+from llama_runtime.step import RopeTables, SeqStep, row_arrays
+
+__all__ = ["LAYER_LINEARS", "FusedModel"]
+
+LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+"""A layer's products in the order le_model_new takes them (GGUF names after "blk.N.")."""
+
+
+class FusedModel:
+    """cfg's model in the library. norms: each layer's attn_norm and ffn_norm, then the output
+    norm (pointers to cfg.dim float32 values, copied); weights: each layer's LAYER_LINEARS, then
+    the output projection (borrowed); extras: LAYER_EXTRAS a layer, a pointer or None (copied).
+    `keep` holds what the weights point into for as long as this model lives."""
+
+    def __init__(self, cfg: DecoderConfig, rope: RopeSpec, *, norms: Sequence[int],
+                 weights: Sequence[LeWeight], extras: Sequence[int | None],
+                 keep: list[Any]) -> None:
+        self._lib = library()
+        self.cfg = cfg
+        self._keep = keep
+        dims = (ctypes.c_int64 * 7)(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                                    cfg.head_dim, cfg.ffn_dim, cfg.vocab_size)
+        windows = (ctypes.c_int64 * len(cfg.windows))(*cfg.windows)
+        handle = self._lib.le_model_new(
+            dims, cfg.norm_eps, cfg.attn_scale, ACTIVATIONS[cfg.activation], windows,
+            len(cfg.windows), (ctypes.c_void_p * len(norms))(*norms), len(norms),
+            (LeWeight * len(weights))(*weights), len(weights),
+            (ctypes.c_void_p * len(extras))(*extras), len(extras))
+        if not handle:
+            raise ValueError(self._lib.le_error().decode())
+        self._handle = handle
+        self._rope = RopeTables(rope, local_rope(cfg, rope))
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self._lib.le_model_free(handle)
+
+    def run(self, x: np.ndarray, positions: Sequence[int], seqs: Sequence[SeqStep],
+            k: np.ndarray, v: np.ndarray, *, decode: str, hidden: bool = False) -> np.ndarray:
+        """One forward of the embedded rows x [B, dim] (every sequence's new tokens, in order)
+        over the paged K/V arrays [layers, blocks, kv_heads, block_size, head_dim]: logits
+        [sequences wanting them, vocab], or with `hidden` the final-normed hidden states
+        [B, dim] of every row. decode: a key of DECODE_MODES."""
+        cfg = self.cfg
+        if (k.ndim != 5 or k.shape != v.shape or k.dtype != v.dtype
+                or k.shape[0] != cfg.n_layers or k.shape[2] != cfg.n_kv_heads
+                or k.shape[4] != cfg.head_dim or not k.flags.c_contiguous
+                or not v.flags.c_contiguous):
+            raise ValueError(f"a KV store of shape {k.shape} does not fit this model")
+        if x.shape != (len(positions), cfg.dim) or x.dtype != np.float32:
+            raise ValueError(f"x must be float32 [{len(positions)}, {cfg.dim}]")
+        block_size = k.shape[3]
+        rows = row_arrays(positions, seqs, block_size)
+        x = np.ascontiguousarray(x)
+        cos, sin, *local = self._rope(rows.positions)
+        wanted = np.arange(len(x), dtype=np.int64) if hidden else rows.logit_rows
+        out = np.empty((len(wanted), cfg.dim if hidden else cfg.vocab_size), dtype=np.float32)
+        generated, prompt = DECODE_MODES[decode]
+        args = StepArgs(
+            ptr(x), ptr(cos), ptr(sin), ptr(rows.write_slots), ptr(rows.block_tables),
+            rows.block_tables.shape[1], ptr(rows.ctx_lens), len(x), ptr(k), ptr(v),
+            k.dtype == np.float16, k.shape[1] * block_size, block_size, ptr(wanted),
+            len(wanted), ACTS[generated], ACTS[prompt], rows.generated_rows,
+            None if hidden else ptr(out), ptr(out) if hidden else None,
+            *(ptr(t) for t in local))
+        check(self._lib.le_model_step(self._handle, ctypes.byref(args)))
+        return out
+
+    def set_profiling(self, on: bool) -> None:
+        """Time each phase of the steps after this (bench/decode_profile.py); clears the
+        totals."""
+        self._lib.le_model_set_profiling(self._handle, int(on))
+
+    def profile(self) -> dict[str, float]:
+        """Phase -> microseconds over the steps run since profiling was turned on."""
+        size = self._lib.le_model_profile(self._handle, None, 0)
+        buf = ctypes.create_string_buffer(size)
+        self._lib.le_model_profile(self._handle, buf, size)
+        pairs = (line.rsplit(" ", 1) for line in buf.raw.decode().splitlines())
+        return {phase: float(us) for phase, us in pairs}
