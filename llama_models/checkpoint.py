@@ -1,7 +1,8 @@
 """Reading model files into a `Checkpoint`: metadata plus raw tensors, nothing computed yet.
 
 Two formats: a GGUF file (read with the `gguf` package; tensors stay as the file's bytes, memory
-mapped) and a Hugging Face directory (config.json + *.safetensors, read with `safetensors`).
+mapped) and a Hugging Face directory (config.json + *.safetensors: checked by `safetensors`, and
+memory mapped as numpy arrays, bfloat16 kept as its 16-bit patterns). Neither imports torch.
 Every way a file can be wrong becomes a `WeightLoadError` that names the file and what to do.
 """
 
@@ -29,9 +30,9 @@ from llama_engine.errors import (
 )
 from llama_models.gguf_file import MAX_TENSORS, read_gguf_file
 
-__all__ = ["Checkpoint", "RawTensor", "check_float", "check_int", "check_tensors",
-           "read_checkpoint", "read_gguf", "read_hf_dir", "release_pages", "rename_hf_tensors",
-           "typed_errors"]
+__all__ = ["BF16", "F16", "F32", "FLOAT_NAMES", "Checkpoint", "RawTensor", "check_float",
+           "check_int", "check_tensors", "float32", "read_checkpoint", "read_gguf", "read_hf_dir",
+           "release_pages", "rename_hf_tensors", "typed_errors"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -50,9 +51,10 @@ MAX_CONFIG_BYTES = 16 << 20
 
 @dataclass(frozen=True, slots=True)
 class RawTensor:
-    """One tensor as stored: `qtype` is a `gguf.GGMLQuantizationType` value (F32 for HF float
-    tensors), `shape` is in row-major order (rows, cols), `data` is the stored bytes (uint8,
-    one row per block row) or, for HF files, a torch tensor of any float dtype."""
+    """One tensor as stored: `qtype` is a `gguf.GGMLQuantizationType` value, `shape` is in
+    row-major order (rows, cols), `data` is a numpy array over the stored bytes: uint8, one row
+    per block row, for a quantized type; float32 (F32), float16 (F16), or uint16 bit patterns
+    (BF16) for a float one (every HF safetensors tensor is one of these three)."""
 
     name: str
     qtype: int
@@ -80,9 +82,10 @@ class Checkpoint:
         return sum(t.n_elements for t in self.tensors.values())
 
     def storage_type(self, t: RawTensor) -> str:
-        """How `t` is stored: a GGUF type name (Q4_1, F32, ...) or a torch dtype (bfloat16)."""
+        """How `t` is stored: a GGUF type name (Q4_1, F32, ...) or, for an HF file, the float
+        dtype (bfloat16)."""
         if self.format == "hf":
-            return str(t.data.dtype).removeprefix("torch.")
+            return HF_TYPE_NAMES[t.qtype]
         from gguf import GGMLQuantizationType
 
         return GGMLQuantizationType(t.qtype).name
@@ -94,6 +97,34 @@ class Checkpoint:
             name = self.storage_type(t)
             counts[name] = counts.get(name, 0) + 1
         return counts
+
+
+F32, F16, BF16 = 0, 1, 30
+"""The float types' gguf.GGMLQuantizationType values."""
+FLOAT_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
+_FLOAT_STORAGE = {F32: np.float32, F16: np.float16, BF16: np.uint16}
+"""How each float type's values are held in numpy (bfloat16 as its bit patterns)."""
+_SAFETENSORS_TYPES = {"F32": F32, "F16": F16, "BF16": BF16, "F64": 28, "I8": 24, "I16": 25,
+                      "I32": 26, "I64": 27}
+"""safetensors dtype -> gguf.GGMLQuantizationType (integer tensors are buffers like BERT's
+position_ids, never weights)."""
+_STORAGE = {**_FLOAT_STORAGE, 28: np.float64, 24: np.int8, 25: np.int16, 26: np.int32,
+            27: np.int64}
+HF_TYPE_NAMES = {**FLOAT_NAMES, 28: "float64", 24: "int8", 25: "int16", 26: "int32",
+                 27: "int64"}
+
+
+def float32(t: RawTensor) -> np.ndarray:
+    """A float tensor (F32, F16 or BF16) as a float32 array of its shape (a copy, except for
+    F32)."""
+    if t.qtype not in FLOAT_NAMES:
+        raise ValueError(f"{t.name} is quantized, not a float tensor")
+    data = np.asarray(t.data)
+    if data.dtype == np.uint8:  # a GGUF tensor's raw bytes
+        data = data.view(_FLOAT_STORAGE[t.qtype])
+    if t.qtype == BF16:  # the high half of a float32's bits
+        return (data.astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+    return data.astype(np.float32, copy=False).reshape(t.shape)
 
 
 def check_int(value: Any, key: str, source: str, *, lo: int = 1, hi: int) -> int:
@@ -251,7 +282,7 @@ def read_hf_dir(path: Path) -> Checkpoint:
     skip = _VISION_TENSORS if {"text_config", "vision_config"} <= config.keys() else None
     for fp in files:
         try:
-            with safe_open(fp, framework="pt") as sf:
+            with safe_open(fp, framework="np") as sf:  # checks the header and the offsets
                 names = list(sf.keys())
                 if skip is not None:
                     names = [n for n in names if not skip.match(n)]
@@ -259,17 +290,11 @@ def read_hf_dir(path: Path) -> Checkpoint:
                     raise WeightLoadError(
                         f"{path} holds more than {MAX_TENSORS} tensors, more than llama-engine "
                         "accepts; is this a model directory?")
-                for name in names:
-                    t = sf.get_tensor(name)
-                    tensors[name] = RawTensor(name, 0, tuple(t.shape), t)
+            tensors.update(_map_safetensors(fp, names))
         except LlamaError:
             raise
-        except (SafetensorError, OSError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise WeightLoadError(f"{fp} is corrupt or truncated ({e}); copy it again") from e
-        except Exception as e:  # e.g. a dtype torch cannot hold
-            raise WeightLoadError(
-                f"{fp} could not be read ({type(e).__name__}: {e}); the file is corrupt or holds "
-                "a tensor type torch cannot load, copy it again") from e
     archs = config.get("architectures")
     first = archs[0] if isinstance(archs, list) and archs else None
     arch = config.get("model_type") or first
@@ -277,6 +302,33 @@ def read_hf_dir(path: Path) -> Checkpoint:
         raise WeightLoadError(f"{cfg_path} has no model_type; cannot tell the architecture")
     return Checkpoint(path=path, format="hf", architecture=arch, metadata=config,
                       tensors=tensors, hf_dir=path)
+
+
+def _map_safetensors(fp: Path, names: list[str]) -> dict[str, RawTensor]:
+    """`names` of a safetensors file (already checked by `safetensors`) as arrays over a read-only
+    memory map of it. The format: an 8-byte little-endian header size, a JSON header naming each
+    tensor's dtype, shape and byte range, then the bytes. numpy has no bfloat16, which is why
+    this maps the file itself rather than asking `safetensors` for numpy arrays."""
+    with open(fp, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    if not names:
+        return {}
+    mapped = np.memmap(fp, dtype=np.uint8, mode="r")
+    base = 8 + size
+    out: dict[str, RawTensor] = {}
+    for name in names:
+        info = header[name]
+        qtype = _SAFETENSORS_TYPES.get(info["dtype"])
+        if qtype is None:
+            raise WeightLoadError(
+                f"{fp}: tensor {name} is {info['dtype']}; llama-engine reads float32, float16 "
+                "and bfloat16 checkpoints (re-save it in one of those)")
+        start, end = (base + int(o) for o in info["data_offsets"])
+        shape = tuple(int(d) for d in info["shape"])
+        data = mapped[start:end].view(_STORAGE[qtype]).reshape(shape)
+        out[name] = RawTensor(name, qtype, shape, data)
+    return out
 
 
 _VISION_TENSORS = re.compile(r"(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")

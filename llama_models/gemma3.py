@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from llama_engine.errors import ConfigError
-from llama_models.checkpoint import MAX_DIM, RawTensor
+from llama_models.checkpoint import F32, MAX_DIM, RawTensor, float32
 from llama_models.config_reader import ConfigReader
 from llama_models.decoder import (
     MAX_WINDOW,
@@ -89,10 +89,9 @@ def config(r: ConfigReader) -> DecoderConfig:
 
 def adapt_weights(named: dict[str, RawTensor], cfg: DecoderConfig,
                   fmt: str) -> dict[str, RawTensor]:
-    """HF norm weights w become 1 + w (the GGUF converter's own shift; an HF tensor is a torch
-    tensor, see RawTensor)."""
+    """HF norm weights w become 1 + w, in float32 (the GGUF converter's own shift)."""
     if fmt == "hf":
         for name, t in named.items():
             if name.endswith("norm.weight"):
-                named[name] = RawTensor(t.name, t.qtype, t.shape, t.data.float() + 1.0)
+                named[name] = RawTensor(t.name, F32, t.shape, float32(t) + np.float32(1.0))
     return named

@@ -6,7 +6,12 @@ import logging
 from typing import Any
 
 from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec, UnsupportedBackendError
-from llama_runtime.backends import available_backends, native_may_serve, pick_backend
+from llama_runtime.backends import (
+    available_backends,
+    native_may_serve,
+    pick_backend,
+    torch_installed,
+)
 
 __all__ = ["available_backends", "create_engine"]
 
@@ -86,6 +91,10 @@ def create_engine(
             native.load_model(ModelSpec(model=model, device=device, **{
                 k: v for k, v in options.items() if k in _SPEC_OPTIONS}))
         except UnsupportedBackendError as e:  # a model or machine it cannot run: torch can
+            if not torch_installed():
+                raise UnsupportedBackendError(
+                    f"{e}. The torch backend runs it, but torch is not installed: pip install "
+                    "'llama-engine[torch]'") from e
             log.warning("the native backend does not serve %s (%s); using torch, op by op "
                         "where its fused step cannot run the model either", model, e)
         else:

@@ -11,7 +11,8 @@ from llama_engine.errors import UnsupportedBackendError
 from llama_runtime.kernels.library import DECODE_MODES
 
 __all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "describe_decode",
-           "physical_cores", "pick_backend", "pick_device"]
+           "gpu_present", "physical_cores", "pick_backend", "pick_device", "require_torch",
+           "torch_installed"]
 
 CPU_DECODE = "mixed"
 """What decode="auto" runs on a CPU in float32 (the fused native step, either backend): prompt
@@ -59,6 +60,12 @@ class BackendInfo:
 
 
 def _torch_info() -> BackendInfo:
+    if not torch_installed():
+        return BackendInfo(
+            name="torch", available=False, devices=(), dtypes=(), quant_native=(),
+            paged_attention=False, compile=False, max_batch=0, default_eligible=False,
+            note="torch is not installed: pip install 'llama-engine[torch]' adds it (CUDA, "
+                 "bfloat16, models the native kernels do not run, the op-by-op reference)")
     import torch
 
     devices = ["cpu"]
@@ -127,16 +134,32 @@ _NATIVE_OPTIONS = {"decode": ("auto", *DECODE_MODES), "weights": ("auto", "quant
                    "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
     """An NVIDIA GPU, seen without importing torch (its driver's device nodes)."""
     return Path("/dev/nvidiactl").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked in sys.modules
+        return False
+
+
+def require_torch(what: str) -> None:
+    """Raise a typed error naming the extra to install when torch is not installed."""
+    if not torch_installed():
+        raise UnsupportedBackendError(
+            f"{what} needs the torch backend, and torch is not installed; install it with "
+            "pip install 'llama-engine[torch]' (on a CPU: pip install torch==2.13.0 first)")
 
 
 def native_may_serve(device: str, options: dict[str, object]) -> bool:
     """Whether backend="auto" tries the native backend first: a CPU run (device "cpu", or
     "auto" on a machine without a GPU), options it supports, and the installed kernels. The model
     itself is checked when it loads (GGUF, Llama family); torch takes over if it is refused."""
-    if device not in ("auto", "cpu") or (device == "auto" and _gpu_present()):
+    if device not in ("auto", "cpu") or (device == "auto" and gpu_present()):
         return False
     if any(k in options and options[k] not in ok for k, ok in _NATIVE_OPTIONS.items()):
         return False
@@ -159,14 +182,16 @@ def pick_backend(backend: str) -> str:
         for b in infos.values():
             if b.available and b.default_eligible:
                 return b.name
-        raise UnsupportedBackendError("no usable backend found; install torch==2.13.0")
+        raise UnsupportedBackendError(
+            "no usable backend found: the package's kernels are not installed (reinstall it) "
+            "and neither is torch (pip install 'llama-engine[torch]')")
     info = infos.get(backend)
     if info is None:
         raise UnsupportedBackendError(
             f"unknown backend {backend!r}; choose auto, {', '.join(_INFOS)}")
     if not info.available:
         raise UnsupportedBackendError(
-            f"backend {backend!r} is not available: {info.note}; use --backend torch or auto")
+            f"backend {backend!r} is not available: {info.note}")
     return backend
 
 

@@ -188,10 +188,10 @@ class BatchedEngine(LlamaEngine):
         return tokens
 
     def _make_embedder(self, model: str) -> Any:
-        """The sentence encoder `embed` runs (torch, imported only now)."""
-        from llama_runtime.torch_backend.embedder import TorchEmbedder
+        """The sentence encoder `embed` runs (on the kernels on a CPU, else on torch)."""
+        from llama_runtime.embedder import SentenceEmbedder
 
-        return TorchEmbedder(model, device=self._embed_device())
+        return SentenceEmbedder(model, device=self._embed_device())
 
     def _embed_device(self) -> str:
         return "cpu"

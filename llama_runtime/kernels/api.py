@@ -10,7 +10,7 @@ import numpy as np
 from llama_runtime.kernels.layout import PackedWeight
 from llama_runtime.kernels.library import ACTS, LeWeight, library
 
-__all__ = ["KINDS", "check", "dense_weight", "dequant", "le_weight", "linear", "ptr"]
+__all__ = ["KINDS", "check", "dense_weight", "dequant", "gelu", "le_weight", "linear", "ptr"]
 
 KINDS = {"q4": 1, "q8": 2, "q5": 3}
 """le_weight's kind of each packed layout (0: dense float32)."""
@@ -53,6 +53,16 @@ def linear(p: PackedWeight | np.ndarray, x: np.ndarray, *, acts: str) -> np.ndar
         raise ValueError(f"x must be [B, {k}], got {list(x.shape)}")
     out = np.empty((x.shape[0], n), dtype=np.float32)
     check(library().le_linear(ctypes.byref(w), ptr(x), x.shape[0], ptr(out), ACTS[acts]))
+    return out
+
+
+def gelu(x: np.ndarray, *, approximate: bool = False) -> np.ndarray:
+    """GELU of a float32 array (erf, or the tanh approximation), computed in place when x is
+    a contiguous float32 array already, else on a copy."""
+    out = np.ascontiguousarray(x, dtype=np.float32)
+    if out is x and not out.flags.writeable:
+        out = out.copy()
+    check(library().le_gelu(ptr(out), out.size, int(approximate)))
     return out
 
 

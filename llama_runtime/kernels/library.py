@@ -143,6 +143,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.le_isa.restype = ctypes.c_char_p
     lib.le_linear.argtypes = [ctypes.POINTER(LeWeight), p, i64, p, i32]
     lib.le_linear.restype = i32
+    lib.le_gelu.argtypes = [p, i64, i32]
+    lib.le_gelu.restype = i32
     lib.le_dequant.argtypes = [ctypes.POINTER(LeWeight), p]
     lib.le_dequant.restype = i32
     lib.le_model_new.argtypes = [ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, i32,

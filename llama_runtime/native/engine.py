@@ -18,7 +18,8 @@ __all__ = ["NativeEngine"]
 
 
 class NativeEngine(BatchedEngine):
-    """One GGUF model on the CPU, float32 activations, no torch."""
+    """One model (GGUF, or an HF safetensors directory) on the CPU, float32 activations, no
+    torch."""
 
     backend = "native"
 

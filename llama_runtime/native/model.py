@@ -1,6 +1,6 @@
 """A decoder model (the layers the fused step runs) on the torch-free kernels: weights repacked
 with numpy, the fused step (csrc/decode.cpp) called through ctypes, K/V in numpy arrays. Nothing
-here imports torch, so a process that serves a GGUF model this way carries no torch runtime
+here imports torch, so a process that serves a model this way carries no torch runtime
 (whose import alone is ~220 MB of RSS)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from llama_models import ModelFiles, RawTensor
-from llama_models.checkpoint import release_pages
+from llama_models.checkpoint import FLOAT_NAMES, float32, release_pages
 from llama_models.decoder import LAYER_EXTRAS, fused_refusal
 from llama_runtime.kernels.api import dense_weight, le_weight
 from llama_runtime.kernels.fused import LAYER_LINEARS, FusedModel
@@ -28,18 +28,18 @@ __all__ = ["NativeKVStore", "NativeModel", "unsupported"]
 
 log = logging.getLogger(__name__)
 
-_FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16 (gguf.GGMLQuantizationType)
 
 _KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def _dense(raw: RawTensor) -> np.ndarray:
-    """A tensor the kernels do not keep quantized, as float32 (gguf's numpy dequantizers)."""
+    """A tensor the kernels do not keep quantized, as a float32 copy (the kernels must not borrow
+    the file's mapping): float types widened, others by gguf's numpy dequantizers."""
     from gguf.quants import dequantize
 
+    if raw.qtype in FLOAT_NAMES:
+        return np.array(float32(raw), dtype=np.float32, copy=True, order="C")
     data = np.asarray(raw.data)
-    if data.dtype == np.float32:  # a copy: the kernels must not borrow the file's mapping
-        return np.array(data.reshape(raw.shape), dtype=np.float32, copy=True)
     return np.ascontiguousarray(dequantize(data, raw.qtype).reshape(raw.shape), np.float32)
 
 
@@ -48,8 +48,6 @@ def unsupported(files: ModelFiles) -> str | None:
     refusal = fused_refusal(files.config, files.rope)
     if refusal is not None:
         return refusal
-    if files.checkpoint.format != "gguf":
-        return "the native kernels load GGUF files"
     try:
         library()
     except RuntimeError as e:
@@ -131,7 +129,7 @@ class NativeModel:
                 self._keep.append(p)
                 self.weight_paths[name] = KEPT_QUANTIZED
                 return le_weight(p)
-            if raw.qtype not in _FLOAT_TYPES:
+            if raw.qtype not in FLOAT_NAMES:
                 widened.add(raw.qtype)
             dense = _dense(raw)
             release_pages(raw.data)
@@ -178,13 +176,9 @@ class NativeModel:
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 [len(tokens), dim]: the token embeddings (times the model's embedding scale)."""
-        from gguf.quants import dequantize
-
         raw = self._embed
-        rows = np.asarray(raw.data)[np.asarray(tokens, dtype=np.int64)]
-        if rows.dtype != np.float32:
-            rows = dequantize(rows, raw.qtype).reshape(len(tokens), -1)
-        rows = np.ascontiguousarray(rows, np.float32)
+        picked = np.asarray(raw.data)[np.asarray(tokens, dtype=np.int64)]
+        rows = _dense(RawTensor(raw.name, raw.qtype, (len(tokens), self.cfg.dim), picked))
         scale = self.cfg.embed_scale
         return rows * np.float32(scale) if scale != 1.0 else rows
 

@@ -18,7 +18,7 @@ from llama_engine import (
     UnsupportedBackendError,
 )
 from llama_models import RawTensor
-from llama_models.checkpoint import release_pages
+from llama_models.checkpoint import FLOAT_NAMES, release_pages
 from llama_models.decoder import fused_refusal
 from llama_models.dequant import dequantize
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores, pick_device
@@ -31,7 +31,7 @@ from llama_runtime.kernels.library import KernelsUnavailable, library
 from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.embedder import decoder_embeddings
 from llama_runtime.torch_backend.fused import DECODE_KERNELS, FusedDecoder
-from llama_runtime.torch_backend.ops import TorchOps
+from llama_runtime.torch_backend.ops import TorchOps, float_tensor
 from llama_runtime.torch_backend.paged import PagedKVStore, StepBatch
 from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, repack, weight_path
 
@@ -182,8 +182,9 @@ class TorchEngine(BatchedEngine):
                     release_pages(raw.data)
                     bar.update(1)
                     continue
-                if isinstance(raw.data, torch.Tensor):
-                    w = raw.data.to(device=device, dtype=dtype)
+                if raw.qtype in FLOAT_NAMES:
+                    w = float_tensor(raw).to(device=device, dtype=dtype)
+                    release_pages(raw.data)
                 else:
                     data = torch.from_numpy(np.array(raw.data, copy=True)).to(device)
                     w = dequantize(data, raw.qtype, raw.shape).to(dtype)

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llama_models.checkpoint import BF16, F32, RawTensor, float32
 from llama_models.ops import RopeSpec
 from llama_runtime.torch_backend.paged import StepBatch
 from llama_runtime.torch_backend.qweights import QWeight
 
-__all__ = ["TorchOps"]
+__all__ = ["TorchOps", "float_tensor"]
+
+
+def float_tensor(raw: RawTensor) -> torch.Tensor:
+    """A float tensor of a checkpoint (F32, F16 or BF16) in its own dtype, copied out of the
+    file's mapping."""
+    data = np.asarray(raw.data)
+    if raw.qtype == BF16:  # its bit patterns (numpy has no bfloat16)
+        bits = torch.from_numpy(np.array(data.view(np.uint16), copy=True))
+        return bits.view(torch.bfloat16).reshape(raw.shape)
+    values = float32(raw) if raw.qtype == F32 else data.view(np.float16)
+    return torch.from_numpy(np.array(values, copy=True)).reshape(raw.shape)
 
 
 class TorchOps:

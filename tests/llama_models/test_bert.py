@@ -24,7 +24,7 @@ from llama_engine import (
 )
 from llama_models import open_encoder, open_model, resolve_model_path
 from llama_models.bert import BertConfig, read_sentence_config
-from llama_runtime.torch_backend.embedder import TorchEmbedder
+from llama_runtime.embedder import SentenceEmbedder
 
 _BASE = [
     "The cat sits on the mat.",
@@ -98,9 +98,13 @@ def minilm_dir() -> Path:
     return resolve_model_path("all-minilm-l6-v2")
 
 
-@pytest.fixture(scope="module")
-def embedder() -> TorchEmbedder:
-    return TorchEmbedder("all-minilm-l6-v2", device="cpu", threads=2)
+@pytest.fixture(scope="module", params=["native", "torch"])
+def embedder(request: pytest.FixtureRequest) -> SentenceEmbedder:
+    """The encoder on the kernels over numpy (what a CPU runs by default, without torch) and on
+    torch: both must be sentence-transformers' model."""
+    emb = SentenceEmbedder("all-minilm-l6-v2", backend=request.param, device="cpu", threads=2)
+    assert emb.backend == request.param
+    return emb
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_matches_sentence_transformers(embedder: TorchEmbedder, st_model) -> None:
+def test_matches_sentence_transformers(embedder: SentenceEmbedder, st_model) -> None:
     assert len(CORPUS) >= 100
     ours = embedder.embed_array(CORPUS)
     ref = st_model.encode(CORPUS, batch_size=32)
@@ -124,7 +128,7 @@ def test_matches_sentence_transformers(embedder: TorchEmbedder, st_model) -> Non
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # Normalize module
 
 
-def test_token_ids_equal_the_hf_tokenizer(embedder: TorchEmbedder, st_model) -> None:
+def test_token_ids_equal_the_hf_tokenizer(embedder: SentenceEmbedder, st_model) -> None:
     feats = st_model.preprocess(CORPUS)
     ref = [ids[m.bool()].tolist() for ids, m in zip(feats["input_ids"], feats["attention_mask"],
                                                      strict=True)]
@@ -132,7 +136,7 @@ def test_token_ids_equal_the_hf_tokenizer(embedder: TorchEmbedder, st_model) -> 
     assert len(embedder.tokenize([_LONG])[0]) == embedder.max_seq_length == 256
 
 
-def test_a_text_embeds_the_same_alone_and_in_a_padded_batch(embedder: TorchEmbedder) -> None:
+def test_a_text_embeds_the_same_alone_and_in_a_padded_batch(embedder: SentenceEmbedder) -> None:
     short = "Short text."
     alone = embedder.embed_array([short])[0]
     batch = embedder.embed_array([_LONG, "medium length sentence with a few words", short])
@@ -142,7 +146,7 @@ def test_a_text_embeds_the_same_alone_and_in_a_padded_batch(embedder: TorchEmbed
     np.testing.assert_allclose(reordered[1], batch[0], atol=1e-5)
 
 
-def test_truncate_false_raises_a_typed_error(embedder: TorchEmbedder) -> None:
+def test_truncate_false_raises_a_typed_error(embedder: SentenceEmbedder) -> None:
     with pytest.raises(ContextOverflowError, match="truncate=True"):
         embedder.embed([_LONG], truncate=False)
     assert len(embedder.embed(["fits"], truncate=False)[0]) == 384
@@ -206,9 +210,10 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Pat
     ("cls", False), ("max", False), ("mean_sqrt_len_tokens", True), ("weightedmean", False),
     ("lasttoken", False), (("cls", "mean"), True),
 ])
+@pytest.mark.parametrize("backend", ["native", "torch"])
 def test_pooling_modes_match_sentence_transformers(tiny_bert: Path, tmp_path: Path,
                                                    modes: str | tuple[str, ...],
-                                                   normalize: bool) -> None:
+                                                   normalize: bool, backend: str) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
@@ -217,7 +222,7 @@ def test_pooling_modes_match_sentence_transformers(tiny_bert: Path, tmp_path: Pa
         modules.append(Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
     ref_model = SentenceTransformer(str(tmp_path / "st"), device="cpu")
-    ours = TorchEmbedder(str(tmp_path / "st"), device="cpu")
+    ours = SentenceEmbedder(str(tmp_path / "st"), backend=backend, device="cpu")
     assert ours.max_seq_length == ref_model.max_seq_length == 48
     texts = [*CORPUS[:30], _LONG]
     np.testing.assert_allclose(ours.embed_array(texts, batch_size=8),

@@ -79,11 +79,33 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, hf_greedy, 
     engine = create_engine(str(path), progress=False)
     files = open_model(str(path))  # the fused step runs what it does not refuse
     assert not any("vision" in n for n in files.checkpoint.tensors)  # a multimodal one's: unread
-    assert (engine.decode_kernel != "torch") == (fused_refusal(files.config, files.rope) is None)
+    fused = fused_refusal(files.config, files.rope) is None
+    assert (engine.decode_kernel != "torch") == fused
+    # what the kernels run, the torch-free backend serves; the rest goes to torch
+    assert engine.model.backend == ("native" if fused else "torch")
     ids = [101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 1997, 1996, 3194, 102] * 6
     assert_last_logits_match(engine, ref, ids)
     got = engine.generate(ids, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     assert_same_greedy_tokens(got, hf_greedy(ref, ids, 20), ref, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_checkpoint_runs_on_the_native_backend(tmp_path: Path, hf_greedy,
+                                                                dtype: torch.dtype) -> None:
+    """bfloat16 and float16 safetensors are read without torch (numpy has no bfloat16: its bit
+    patterns are widened) and computed in float32: the reference is the same model with the
+    same rounded weights in float32."""
+    path, ref = _make(tmp_path, "qwen2")
+    ref.to(dtype).save_pretrained(path)
+    ref = ref.float()
+    engine = create_engine(str(path), progress=False)
+    assert engine.model.backend == "native"
+    assert open_model(str(path)).checkpoint.quant_types() == {str(dtype).removeprefix("torch."):
+                                                              2 + 12 * 2 + 1}
+    ids = [101, 7592, 1010, 2088, 999, 2023, 2003, 1037, 3231, 1997, 1996, 3194, 102] * 3
+    assert_last_logits_match(engine, ref, ids)
+    got = engine.generate(ids, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    assert_same_greedy_tokens(got, hf_greedy(ref, ids, 12), ref, ids)
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "gemma3_text"])

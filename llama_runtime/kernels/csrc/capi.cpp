@@ -4,6 +4,7 @@
 // and checks its buffers; these functions check what they can see (dims, block ids, slots).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -102,6 +103,25 @@ LE_API int32_t le_dequant(const le_weight* w, float* out) {
     if (m.dense) throw std::invalid_argument("a dense weight is already float32");
     le::parallel_for(0, le::qmat_groups(m), 16, [&](int64_t g0, int64_t g1) {
       le::qmat_dequant_rows(m, out + g0 * le::GROUP * m.K, g0, g1);
+    });
+  });
+}
+
+// x[0..n) = GELU(x) in place: x * Phi(x) with erf, or its tanh approximation when
+// `approximate` (BERT-family encoders; numpy has no erf).
+LE_API int32_t le_gelu(float* x, int64_t n, int32_t approximate) {
+  return guarded([&] {
+    le::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+      if (approximate) {
+        constexpr float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        for (int64_t i = i0; i < i1; ++i) {
+          const float v = x[i];
+          x[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
+        }
+      } else {
+        for (int64_t i = i0; i < i1; ++i)
+          x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.7071067811865476f));
+      }
     });
   });
 }
