@@ -6,19 +6,17 @@ import logging
 from typing import Any
 
 from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec, UnsupportedBackendError
-from llama_runtime.backends import (
-    available_backends,
-    native_may_serve,
-    pick_backend,
-    torch_installed,
-)
+from llama_runtime.backend import BackendEntry, check_options, entries, entry, fits
+from llama_runtime.backends import available_backends, check_threads, pick_backend, torch_installed
+from llama_runtime.engine import Engine
 
-__all__ = ["available_backends", "create_engine"]
+__all__ = ["Engine", "available_backends", "create_engine"]
 
 log = logging.getLogger(__name__)
 
-_ENGINE_OPTIONS = {"threads", "progress", "prefill_chunk", "kv_memory", "kv_block_size",
-                   "max_batch", "kv_policy", "weights", "decode", "kv_dtype"}
+_ENGINE_OPTIONS = {"progress", "prefill_chunk", "kv_memory", "kv_block_size", "max_batch",
+                   "kv_policy"}
+_BACKEND_OPTIONS = {"threads", "weights", "decode", "kv_dtype"}
 _SPEC_OPTIONS = {"context_length", "dtype"}
 
 
@@ -63,11 +61,11 @@ def create_engine(
     "float16" beside the int8 kernels on a CPU, as llama.cpp keeps it, else the compute dtype
     (float32 beside the other modes); or "float32", "float16", "bfloat16").
     """
-    unknown = sorted(set(options) - _ENGINE_OPTIONS - _SPEC_OPTIONS)
+    known = _ENGINE_OPTIONS | _BACKEND_OPTIONS | _SPEC_OPTIONS
+    unknown = sorted(set(options) - known)
     if unknown:
         raise InvalidParamsError(
-            f"unknown option(s) {', '.join(unknown)}; allowed: "
-            f"{', '.join(sorted(_ENGINE_OPTIONS | _SPEC_OPTIONS))}")
+            f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
     if embed_model is not None and (not isinstance(embed_model, str) or not embed_model):
         raise InvalidParamsError(
             f"embed_model must be a model name or path, got {embed_model!r}")
@@ -82,41 +80,61 @@ def create_engine(
                 f"{', '.join(spec_only)}: only for a generating model, but model=None; pass "
                 "model=... or drop the option")
         embed_model = embed_model or "all-minilm-l6-v2"
-    if backend == "auto" and model is not None and native_may_serve(device, options):
-        from llama_runtime.native.engine import NativeEngine
-
+    check_threads(options.get("threads"))
+    backend_options = {k: v for k, v in options.items() if k in _BACKEND_OPTIONS}
+    engine_options = {k: v for k, v in options.items() if k in _ENGINE_OPTIONS}
+    spec = None if model is None else ModelSpec(
+        model=model, device=device, **{k: v for k, v in options.items() if k in _SPEC_OPTIONS})
+    if backend == "auto":
+        # in auto's order; a backend's probe runs only when it is reached (torch's imports it)
+        candidates = [e for e in entries() if e.serves(device) and fits(e, options)]
+    else:
+        pick_backend(backend)  # registered and available here, or a typed error saying why
+        chosen = entry(backend)
+        assert chosen is not None
+        check_options(chosen, options)
+        candidates = [chosen]
+    refusal: UnsupportedBackendError | None = None
+    for e in candidates:
+        if backend == "auto" and not _eligible(e):
+            continue
         try:
-            native = NativeEngine(device=device, embed_model=embed_model,
-                                  **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
-            native.load_model(ModelSpec(model=model, device=device, **{
-                k: v for k, v in options.items() if k in _SPEC_OPTIONS}))
-        except UnsupportedBackendError as e:  # a model or machine it cannot run: torch can
-            if not torch_installed():
-                raise UnsupportedBackendError(
-                    f"{e}. The torch backend runs it, but torch is not installed: pip install "
-                    "'llama-engine[torch]'") from e
-            log.warning("the native backend does not serve %s (%s); using torch, op by op "
-                        "where its fused step cannot run the model either", model, e)
-        else:
-            if embed_model is not None:
-                native.load_embed_model(embed_model)
-            return native
-    name = pick_backend(backend)
-    if name == "torch":
-        from llama_runtime.torch_backend import TorchEngine
+            return _build(e, spec, embed_model, device, backend_options, engine_options)
+        except UnsupportedBackendError as err:  # a model or machine it cannot run: try the next
+            if backend != "auto":
+                raise
+            refusal = err
+            log.warning("the %s backend does not serve %s (%s); trying the next backend",
+                        e.name, model, err)
+    if refusal is None:  # nothing here runs this device with these options
+        serving = [e for e in entries() if e.serves(device) and _eligible(e)]
+        if serving:  # an option value none of them takes: say which values the last takes
+            check_options(serving[-1], options)
+        raise UnsupportedBackendError(
+            f"no backend here runs device={device!r} with these options; `llama-engine info "
+            "--backends` lists what each can do (torch: pip install 'llama-engine[torch]')")
+    if not torch_installed():
+        raise UnsupportedBackendError(
+            f"{refusal}. The torch backend runs it, but torch is not installed: pip install "
+            "'llama-engine[torch]'") from refusal
+    raise refusal
 
-        engine = TorchEngine(device=device, embed_model=embed_model,
-                             **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
-    elif name == "native":
-        from llama_runtime.native.engine import NativeEngine
 
-        engine = NativeEngine(device=device, embed_model=embed_model,
-                              **{k: v for k, v in options.items() if k in _ENGINE_OPTIONS})
-    else:  # pragma: no cover - pick_backend refuses the rest
-        raise AssertionError(name)
-    if model is not None:
-        engine.load_model(ModelSpec(model=model, device=device,
-                                    **{k: v for k, v in options.items() if k in _SPEC_OPTIONS}))
-    if embed_model is not None:
-        engine.load_embed_model(embed_model)
+def _eligible(e: BackendEntry) -> bool:
+    info = e.info()
+    return info.available and info.default_eligible
+
+
+def _build(e: BackendEntry, spec: ModelSpec | None, embed_model: str | None, device: str,
+           backend_options: dict[str, Any], engine_options: dict[str, Any]) -> Engine:
+    engine = Engine(e.factory(device=device, **backend_options), embed_model=embed_model,
+                    **engine_options)
+    try:
+        if spec is not None:
+            engine.load_model(spec)
+        if embed_model is not None:
+            engine.load_embed_model(embed_model)
+    except BaseException:
+        engine.close()
+        raise
     return engine

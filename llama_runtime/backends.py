@@ -1,4 +1,6 @@
-"""The capability matrix: which backends exist, what each can do, which one `auto` picks."""
+"""What every backend shares about the machine: the capability matrix's rows (`BackendInfo`),
+CPU cores, whether a GPU or torch is present, the CPU decode default. The backends themselves
+are registered in backend.py."""
 
 from __future__ import annotations
 
@@ -7,12 +9,23 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llama_engine.errors import UnsupportedBackendError
+from llama_engine.errors import InvalidParamsError, UnsupportedBackendError
 from llama_runtime.kernels.library import DECODE_MODES
 
-__all__ = ["CPU_DECODE", "BackendInfo", "available_backends", "cpu_kv_dtype", "describe_decode",
-           "gpu_present", "physical_cores", "pick_backend", "pick_device", "require_torch",
-           "torch_installed"]
+__all__ = [
+    "CPU_DECODE",
+    "BackendInfo",
+    "available_backends",
+    "check_threads",
+    "cpu_kv_dtype",
+    "describe_decode",
+    "gpu_present",
+    "physical_cores",
+    "pick_backend",
+    "pick_device",
+    "require_torch",
+    "torch_installed",
+]
 
 CPU_DECODE = "mixed"
 """What decode="auto" runs on a CPU in float32 (the fused native step, either backend): prompt
@@ -59,62 +72,6 @@ class BackendInfo:
         return asdict(self)
 
 
-def _torch_info() -> BackendInfo:
-    if not torch_installed():
-        return BackendInfo(
-            name="torch", available=False, devices=(), dtypes=(), quant_native=(),
-            paged_attention=False, compile=False, max_batch=0, default_eligible=False,
-            note="torch is not installed: pip install 'llama-engine[torch]' adds it (CUDA, "
-                 "bfloat16, models the native kernels do not run, the op-by-op reference)")
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    return BackendInfo(
-        name="torch", available=True, devices=tuple(devices),
-        dtypes=("float32", "bfloat16", "float16"),
-        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"),
-        paged_attention=True, compile=True, max_batch=32, default_eligible=True,
-        note="CPU: quantized weights and a fused native decode step (the C++ kernels "
-             f"built at install; decode='auto' runs {describe_decode(CPU_DECODE)}); CUDA: "
-             "op-by-op "
-             "torch, weights dequantized to bfloat16",
-    )
-
-
-def _native_info() -> BackendInfo:
-    from llama_runtime.kernels.library import available_isas, isa, library
-
-    try:
-        library()
-        kernels = (f"kernels built at install, running the {isa()} build (of "
-                   f"{', '.join(available_isas())} on this CPU)")
-        available = True
-    except RuntimeError as e:  # not installed, or a LLAMA_ENGINE_ISA this CPU cannot run
-        kernels, available = str(e), False
-    return BackendInfo(
-        name="native", available=available, devices=("cpu",), dtypes=("float32",),
-        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
-        max_batch=32, default_eligible=True,
-        note="CPU without torch: the torch backend's fused native step and kernels (the same "
-             "bits), one library driven over ctypes; "
-             "GGUF models whose layers the fused step runs (docs/models.md). backend='auto' "
-             "tries it first on a CPU and hands anything else to torch; "
-             f"{kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
-             f"runs {describe_decode(CPU_DECODE)} ({', '.join(DECODE_MODES)} selectable)",
-    )
-
-
-def _mlx_info() -> BackendInfo:
-    found = importlib.util.find_spec("mlx") is not None
-    return BackendInfo(
-        name="mlx", available=False, devices=("metal", "cpu") if found else (),
-        dtypes=(), quant_native=(), paged_attention=False, compile=False, max_batch=0,
-        default_eligible=False, note="not implemented yet",
-    )
-
-
 def physical_cores() -> int:
     """Physical CPU cores (not SMT siblings) this process may run on: the default thread count,
     as llama.cpp's."""
@@ -128,10 +85,6 @@ def physical_cores() -> int:
         except OSError:
             return len(allowed) or os.cpu_count() or 1
     return len(cores) or os.cpu_count() or 1
-
-
-_NATIVE_OPTIONS = {"decode": ("auto", *DECODE_MODES), "weights": ("auto", "quantized"),
-                   "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}
 
 
 def gpu_present() -> bool:
@@ -155,44 +108,33 @@ def require_torch(what: str) -> None:
             "pip install 'llama-engine[torch]' (on a CPU: pip install torch==2.13.0 first)")
 
 
-def native_may_serve(device: str, options: dict[str, object]) -> bool:
-    """Whether backend="auto" tries the native backend first: a CPU run (device "cpu", or
-    "auto" on a machine without a GPU), options it supports, and the installed kernels. The model
-    itself is checked when it loads (GGUF, Llama family); torch takes over if it is refused."""
-    if device not in ("auto", "cpu") or (device == "auto" and gpu_present()):
-        return False
-    if any(k in options and options[k] not in ok for k, ok in _NATIVE_OPTIONS.items()):
-        return False
-    return _native_info().available
-
-
-_INFOS = {"torch": _torch_info, "native": _native_info, "mlx": _mlx_info}
-
-
 def available_backends() -> list[BackendInfo]:
-    return [info() for info in _INFOS.values()]
+    """What each registered backend can do on this machine (the capability matrix)."""
+    from llama_runtime.backend import entries
+
+    return [e.info() for e in entries()]
 
 
 def pick_backend(backend: str) -> str:
-    if backend in _INFOS and backend != "torch":  # answer without importing torch
-        infos = {backend: _INFOS[backend]()}
-    else:
-        infos = {b.name: b for b in available_backends()}
-    if backend == "auto":
-        for b in infos.values():
-            if b.available and b.default_eligible:
-                return b.name
+    """A backend asked for by name, if it is registered and available here (else a typed error
+    that says why); "auto" is create_engine's to resolve."""
+    from llama_runtime.backend import entries
+
+    names = [e.name for e in entries()]
+    e = next((e for e in entries() if e.name == backend), None)
+    if e is None:
         raise UnsupportedBackendError(
-            "no usable backend found: the package's kernels are not installed (reinstall it) "
-            "and neither is torch (pip install 'llama-engine[torch]')")
-    info = infos.get(backend)
-    if info is None:
-        raise UnsupportedBackendError(
-            f"unknown backend {backend!r}; choose auto, {', '.join(_INFOS)}")
+            f"unknown backend {backend!r}; choose auto, {', '.join(names)}")
+    info = e.info()
     if not info.available:
-        raise UnsupportedBackendError(
-            f"backend {backend!r} is not available: {info.note}")
+        raise UnsupportedBackendError(f"backend {backend!r} is not available: {info.note}")
     return backend
+
+
+def check_threads(threads: object) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InvalidParamsError(f"threads must be a positive integer, got {threads!r}")
 
 
 def pick_device(device: str) -> str:

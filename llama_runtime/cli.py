@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llama_engine import LlamaError
-from llama_runtime.kernels.library import DECODE_MODES
+from llama_runtime.backend import BackendEntry, entries
 
 __all__ = ["main"]
 
@@ -18,23 +18,29 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def _choices(backends: Sequence[BackendEntry], option: str) -> list[Any]:
+    """Every value some registered backend takes for `option`, in the registry's order."""
+    return list(dict.fromkeys(v for e in backends for v in e.options.get(option, ())))
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="registered model name or path to a .gguf / HF directory")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "mlx"],
-                   help="native: the CPU kernels without torch (GGUF models)")
+    backends = entries()
+    p.add_argument("--backend", default="auto", choices=["auto", *(e.name for e in backends)],
+                   help="native: the CPU kernels without torch; torch: CUDA, other dtypes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or metal")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores)")
     p.add_argument("--context-length", type=int, default=None, help="cap the context")
     p.add_argument("--decode", default="auto",
-                   choices=["auto", *DECODE_MODES, "torch"],
+                   choices=_choices(backends, "decode"),
                    help="arithmetic of prompts and generated tokens: mixed (the CPU default: "
                         "float prompts, 16-bit activations for generated tokens; the float "
                         "model's greedy tokens), int16 (16-bit for both: faster prompts), int8 "
                         "(8-bit, llama.cpp's scheme), exact (float for both), torch (op by op)")
     p.add_argument("--kv-dtype", default="auto",
-                   choices=["auto", "float32", "float16", "bfloat16"],
+                   choices=_choices(backends, "kv_dtype"),
                    help="KV cache dtype (auto: float16 beside int8 decode on a CPU, else the "
                         "compute dtype)")
 

@@ -1,5 +1,8 @@
 """Saved sessions on disk: an ``.npz`` (a zip of ``.npy`` members) with a header, the tokens and
-float32 K/V. Written atomically; read as untrusted data.
+float32 K/V. Written atomically; read as untrusted data. `saved_slots` / `save_kv` and
+`import_kv` move a session between a file and the KV cache (llama_kv's bookkeeping and a
+backend's KV store), the same for every backend: the file is float32 whatever the store keeps,
+so a session saved on one backend continues on another.
 
 Reading checks everything before the caller allocates anything: the zip's members and their
 sizes, each array's ``.npy`` header (dtype, shape) before its data is read, the format and model
@@ -17,16 +20,21 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from llama_engine import SessionError
 
-__all__ = ["SESSION_FORMAT", "SavedSession", "read_session", "write_session"]
+if TYPE_CHECKING:
+    from llama_kv import PagedKVCache
+    from llama_runtime.backend import KVStore
+
+__all__ = ["SESSION_FORMAT", "SavedSession", "import_kv", "read_session", "save_kv",
+           "saved_slots", "write_session"]
 
 SESSION_FORMAT = "llama-engine-session/2"
 _MEMBERS = ("header.npy", "tokens.npy", "k.npy", "v.npy")
@@ -174,3 +182,42 @@ def _not_a_session(name: str, why: object) -> SessionError:
     return SessionError(
         f"{name} is not a saved llama-engine session ({why}); save it again with "
         f"save_session() ({SESSION_FORMAT})")
+
+
+def saved_slots(cache: PagedKVCache, session_id: str, n: int) -> tuple[list[int], int]:
+    """The slots of a session's first n positions, and how many of them it gave back (out of
+    every layer's window; never read again). Called with the scheduler's lock held."""
+    slots = cache.slot_mapping(session_id, 0, n)
+    return slots, min(cache.released_tokens(session_id), n)
+
+
+def save_kv(path: str | os.PathLike[str], *, store: KVStore, tokens: Sequence[int],
+            slots: Sequence[int], released: int, model: str) -> None:
+    """Write `tokens` and the K/V at `slots` (saved_slots'), the released positions as zeros.
+    The write is atomic: if it fails, a file already at `path` is left as it was."""
+    k, v = store.read(slots[released:])
+    if released:
+        pad = np.zeros(store.kv_shape(released), dtype=k.dtype)
+        k, v = (np.concatenate([pad, a], axis=1) for a in (k, v))
+    try:
+        write_session(path, model=model, tokens=list(tokens), k=k, v=v)
+    except OSError as e:
+        raise SessionError(f"cannot write the session to {path}: {e}") from e
+
+
+def import_kv(saved: SavedSession, *, cache: PagedKVCache, store: KVStore,
+              session_id: str) -> list[int]:
+    """A file read_session checked in full, into new blocks of `session_id` (called with the
+    scheduler's lock held); returns its tokens. The blocks serve this session only (never
+    another's prompt through the prefix cache)."""
+    blocks = cache.import_session(session_id, saved.tokens)
+    try:
+        bs = cache.block_size
+        slots = [blocks[p // bs] * bs + p % bs for p in range(len(saved.tokens))]
+        store.write(slots, saved.k, saved.v)
+    except BaseException:
+        cache.free(session_id)
+        raise
+    # out of every layer's window (the saved session had given them back): not kept
+    cache.release_behind(session_id, len(saved.tokens))
+    return saved.tokens

@@ -1,0 +1,54 @@
+"""The native backend: the CPU without torch (backend.py), registered here (nothing heavy is
+imported until it is used)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_runtime.backend import Backend, BackendEntry, register
+from llama_runtime.backends import CPU_DECODE, BackendInfo, describe_decode, gpu_present
+from llama_runtime.kernels.library import DECODE_MODES
+
+__all__: list[str] = []
+
+
+def _info() -> BackendInfo:
+    from llama_runtime.kernels.library import available_isas, isa, library
+
+    try:
+        library()
+        kernels = (f"kernels built at install, running the {isa()} build (of "
+                   f"{', '.join(available_isas())} on this CPU)")
+        available = True
+    except RuntimeError as e:  # not installed, or a LLAMA_ENGINE_ISA this CPU cannot run
+        kernels, available = str(e), False
+    return BackendInfo(
+        name="native", available=available, devices=("cpu",), dtypes=("float32",),
+        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
+        max_batch=32, default_eligible=True,
+        note="CPU without torch: the torch backend's fused native step and kernels (the same "
+             "bits), one library driven over ctypes; "
+             "GGUF models whose layers the fused step runs (docs/models.md). backend='auto' "
+             "tries it first on a CPU and hands anything else to torch; "
+             f"{kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
+             f"runs {describe_decode(CPU_DECODE)} ({', '.join(DECODE_MODES)} selectable)",
+    )
+
+
+
+
+def _serves(device: str) -> bool:
+    """A CPU run: device "cpu", or "auto" on a machine without a GPU."""
+    return device == "cpu" or (device == "auto" and not gpu_present())
+
+
+def _factory(**options: Any) -> Backend:
+    from llama_runtime.native.backend import NativeBackend
+
+    return NativeBackend(**options)
+
+
+register(BackendEntry(
+    name="native", info=_info, serves=_serves, factory=_factory, order=0,
+    options={"decode": ("auto", *DECODE_MODES), "weights": ("auto", "quantized"),
+             "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}))

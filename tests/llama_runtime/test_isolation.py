@@ -207,7 +207,7 @@ def test_reloading_a_model_frees_the_old_one() -> None:
 
     engine = create_engine(threads=2, progress=False)
     s = engine.new_session()
-    old_store, old_model = weakref.ref(engine._store), weakref.ref(engine._native)
+    old_store, old_model = weakref.ref(engine._store), weakref.ref(engine._backend._model)
     engine.load_model(ModelSpec(model="smollm2-135m-instruct"))
     gc.collect()
     assert old_store() is None and old_model() is None

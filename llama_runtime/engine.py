@@ -1,7 +1,7 @@
-"""`BatchedEngine`: sessions, the scheduler, token streams and the paged KV cache's
-bookkeeping, for any backend. A backend subclass loads a model (`_load`, which ends in
-`_install`) and computes steps (`_run_step`); everything a caller sees between load and step is
-here, so every backend behaves the same. No torch here."""
+"""`Engine`: sessions, the scheduler, token streams, the paged KV cache's bookkeeping, saved
+sessions, embeddings and stats, for any backend. It holds one `Backend` (backend.py), which
+prepares a model and computes steps; everything a caller sees between load and step is here, so
+every backend behaves the same. No torch here."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import sys
 import threading
 import time
 import weakref
-from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -38,46 +37,23 @@ from llama_engine import (
     TokenStream,
     Usage,
 )
-from llama_kv import PagedKVCache, kv_budget_blocks, kv_bytes_per_block
-from llama_models import ModelFiles, open_model
+from llama_kv import PagedKVCache
+from llama_runtime.backend import Backend, KVBudget, KVStore
 from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_options, check_texts
 from llama_runtime.generation import Generation
+from llama_runtime.loading import fingerprint, model_handle, open_files
 from llama_runtime.scheduler import Request, Scheduler
-from llama_runtime.session_file import read_session, write_session
+from llama_runtime.session_file import import_kv, read_session, save_kv, saved_slots
 from llama_runtime.step import SeqStep
 from llama_tokenizer import Tokenizer
 
-__all__ = ["AUTO_KV_CAP_BYTES", "DECODER", "DEFAULT_EMBED_MODEL", "BatchedEngine", "KVStore",
-           "fingerprint", "host_available_memory"]
+__all__ = ["DECODER", "DEFAULT_EMBED_MODEL", "Engine"]
 
 log = logging.getLogger(__name__)
 
-AUTO_KV_CAP_BYTES = 4 * 2**30  # kv_memory="auto" never takes more than this
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
 DECODER = "decoder"
 """embed_model value: embed with the generating model's mean-pooled hidden states."""
-
-
-class KVStore(Protocol):
-    """Where a backend keeps K/V, addressed by the flat slots llama_kv hands out."""
-
-    @property
-    def nbytes(self) -> int: ...
-
-    @property
-    def dtype_name(self) -> str: ...
-
-    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None: ...
-
-    def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """K, V [layers, len(slots), kv_heads, head_dim] as float32 numpy arrays."""
-        ...
-
-    def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None: ...
-
-    def kv_shape(self, n: int) -> tuple[int, ...]:
-        """The shape read() returns for n slots: (layers, n, kv_heads, head_dim)."""
-        ...
 
 
 @dataclass(slots=True)
@@ -87,15 +63,13 @@ class _SessionState:
     logits_len: int = -1
 
 
-class BatchedEngine(LlamaEngine):
-    """One model, many sessions. Forward passes are serialised by the process-wide compute
-    lock and run on the scheduler's thread, so sessions may be driven from any number of
-    threads and asyncio tasks; batching them into one forward per step is the scheduler's job."""
+class Engine(LlamaEngine):
+    """One model on one backend, many sessions. Forward passes are serialised by the
+    process-wide compute lock and run on the scheduler's thread, so sessions may be driven from
+    any number of threads and asyncio tasks; batching them into one forward per step is the
+    scheduler's job."""
 
-    backend = "?"
-    """The backend's name in ModelHandle.backend."""
-
-    def __init__(self, *, progress: bool = True, prefill_chunk: int = 512,
+    def __init__(self, backend: Backend, *, progress: bool = True, prefill_chunk: int = 512,
                  kv_memory: int | str = "auto", kv_block_size: int = 16, max_batch: int = 32,
                  kv_policy: str = "wait", embed_model: str | None = None) -> None:
         if kv_policy not in ("wait", "fail"):
@@ -104,6 +78,7 @@ class BatchedEngine(LlamaEngine):
             raise InvalidParamsError(f"max_batch must be a positive integer, got {max_batch!r}")
         if prefill_chunk < 1:
             raise InvalidParamsError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self._backend = backend
         self._kv_memory, self._kv_block_size = kv_memory, kv_block_size
         self._max_batch, self._kv_policy = max_batch, kv_policy
         self._prefill_chunk = prefill_chunk
@@ -122,7 +97,7 @@ class BatchedEngine(LlamaEngine):
         self._weight_paths: dict[str, str] | None = None
         self._ctx = 0
         self._fingerprint = ""
-        self._store: Any = None
+        self._store: KVStore | None = None
         # embeddings: the encoder (loaded on first use unless load_embed_model ran), or
         # embed_model=DECODER for mean-pooled states of the generating model
         self._embed_model = embed_model
@@ -133,20 +108,20 @@ class BatchedEngine(LlamaEngine):
         embeddings, so the two never run at once."""
 
     @property
-    @abstractmethod
-    def threads(self) -> int:
-        """CPU threads a forward uses."""
+    def backend(self) -> str:
+        """The backend's name (as in ModelHandle.backend)."""
+        return self._backend.name
 
     @property
-    @abstractmethod
+    def threads(self) -> int:
+        """CPU threads a forward uses."""
+        return self._backend.threads
+
+    @property
     def decode_kernel(self) -> str:
         """The arithmetic of prompts and generated tokens: "mixed", "int16", "int8" or "exact"
         (the fused native step's modes, library.DECODE_MODES) or "torch" (op by op)."""
-
-    @staticmethod
-    def check_threads(threads: int | None) -> None:
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise InvalidParamsError(f"threads must be a positive integer, got {threads!r}")
+        return self._backend.decode_kernel
 
     # -- loading (the backend) ------------------------------------------------------------------
     def load_model(self, spec: ModelSpec) -> ModelHandle:
@@ -158,19 +133,18 @@ class BatchedEngine(LlamaEngine):
         with bar:
             return self._load(spec, bar)
 
-    @abstractmethod
     def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
-        """Read and prepare the model, then `_install` it."""
-
-    @abstractmethod
-    def _run_step(self, tokens: list[int], positions: list[int],
-                  seqs: list[SeqStep]) -> np.ndarray:
-        """Logits [sequences wanting them, vocab] after one forward (the scheduler's thread)."""
-
-    @abstractmethod
-    def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
-        """embed_model="decoder": the generating model's mean-pooled final hidden states,
-        L2-normalized, float32 [len(texts), dim]."""
+        files, tokenizer, ctx = open_files(spec, bar)
+        prepared = self._backend.prepare(files, spec, bar,
+                                         KVBudget(self._kv_memory, self._kv_block_size))
+        handle = model_handle(spec, files, tokenizer, ctx, backend=self._backend.name,
+                              device=prepared.device, dtype=prepared.dtype)
+        self._install(tokenizer=tokenizer, ctx=ctx,
+                      fingerprint=fingerprint(files, prepared.dtype),
+                      num_blocks=prepared.num_blocks, store=prepared.store,
+                      weight_paths=prepared.weight_paths, handle=handle,
+                      activate=prepared.activate, kv_reach=files.config.kv_reach)
+        return handle
 
     def _decoder_tokens(self, texts: list[str], truncate: bool) -> list[list[int]]:
         """Each text's tokens for decoder embeddings: cut to the context (truncate) or refused."""
@@ -191,45 +165,7 @@ class BatchedEngine(LlamaEngine):
         """The sentence encoder `embed` runs (on the kernels on a CPU, else on torch)."""
         from llama_runtime.embedder import SentenceEmbedder
 
-        return SentenceEmbedder(model, device=self._embed_device())
-
-    def _embed_device(self) -> str:
-        return "cpu"
-
-    @staticmethod
-    def context_length(spec: ModelSpec, trained: int) -> int:
-        if spec.context_length is None:
-            return trained
-        if spec.context_length > trained:
-            raise InvalidParamsError(
-                f"context_length={spec.context_length} exceeds the model's trained context "
-                f"of {trained}; pass at most {trained}")
-        return spec.context_length
-
-    def _open(self, spec: ModelSpec, bar: tqdm) -> tuple[ModelFiles, Tokenizer, int]:
-        """The model's files, tokenizer and context length (the bar's first step)."""
-        files = open_model(spec.model)
-        ckpt = files.checkpoint
-        if ckpt.format == "gguf":
-            tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
-        else:
-            tokenizer = Tokenizer.from_hf_dir(ckpt.path)
-        ctx = self.context_length(spec, files.config.context_length)
-        files.rope = files.rope.for_context(ctx)
-        bar.total = 1 + len(files.weights)
-        bar.update(1)
-        return files, tokenizer, ctx
-
-    def _kv_blocks(self, cfg: Any, dtype_bytes: int, available_bytes: int) -> int:
-        """KV blocks the kv_memory budget buys ("auto": capped at AUTO_KV_CAP_BYTES)."""
-        per_block = kv_bytes_per_block(
-            n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            dtype_bytes=dtype_bytes, block_size=self._kv_block_size)
-        num_blocks = kv_budget_blocks(self._kv_memory, bytes_per_block=per_block,
-                                      available_bytes=available_bytes)
-        if self._kv_memory == "auto":
-            num_blocks = min(num_blocks, AUTO_KV_CAP_BYTES // per_block)
-        return num_blocks
+        return SentenceEmbedder(model, device=self._backend.embed_device)
 
     def _install(self, *, tokenizer: Tokenizer, ctx: int, fingerprint: str, num_blocks: int,
                  store: Any, weight_paths: dict[str, str], handle: ModelHandle,
@@ -296,8 +232,9 @@ class BatchedEngine(LlamaEngine):
         return self._closed
 
     def _release_model(self) -> None:
-        """Drop the backend's model and KV tensors (close(); a subclass adds its own)."""
+        """Drop the backend's model and KV store (close())."""
         self._store = None
+        self._backend.release()
 
     def _drop_sessions(self) -> None:
         """Mark every session closed (the model they belong to is going away)."""
@@ -313,7 +250,7 @@ class BatchedEngine(LlamaEngine):
             raise EngineClosedError(
                 "the engine is closed; create a new one with create_engine()")
 
-    def __enter__(self) -> BatchedEngine:
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -366,7 +303,11 @@ class BatchedEngine(LlamaEngine):
         if not texts:
             return []
         if self._embed_model == DECODER:
-            return self._decoder_embed(texts, truncate, batch_size).tolist()
+            self.model  # noqa: B018 - raises SessionError unless a model is loaded
+            tokens = self._decoder_tokens(texts, truncate)
+            return self._backend.decoder_embed(tokens, batch_size=batch_size,
+                                               chunk=self._prefill_chunk,
+                                               lock=self._forward_lock).tolist()
         return self._get_embedder().embed(texts, truncate=truncate, batch_size=batch_size)
 
     @property
@@ -398,7 +339,7 @@ class BatchedEngine(LlamaEngine):
     def _locked_step(self, tokens: list[int], positions: list[int],
                      seqs: list[SeqStep]) -> np.ndarray:
         with self._forward_lock:
-            return self._run_step(tokens, positions, seqs)
+            return self._backend.step(tokens, positions, seqs)
 
     def new_session(self) -> Session:
         sched = self._sched()
@@ -447,17 +388,10 @@ class BatchedEngine(LlamaEngine):
         try:
             with self._sched().lock:
                 tokens = list(session.tokens)
-                slots = self._cache.slot_mapping(session.id, 0, len(tokens))
-                gone = min(self._cache.released_tokens(session.id), len(tokens))
-            # positions given back (out of every layer's window) are never read again: zeros
-            k, v = self._store.read(slots[gone:])
-            if gone:
-                pad = np.zeros(self._store.kv_shape(gone), dtype=k.dtype)
-                k, v = (np.concatenate([pad, a], axis=1) for a in (k, v))
-            try:
-                write_session(path, model=self._fingerprint, tokens=tokens, k=k, v=v)
-            except OSError as e:
-                raise SessionError(f"cannot write the session to {path}: {e}") from e
+                slots, released = saved_slots(self._cache, session.id, len(tokens))
+            assert self._store is not None
+            save_kv(path, store=self._store, tokens=tokens, slots=slots, released=released,
+                    model=self._fingerprint)
         finally:
             session.release()
 
@@ -467,23 +401,15 @@ class BatchedEngine(LlamaEngine):
         K/V serve this session only (never another session's prompt through the prefix
         cache)."""
         sched = self._sched()
+        store = self._store
+        assert store is not None
         saved = read_session(path, model=self._fingerprint, context_length=self._ctx,
-                             vocab_size=self.model.vocab_size, kv_shape=self._store.kv_shape)
+                             vocab_size=self.model.vocab_size, kv_shape=store.kv_shape)
         s = Session()
         s.backend_state = _SessionState()
         with sched.lock:
             self._reap()
-            blocks = self._cache.import_session(s.id, saved.tokens)
-            try:
-                bs = self._cache.block_size
-                slots = [blocks[p // bs] * bs + p % bs for p in range(len(saved.tokens))]
-                self._store.write(slots, saved.k, saved.v)
-            except BaseException:
-                self._cache.free(s.id)
-                raise
-            # out of every layer's window (the saved session had given them back): not kept
-            self._cache.release_behind(s.id, len(saved.tokens))
-            s.tokens = saved.tokens
+            s.tokens = import_kv(saved, cache=self._cache, store=store, session_id=s.id)
             self._register(s, sched)
         return s
 
@@ -678,30 +604,9 @@ def _weakly(method: Any) -> Any:
     return call
 
 
-def fingerprint(ckpt: Any, cfg: Any, dtype: str) -> str:
-    """Names the model a KV cache belongs to: file name and size, configuration, dtype."""
-    import hashlib
-
-    size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.n_params
-    text = f"{ckpt.path.name}:{size}:{cfg!r}:{dtype}"
-    return f"{ckpt.architecture}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-
 def _in_event_loop() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return False
     return True
-
-
-def host_available_memory() -> int:
-    """Bytes of host memory available (MemAvailable), for sizing a host KV cache."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -1,91 +1,69 @@
-"""`TorchEngine`: the torch backend (CPU now; CUDA with the same code). On the CPU its steps
+"""`TorchBackend`: the torch backend (CPU now; CUDA with the same code). On the CPU its steps
 run in the fused native step over quantized weights (fused.py); the op-by-op torch forward
 serves decode="torch", CUDA and decoder embeddings."""
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from llama_engine import (
-    InvalidParamsError,
-    ModelHandle,
-    ModelSpec,
-    UnsupportedBackendError,
-)
-from llama_models import RawTensor
+from llama_engine import ModelSpec, UnsupportedBackendError
+from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import FLOAT_NAMES, release_pages
 from llama_models.decoder import fused_refusal
 from llama_models.dequant import dequantize
+from llama_runtime.backend import KVBudget, Prepared
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores, pick_device
-from llama_runtime.batched import (
-    BatchedEngine,
-    fingerprint,
-    host_available_memory,
-)
 from llama_runtime.kernels.library import KernelsUnavailable, library
+from llama_runtime.loading import host_available_memory
 from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.embedder import decoder_embeddings
-from llama_runtime.torch_backend.fused import DECODE_KERNELS, FusedDecoder
+from llama_runtime.torch_backend.fused import FusedDecoder
 from llama_runtime.torch_backend.ops import TorchOps, float_tensor
 from llama_runtime.torch_backend.paged import PagedKVStore, StepBatch
 from llama_runtime.torch_backend.qweights import KEPT_QUANTIZED, repack, weight_path
 
-__all__ = ["TorchEngine"]
+__all__ = ["TorchBackend"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TorchEngine(BatchedEngine):
+class TorchBackend:
     """One model on one torch device."""
 
-    backend = "torch"
+    name = "torch"
 
     def __init__(self, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                 progress: bool = True, prefill_chunk: int = 512, kv_memory: int | str = "auto",
-                 kv_block_size: int = 16, max_batch: int = 32, kv_policy: str = "wait",
-                 weights: str = "auto", embed_model: str | None = None,
-                 decode: str = "auto", kv_dtype: str = "auto") -> None:
-        super().__init__(progress=progress, prefill_chunk=prefill_chunk, kv_memory=kv_memory,
-                         kv_block_size=kv_block_size, max_batch=max_batch, kv_policy=kv_policy,
-                         embed_model=embed_model)
-        if weights not in ("auto", "dequant", "quantized"):
-            raise InvalidParamsError(
-                f"weights must be 'auto', 'dequant' or 'quantized', got {weights!r}")
+                 weights: str = "auto", decode: str = "auto", kv_dtype: str = "auto") -> None:
         self._weights_mode = weights
-        if decode not in ("auto", "torch", *DECODE_KERNELS):
-            raise InvalidParamsError(
-                f"decode must be one of 'auto', {', '.join(map(repr, DECODE_KERNELS))}, "
-                f"'torch', got {decode!r}")
         self._decode_mode = decode
-        if kv_dtype not in ("auto", *_DTYPES):
-            raise InvalidParamsError(
-                f"kv_dtype must be 'auto' or one of {', '.join(_DTYPES)}, got {kv_dtype!r}")
         self._kv_dtype_name = kv_dtype
         self._fused: FusedDecoder | None = None
         self._quantized = False
         self._device_name = device
         self._dtype_name = dtype
-        self.check_threads(threads)
         torch.set_num_threads(threads or physical_cores())
         self._model: Any = None
+        self._store: PagedKVStore | None = None
         self._device = torch.device("cpu")
+        self._loaded = False
 
-    def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
+    def prepare(self, files: ModelFiles, spec: ModelSpec, bar: tqdm,
+                kv: KVBudget) -> Prepared:
         device = torch.device(pick_device(spec.device if spec.device != "auto"
                                           else self._device_name))
         dtype_name = spec.dtype if spec.dtype != "auto" else self._dtype_name
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device.type == "cuda" else "float32"
         dtype = _DTYPES[dtype_name]
-        files, tokenizer, ctx = self._open(spec, bar)
-        ckpt, cfg = files.checkpoint, files.config
+        cfg = files.config
         quantized = self._weights_mode != "dequant" and device.type == "cpu"
         if quantized:
             try:
@@ -95,31 +73,27 @@ class TorchEngine(BatchedEngine):
                     raise UnsupportedBackendError(f"{e}; or pass weights='dequant'") from e
                 log.warning("%s; weights are dequantized to float instead", e)
                 quantized = False
-        self._quantized = quantized
         prepared = self._prepare_weights(files.weights, device, dtype, bar, quantized)
         ops = TorchOps(device, dtype)
         kv_dtype = self._kv_dtype(device, dtype,
                                   quantized and fused_refusal(cfg, files.rope) is None)
-        num_blocks = self._kv_blocks(cfg, torch.empty((), dtype=kv_dtype).element_size(),
-                                     _available_memory(device))
+        num_blocks = kv.blocks(cfg, torch.empty((), dtype=kv_dtype).element_size(),
+                               _available_memory(device))
         model = files.build(prepared, ops)
         fused = self._fused_decoder(model, device, dtype, kv_dtype)
         store = PagedKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
-                             self._kv_block_size, device, kv_dtype)
-        handle = ModelHandle(
-            name=spec.model, path=str(ckpt.path), architecture=ckpt.architecture,
-            vocab_size=cfg.vocab_size, context_length=ctx, n_params=ckpt.n_params,
-            quant_types=ckpt.quant_types(), has_chat_template=tokenizer.chat_template
-            is not None, eos_token_ids=tuple(sorted(tokenizer.eog_ids)), backend=self.backend,
-            device=str(device), dtype=dtype_name)
+                             kv.block_size, device, kv_dtype)
+
+        def activate() -> None:
+            self._model, self._fused, self._store = model, fused, store
+            self._device, self._dtype, self._quantized = device, dtype, quantized
+            self._loaded = True
+
         # the file's tensors are not kept: only how each one is held
-        self._install(tokenizer=tokenizer, ctx=ctx, fingerprint=fingerprint(ckpt, cfg, dtype_name),
-                      num_blocks=num_blocks, store=store, handle=handle,
-                      weight_paths={name: weight_path(raw, quantized)
-                                    for name, raw in files.weights.items()},
-                      activate=lambda: self._activate(model, fused, device, dtype),
-                      kv_reach=cfg.kv_reach)
-        return handle
+        return Prepared(store=store, num_blocks=num_blocks,
+                        weight_paths={name: weight_path(raw, quantized)
+                                      for name, raw in files.weights.items()},
+                        device=str(device), dtype=dtype_name, activate=activate)
 
     @property
     def threads(self) -> int:
@@ -128,10 +102,6 @@ class TorchEngine(BatchedEngine):
     @property
     def decode_kernel(self) -> str:
         return "torch" if self._fused is None else self._fused_kernel()
-
-    def _activate(self, model: Any, fused: FusedDecoder | None, device: torch.device,
-                  dtype: torch.dtype) -> None:
-        self._model, self._fused, self._device, self._dtype = model, fused, device, dtype
 
     def _kv_dtype(self, device: torch.device, dtype: torch.dtype,
                   fused: bool) -> torch.dtype:
@@ -193,30 +163,30 @@ class TorchEngine(BatchedEngine):
                 bar.update(1)
         return out
 
-    def _embed_device(self) -> str:
-        return self._device_name if self._handle is None else str(self._device)
+    @property
+    def embed_device(self) -> str:
+        return str(self._device) if self._loaded else self._device_name
 
-    def _decoder_embed(self, texts: list[str], truncate: bool, batch_size: int) -> np.ndarray:
-        tokens = self._decoder_tokens(texts, truncate)
-
+    def decoder_embed(self, tokens: list[list[int]], *, batch_size: int, chunk: int,
+                      lock: AbstractContextManager[Any]) -> np.ndarray:
         def locked(fn: Any) -> Any:
-            with self._forward_lock:
+            with lock:
                 return fn()
 
         return decoder_embeddings(self._model, tokens, self._device, batch_size=batch_size,
                                   run=locked)
 
-    def _release_model(self) -> None:
-        super()._release_model()
-        self._model = self._fused = None
+    def release(self) -> None:
+        self._model = self._fused = self._store = None
 
-    def _run_step(self, tokens: list[int], positions: list[int],
-                  seqs: list[SeqStep]) -> np.ndarray:
+    def step(self, tokens: list[int], positions: list[int],
+             seqs: list[SeqStep]) -> np.ndarray:
         with torch.inference_mode():
-            fused = self._fused
+            fused, store = self._fused, self._store
+            assert store is not None
             if fused is None:
                 return self._forward(tokens, positions, seqs).numpy()
-            return fused.step(tokens, positions, seqs, self._store).numpy()
+            return fused.step(tokens, positions, seqs, store).numpy()
 
     def _forward(self, tokens: list[int], positions: list[int],
                  seqs: list[SeqStep]) -> torch.Tensor:
