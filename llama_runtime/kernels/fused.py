@@ -91,6 +91,26 @@ class FusedModel:
         check(self._lib.le_model_step(self._handle, ctypes.byref(args)))
         return out
 
+    def mean_hidden(self, x: np.ndarray, *, chunk: int = 512) -> np.ndarray:
+        """float32 [dim]: the mean final-normed hidden state over the embedded rows x [n, dim]
+        of one text, L2-normalized (decoder embeddings), with the exact kernels over a scratch
+        cache, `chunk` rows a step (so the work buffers stay prompt-sized)."""
+        from llama_runtime.kv_store import HostKVStore
+
+        cfg, bs, n = self.cfg, 16, len(x)
+        store = HostKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, -(-n // bs), bs,
+                            "float32")
+        total = np.zeros(cfg.dim, dtype=np.float64)
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            seq = SeqStep(start=start, n_new=end - start, write_slots=list(range(start, end)),
+                          context_slots=list(range(end)), want_logits=True)
+            h = self.run(x[start:end], list(range(start, end)), [seq], store.k, store.v,
+                         decode="exact", hidden=True)
+            total += h.sum(axis=0, dtype=np.float64)
+        mean = (total / n).astype(np.float32)
+        return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
     def set_profiling(self, on: bool) -> None:
         """Time each phase of the steps after this (bench/decode_profile.py); clears the
         totals."""

@@ -15,8 +15,9 @@ from llama_models import ModelFiles
 from llama_runtime.backend import KVBudget, Prepared
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores
 from llama_runtime.kernels.library import KernelsUnavailable, library
+from llama_runtime.kv_store import HostKVStore
 from llama_runtime.loading import host_available_memory
-from llama_runtime.native.model import NativeKVStore, NativeModel, unsupported
+from llama_runtime.native.model import NativeModel, unsupported
 from llama_runtime.step import SeqStep
 
 __all__ = ["NativeBackend"]
@@ -41,7 +42,7 @@ class NativeBackend:
         except KernelsUnavailable as e:
             raise UnsupportedBackendError(f"{e}; or use backend='torch'") from e
         self._model: NativeModel | None = None
-        self._store: NativeKVStore | None = None
+        self._store: HostKVStore | None = None
 
     @property
     def threads(self) -> int:
@@ -76,7 +77,7 @@ class NativeBackend:
                 "backend='torch'") from e
         kv_bytes = 2 if self._kv_dtype_name == "float16" else 4
         num_blocks = kv.blocks(cfg, kv_bytes, host_available_memory())
-        store = NativeKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
+        store = HostKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
                               kv.block_size, self._kv_dtype_name)
 
         def activate() -> None:

@@ -6,7 +6,6 @@ here imports torch, so a process that serves a model this way carries no torch r
 from __future__ import annotations
 
 import logging
-import mmap
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +21,14 @@ from llama_runtime.kernels.library import (
     LeWeight,
     library,
 )
+from llama_runtime.kv_store import HostKVStore
 from llama_runtime.step import SeqStep
 
-__all__ = ["NativeKVStore", "NativeModel", "unsupported"]
+__all__ = ["NativeModel", "unsupported"]
 
 log = logging.getLogger(__name__)
 
 
-_KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def _dense(raw: RawTensor) -> np.ndarray:
@@ -53,61 +52,6 @@ def unsupported(files: ModelFiles) -> str | None:
     except RuntimeError as e:
         return str(e)
     return None
-
-
-def _lazy_zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """An array over anonymous memory whose pages are only touched as they are written, in 4 KiB
-    pages: numpy asks for transparent huge pages on large arrays, and then the first K/V write
-    of a block would make 2 MiB resident in each of the layers' regions it touches."""
-    dt = np.dtype(_KV_DTYPES[dtype])
-    buf = mmap.mmap(-1, max(1, int(np.prod(shape)) * dt.itemsize),
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, dtype=dt, count=int(np.prod(shape))).reshape(shape)
-
-
-class NativeKVStore:
-    """K and V of every block: two arrays [layers, num_blocks, kv_heads, block_size, head_dim]
-    (csrc/decode.h: a block keeps each KV head's rows together), over memory whose pages are
-    touched, and counted in RSS, only as blocks are first written."""
-
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int, dtype: str) -> None:
-        self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
-        self.k, self.v = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
-        self.dtype_name = dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
-        """Copy whole blocks (copy-on-write of a forked session's shared last block)."""
-        for src, dst in copies:
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
-
-    def _at(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.asarray(slots, dtype=np.int64)
-        return idx // self.block_size, idx % self.block_size
-
-    def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """K, V [layers, len(slots), kv_heads, head_dim] as float32 (session save)."""
-        blk, off = self._at(slots)
-        # the two index arrays, apart, put their dimension first: [n, layers, heads, dim]
-        return (self.k[:, blk, :, off].swapaxes(0, 1).astype(np.float32),
-                self.v[:, blk, :, off].swapaxes(0, 1).astype(np.float32))
-
-    def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
-        blk, off = self._at(slots)
-        self.k[:, blk, :, off] = np.swapaxes(k, 0, 1)
-        self.v[:, blk, :, off] = np.swapaxes(v, 0, 1)
-
-    def kv_shape(self, n: int) -> tuple[int, ...]:
-        """The shape read() returns for n slots."""
-        return (self.k.shape[0], n, self.k.shape[2], self.k.shape[4])
 
 
 class NativeModel:
@@ -183,7 +127,7 @@ class NativeModel:
         return rows * np.float32(scale) if scale != 1.0 else rows
 
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
-             store: NativeKVStore, *, decode: str | None = None,
+             store: HostKVStore, *, decode: str | None = None,
              hidden: bool = False) -> np.ndarray:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order); `decode` overrides the model's mode (a key of
@@ -195,19 +139,5 @@ class NativeModel:
                               decode=decode or self.decode, hidden=hidden)
 
     def mean_hidden(self, tokens: Sequence[int], *, chunk: int = 512) -> np.ndarray:
-        """float32 [dim]: the mean final-normed hidden state over `tokens`, L2-normalized
-        (decoder embeddings), with the exact kernels over a scratch cache, `chunk` rows a step
-        (so the work buffers stay prompt-sized)."""
-        bs = 16
-        store = NativeKVStore(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim,
-                              -(-len(tokens) // bs), bs, "float32")
-        total = np.zeros(self.cfg.dim, dtype=np.float64)
-        for start in range(0, len(tokens), chunk):
-            end = min(len(tokens), start + chunk)
-            seq = SeqStep(start=start, n_new=end - start, write_slots=list(range(start, end)),
-                          context_slots=list(range(end)), want_logits=True)
-            h = self.step(list(tokens[start:end]), list(range(start, end)), [seq], store,
-                          decode="exact", hidden=True)
-            total += h.sum(axis=0, dtype=np.float64)
-        mean = (total / len(tokens)).astype(np.float32)
-        return mean / max(float(np.linalg.norm(mean)), 1e-12)
+        """float32 [dim]: decoder embeddings of `tokens` (FusedModel.mean_hidden)."""
+        return self.fused.mean_hidden(self.embed(tokens), chunk=chunk)

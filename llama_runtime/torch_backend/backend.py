@@ -20,6 +20,7 @@ from llama_models.dequant import dequantize
 from llama_runtime.backend import KVBudget, Prepared
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores, pick_device
 from llama_runtime.kernels.library import KernelsUnavailable, library
+from llama_runtime.kv_store import KV_DTYPES, HostKVStore
 from llama_runtime.loading import host_available_memory
 from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.embedder import decoder_embeddings
@@ -81,8 +82,14 @@ class TorchBackend:
                                _available_memory(device))
         model = files.build(prepared, ops)
         fused = self._fused_decoder(model, device, dtype, kv_dtype)
-        store = PagedKVStore(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks,
-                             kv.block_size, device, kv_dtype)
+        shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_blocks, kv.block_size)
+        host_dtype = str(kv_dtype).removeprefix("torch.")
+        host: HostKVStore | None = None
+        if device.type == "cpu" and host_dtype in KV_DTYPES:  # the one host store, as tensors
+            host = HostKVStore(*shape, host_dtype)
+            store = PagedKVStore.over_host(host)
+        else:
+            store = PagedKVStore(*shape, device, kv_dtype)
 
         def activate() -> None:
             self._model, self._fused, self._store = model, fused, store
@@ -90,7 +97,7 @@ class TorchBackend:
             self._loaded = True
 
         # the file's tensors are not kept: only how each one is held
-        return Prepared(store=store, num_blocks=num_blocks,
+        return Prepared(store=host if host is not None else store, num_blocks=num_blocks,
                         weight_paths={name: weight_path(raw, quantized)
                                       for name, raw in files.weights.items()},
                         device=str(device), dtype=dtype_name, activate=activate)
@@ -169,6 +176,14 @@ class TorchBackend:
 
     def decoder_embed(self, tokens: list[list[int]], *, batch_size: int, chunk: int,
                       lock: AbstractContextManager[Any]) -> np.ndarray:
+        fused = self._fused
+        if fused is not None:  # the CPU: the native backend's path, the same bits
+            out = []
+            for ids in tokens:
+                with lock:
+                    out.append(fused.fused.mean_hidden(fused.embed(ids), chunk=chunk))
+            return np.stack(out)
+
         def locked(fn: Any) -> Any:
             with lock:
                 return fn()

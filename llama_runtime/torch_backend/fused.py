@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from llama_models.decoder import LAYER_EXTRAS, DecoderModel, fused_refusal
@@ -83,15 +84,19 @@ class FusedDecoder:
             return "the fused decode step keeps the KV cache in float32 or float16"
         return fused_refusal(model.cfg, model.rope)
 
+    def embed(self, tokens: Sequence[int]) -> np.ndarray:
+        """float32 [len(tokens), dim]: the rows the fused step starts from."""
+        ids = torch.tensor(list(tokens), dtype=torch.long)
+        x = self._model.ops.embedding(self._model.embed, ids)
+        if self._model.cfg.embed_scale != 1.0:
+            x = x * self._model.cfg.embed_scale
+        return x.float().contiguous().numpy()
+
     def step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[SeqStep],
              store: PagedKVStore, *, decode: str | None = None) -> torch.Tensor:
         """Logits [sequences wanting them, vocab] after one forward of `tokens` (every
         sequence's new tokens, in order: one for a generated token, a chunk for a prompt).
         `decode` overrides the kernel chosen at construction."""
-        ids = torch.tensor(tokens, dtype=torch.long)
-        x = self._model.ops.embedding(self._model.embed, ids)
-        if self._model.cfg.embed_scale != 1.0:
-            x = x * self._model.cfg.embed_scale
-        out = self._fused.run(x.float().contiguous().numpy(), positions, seqs, store.k.numpy(),
+        out = self._fused.run(self.embed(tokens), positions, seqs, store.k.numpy(),
                               store.v.numpy(), decode=decode or self._decode)
         return torch.from_numpy(out)

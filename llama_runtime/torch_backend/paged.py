@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llama_runtime.kv_store import HostKVStore
 from llama_runtime.step import SeqStep
 
 __all__ = ["PagedKVStore", "SeqStep", "StepBatch"]
@@ -35,6 +36,16 @@ class PagedKVStore:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.device = device
+
+    @classmethod
+    def over_host(cls, host: HostKVStore) -> PagedKVStore:
+        """The host store's arrays as CPU tensors (the same memory: what one writes, the other
+        reads)."""
+        store = cls.__new__(cls)
+        store.block_size, store.num_blocks = host.block_size, host.num_blocks
+        store.k, store.v = torch.from_numpy(host.k), torch.from_numpy(host.v)
+        store.device = torch.device("cpu")
+        return store
 
     @property
     def nbytes(self) -> int:
