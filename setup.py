@@ -22,10 +22,12 @@ SOURCES = [f"{CSRC}/{name}.cpp" for name in ("qgemm", "decode", "capi", "cpu")]
 COMMON = ["-std=c++17", "-O3", "-g0", "-fno-wrapv", "-fopenmp", "-fvisibility=hidden",
           "-fvisibility-inlines-hidden", "-Wno-unused-function"]
 
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+_MACHINE = platform.machine().lower()
 BUILDS: dict[str, list[str]] = {"generic": []}
 """Build name (kernels/library.py's ISAS) -> its -m flags."""
-if _X86:
+if _MACHINE in ("aarch64", "arm64"):  # NEON is baseline; dotprod (ARMv8.2+) where the CPU has it
+    BUILDS = {"neon_dotprod": ["-march=armv8.2-a+dotprod"], "generic": []}
+if _MACHINE in ("x86_64", "amd64", "i686", "x86"):
     BUILDS = {
         "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                         "-mavx512vnni"],

@@ -39,8 +39,9 @@ token with int16 activations (docs/performance.md)."""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 """The MLP gate's activation (csrc/decode.h's Activation)."""
 
-ISAS = ("avx512-vnni", "avx2", "generic")
-"""The kernels' builds, fastest first (setup.py's BUILDS): AVX-512 VNNI, AVX2 + FMA, plain C++."""
+ISAS = ("avx512-vnni", "avx2", "neon-dotprod", "generic")
+"""The kernels' builds, fastest first (setup.py's BUILDS): AVX-512 VNNI, AVX2 + FMA (x86),
+AArch64 with the dot-product extension, plain C++ (everywhere)."""
 
 FEATURE_BITS = {"avx2": 0, "fma": 1, "f16c": 2, "avx512f": 3, "avx512bw": 4, "avx512vl": 5,
                 "avx512_vnni": 6, "amx_tile": 7, "neon": 8, "dotprod": 9}
@@ -50,6 +51,7 @@ _NEEDS = {
     "avx512-vnni": frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                               "avx512_vnni"}),
     "avx2": frozenset({"avx2", "fma", "f16c"}),
+    "neon-dotprod": frozenset({"neon", "dotprod"}),
     "generic": frozenset(),
 }
 

@@ -112,7 +112,7 @@ def test_an_unknown_or_unsupported_build_is_refused() -> None:
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "LLAMA_ENGINE_ISA='avx9000'" in done.stderr
-    assert "avx512-vnni, avx2, generic" in done.stderr
+    assert "avx512-vnni, avx2, neon-dotprod, generic" in done.stderr
 
 
 @pytest.mark.parametrize(("acts", "bound"), [("int8", 0.02), ("int16", 1e-4)])

@@ -7,6 +7,10 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
 #endif
 
 #define LE_API __attribute__((visibility("default")))
@@ -69,8 +73,13 @@ LE_API uint64_t le_cpu_features() {
   return x86_features();
 #elif defined(__aarch64__)
   uint64_t f = kNeon;  // every AArch64 CPU has Advanced SIMD
-#if defined(__ARM_FEATURE_DOTPROD)
-  f |= kDotprod;
+#if defined(__linux__)
+  if (getauxval(AT_HWCAP) & (1ul << 20)) f |= kDotprod;  // HWCAP_ASIMDDP
+#elif defined(__APPLE__)
+  int dot = 0;
+  size_t size = sizeof(dot);
+  if (sysctlbyname("hw.optional.arm.FEAT_DotProd", &dot, &size, nullptr, 0) == 0 && dot)
+    f |= kDotprod;
 #endif
   return f;
 #else

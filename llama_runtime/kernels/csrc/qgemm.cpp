@@ -39,6 +39,8 @@ const char* qgemm_isa() {
   return "avx512-vnni";
 #elif defined(LE_AVX2)
   return "avx2";
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+  return "neon-dotprod";  // the portable code, vectorized by the compiler for AArch64 + dotprod
 #else
   return "generic";
 #endif
