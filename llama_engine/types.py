@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,17 +81,28 @@ class Session:
     """One conversation's state in the engine: its token history and (privately) its KV cache.
 
     Created by `LlamaEngine.new_session()`, released by `close_session()`. A session serves one
-    request at a time; `tokens` are the tokens whose keys and values are in the cache.
+    request at a time; `tokens` are the tokens whose keys and values are in the cache. A
+    session is a read-only view: the engine's KV cache owns its tokens.
     """
 
     def __init__(self, session_id: str | None = None) -> None:
         self.id: str = session_id if session_id is not None else f"s{next(_session_ids)}"
-        self.tokens: list[int] = []
+        self._context: Callable[[], list[int]] = list
         self.closed = False
         self.backend_state: Any = None
         """Owned by the engine that made the session; callers must not touch it."""
         self.last_prefill: PrefillResult | None = None
         self._busy = threading.Lock()
+
+    @property
+    def tokens(self) -> list[int]:
+        """The session's context: the tokens whose K/V the cache holds (a copy, read from the
+        engine's KV cache; empty once closed)."""
+        return self._context()
+
+    def bind(self, context: Callable[[], list[int]] | None) -> None:
+        """For engines: where `tokens` is read from (None: nowhere, the session is empty)."""
+        self._context = context if context is not None else list
 
     def acquire(self) -> None:
         """Mark the session in use by one request; a second concurrent request is an error."""

@@ -42,6 +42,10 @@ class BlockTable:
     block_hashes: list[BlockHash] = field(default_factory=list)  # chain hash per full block
     shared: bool = True  # False: K/V from outside (a session file); never registered
     released: int = 0  # leading blocks given back (RELEASED)
+    context: int = 0
+    """The session's context: its first `context` tokens have K/V written, or being written by
+    the step underway (the rest of token_ids is planned for later steps). Callers see these
+    tokens as Session.tokens."""
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +66,7 @@ class BlockTable:
     def copy(self) -> BlockTable:
         """A table holding the same blocks (the caller adjusts ref counts)."""
         return BlockTable(self.block_size, list(self.block_ids), list(self.token_ids),
-                          list(self.block_hashes), self.shared, self.released)
+                          list(self.block_hashes), self.shared, self.released, self.context)
 
     def check(self) -> None:
         """Raise RuntimeError if the table's own invariants are broken."""
@@ -82,3 +86,5 @@ class BlockTable:
                                f"released ones: {self.block_ids}")
         if len(set(held)) != len(held):
             raise RuntimeError(f"table holds a block twice: {self.block_ids}")
+        if not 0 <= self.context <= n:
+            raise RuntimeError(f"table's context of {self.context} tokens is not within its {n}")

@@ -119,6 +119,25 @@ class PagedKVCache:
         """The session's tokens (a copy)."""
         return list(self._table(session_id).token_ids)
 
+    def context(self, session_id: str) -> list[int]:
+        """The session's context (a copy): the tokens whose K/V are written or being written by
+        the step underway; what callers see as Session.tokens. [] for an unknown session."""
+        table = self._tables.get(session_id)
+        return [] if table is None else table.token_ids[: table.context]
+
+    def context_length(self, session_id: str) -> int:
+        return self._table(session_id).context
+
+    def set_context(self, session_id: str, n_tokens: int) -> None:
+        """Mark the first `n_tokens` held tokens as the session's context (the scheduler, as a
+        step is planned, or rolled back when its forward fails)."""
+        table = self._table(session_id)
+        if not 0 <= n_tokens <= table.num_tokens:
+            raise InvalidParamsError(
+                f"a context of {n_tokens} tokens is not within session {session_id!r}'s "
+                f"{table.num_tokens}")
+        table.context = n_tokens
+
     def block_ids(self, session_id: str) -> list[int]:
         """The session's block ids in position order (a copy; RELEASED for released blocks)."""
         return list(self._table(session_id).block_ids)
@@ -303,7 +322,8 @@ class PagedKVCache:
         need = -(-len(tokens) // self.block_size)
         if not self.pool.can_allocate(need):
             raise out_of_kv_memory(self.pool, need, f"importing session {session_id!r}")
-        table = BlockTable(self.block_size, self.pool.allocate(need), tokens, shared=shared)
+        table = BlockTable(self.block_size, self.pool.allocate(need), tokens, shared=shared,
+                           context=len(tokens))
         self._register_full_blocks(table)
         self._tables[session_id] = table
         return list(table.block_ids)
@@ -383,6 +403,7 @@ class PagedKVCache:
         gone = [b for b in table.block_ids[keep_blocks:] if b != RELEASED]
         del table.block_ids[keep_blocks:]
         del table.token_ids[n:]
+        table.context = min(table.context, n)
         del table.block_hashes[n // bs :]
         table.released = min(table.released, keep_blocks)
         if invalidate and n % bs and table.block_ids[-1] != RELEASED:

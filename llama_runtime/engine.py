@@ -6,6 +6,7 @@ every backend behaves the same. No torch here."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -241,7 +242,8 @@ class Engine(LlamaEngine):
         for sid in list(self._sessions.keys()):
             s = self._sessions.get(sid)
             if s is not None:
-                s.closed, s.backend_state, s.tokens = True, None, []
+                s.closed, s.backend_state = True, None
+                s.bind(None)
         self._sessions.clear()
         self._orphans.clear()
 
@@ -352,7 +354,9 @@ class Engine(LlamaEngine):
         return s
 
     def _register(self, s: Session, sched: Scheduler) -> None:
-        """Track `s`; if its caller drops it without close_session, its blocks are freed."""
+        """Track `s` (its tokens read from the KV cache, which owns them); if its caller drops
+        it without close_session, its blocks are freed."""
+        s.bind(functools.partial(_context_of, weakref.ref(self._cache), s.id))
         self._sessions[s.id] = s
         weakref.finalize(s, _orphaned, self._orphans, s.id, weakref.ref(sched))
 
@@ -409,7 +413,7 @@ class Engine(LlamaEngine):
         s.backend_state = _SessionState()
         with sched.lock:
             self._reap()
-            s.tokens = import_kv(saved, cache=self._cache, store=store, session_id=s.id)
+            import_kv(saved, cache=self._cache, store=store, session_id=s.id)
             self._register(s, sched)
         return s
 
@@ -419,7 +423,7 @@ class Engine(LlamaEngine):
             self._cache.free(session.id)
         session.closed = True
         session.backend_state = None
-        session.tokens = []
+        session.bind(None)
 
     def stats(self) -> dict[str, Any]:
         self._check_open()
@@ -581,6 +585,12 @@ class Engine(LlamaEngine):
 
 
 _RELEASE_WAIT_S = 10.0
+
+
+def _context_of(cache: weakref.ref[PagedKVCache], session_id: str) -> list[int]:
+    """A session's tokens, as its engine's KV cache holds them (none once the cache is gone)."""
+    c = cache()
+    return [] if c is None else c.context(session_id)
 
 
 def _orphaned(orphans: deque[str], session_id: str, sched: weakref.ref[Scheduler]) -> None:

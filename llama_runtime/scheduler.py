@@ -224,7 +224,8 @@ class Scheduler:
         except Exception as e:
             with self.lock:
                 for r, step in zip(order, seqs, strict=True):  # those tokens were never computed
-                    del r.session.tokens[len(r.session.tokens) - step.n_new:]
+                    sid = r.session.id
+                    self.cache.set_context(sid, self.cache.context_length(sid) - step.n_new)
                     self._finish(r, "error", e)
             return
         with self.lock:
@@ -272,14 +273,14 @@ class Scheduler:
                 raise LlamaError(f"session {sid} has no prompt; call prefill() first")
             r.ctx_slots = self.cache.slot_mapping(sid)
             r.given_back = self.cache.released_tokens(sid)
-            r.pos = len(r.session.tokens)
+            r.pos = self.cache.context_length(sid)
             r.prefill = r.session.last_prefill
             self._begin_generation(r, logits)
             return
         plan = self.cache.prefill_plan(sid, r.prompt)
         if plan.copies:
             self._copy_blocks(list(plan.copies))
-        r.session.tokens = list(r.prompt[: plan.start_pos])
+        self.cache.set_context(sid, plan.start_pos)
         r.pos = plan.start_pos
         if not r.preemptions:
             r.cached_tokens = plan.start_pos
@@ -341,13 +342,12 @@ class Scheduler:
         # advance the bookkeeping now; logits are applied after the forward
         for r, step in zip(order, seqs, strict=True):
             if r.next_token is not None:  # decoding: the fed token joins the context
-                r.session.tokens.append(r.next_token)
                 r.next_token = None
             else:
-                r.session.tokens.extend(r.todo[: step.n_new])
                 del r.todo[: step.n_new]
                 del r.todo_slots[: step.n_new]
             r.pos += step.n_new
+            self.cache.set_context(r.session.id, r.pos)
         return seqs, tokens, positions, order
 
     def _append_or_preempt(self, r: Request, planned: list[Request]) -> Any:
@@ -371,15 +371,14 @@ class Scheduler:
         """Release `r`'s blocks and queue it to recompute its context (see the module doc)."""
         sid = r.session.id
         if r.next_token is not None:  # decoding: the context is every token it has seen
-            r.prompt = [*r.session.tokens, r.next_token]
+            r.prompt = [*self.cache.context(sid), r.next_token]
             r.next_token = None
         # else: prefilling, r.prompt is still the whole context to compute
         r.todo, r.todo_slots, r.ctx_slots = [], [], []
         r.given_back = 0
         r.preemptions += 1
-        self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
+        self.cache.truncate(sid, self.cache.context_length(sid), invalidate=True)
         self.cache.truncate(sid, 0)  # full blocks stay in the prefix cache for the recompute
-        r.session.tokens = []
         self._running.remove(r)
         i = 0  # back in the queue by arrival, ahead of everything newer
         while i < len(self._waiting) and self._waiting[i].submitted <= r.submitted:
@@ -455,10 +454,11 @@ class Scheduler:
         r.out.put(None)  # end of stream
         sid = r.session.id
         try:
-            if sid in self.cache and self.cache.num_tokens(sid) > len(r.session.tokens):
+            if sid in self.cache and (
+                    self.cache.num_tokens(sid) > self.cache.context_length(sid)):
                 # planned but never computed (cancelled mid-prefill, failed step): nobody may
                 # reuse it
-                self.cache.truncate(sid, len(r.session.tokens), invalidate=True)
+                self.cache.truncate(sid, self.cache.context_length(sid), invalidate=True)
             if r.own_session:
                 self._free_session(r.session)
         finally:

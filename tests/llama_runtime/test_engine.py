@@ -10,6 +10,7 @@ from llama_engine import (
     ContextOverflowError,
     InvalidParamsError,
     InvalidTokenError,
+    SamplingParams,
     SessionError,
 )
 
@@ -174,3 +175,23 @@ def test_chat_accepts_openai_content_parts(engine) -> None:
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     with pytest.raises(InvalidParamsError, match="content part 0"):
         engine.chat([{"role": "user", "content": ["just a string"]}])
+
+
+def test_a_session_is_a_read_only_view_of_the_kv_cache(engine) -> None:
+    """The KV cache owns a session's tokens: `tokens` reads them (a copy a caller may change
+    freely), follows prefill and decode, cannot be assigned, and is empty once closed."""
+    s = engine.new_session()
+    ids = engine.tokenize("The capital of France is")
+    engine.prefill(s, ids)
+    assert s.tokens == ids
+    mine = s.tokens
+    mine.append(7)
+    assert s.tokens == ids  # the caller's copy, not the session
+    with pytest.raises(AttributeError):
+        s.tokens = [1, 2, 3]
+    out = engine.decode(s, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    got = [c.token_id for c in out if c.token_id is not None]
+    assert s.tokens == ids + got[:-1]  # the last sampled token is not fed (no forward)
+    assert engine._cache.context(s.id) == s.tokens
+    engine.close_session(s)
+    assert s.tokens == []
