@@ -9,8 +9,10 @@ is built as a setuptools Extension only so that it ships inside the package and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -21,6 +23,19 @@ SOURCES = [f"{CSRC}/{name}.cpp" for name in ("qgemm", "decode", "capi", "cpu")]
 # share an inline function's statics
 COMMON = ["-std=c++17", "-O3", "-g0", "-fno-wrapv", "-fopenmp", "-fvisibility=hidden",
           "-fvisibility-inlines-hidden", "-Wno-unused-function"]
+
+
+def sources_hash(csrc: Path) -> str:
+    """What the kernels were built from (kernels/library.py computes the same over the
+    installed sources and refuses a build from other ones)."""
+    digest = hashlib.sha256()
+    for f in sorted(csrc.iterdir()):
+        if f.suffix in (".cpp", ".h"):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+COMMON.append(f'-DLE_SOURCES_HASH="{sources_hash(Path(__file__).parent / CSRC)}"')
 
 _MACHINE = platform.machine().lower()
 BUILDS: dict[str, list[str]] = {"generic": []}

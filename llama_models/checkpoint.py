@@ -117,8 +117,10 @@ HF_TYPE_NAMES = {**FLOAT_NAMES, 28: "float64", 24: "int8", 25: "int16", 26: "int
 def float32(t: RawTensor) -> np.ndarray:
     """A float tensor (F32, F16 or BF16) as a float32 array of its shape (a copy, except for
     F32)."""
+    if t.qtype == 28:  # F64 (an HF checkpoint's)
+        return np.asarray(t.data).astype(np.float32).reshape(t.shape)
     if t.qtype not in FLOAT_NAMES:
-        raise ValueError(f"{t.name} is quantized, not a float tensor")
+        raise ValueError(f"{t.name} is quantized or an integer tensor, not a float one")
     data = np.asarray(t.data)
     if data.dtype == np.uint8:  # a GGUF tensor's raw bytes
         data = data.view(_FLOAT_STORAGE[t.qtype])

@@ -109,7 +109,14 @@ def create_engine(
     if refusal is None:  # nothing here runs this device with these options
         serving = [e for e in entries() if e.serves(device) and _eligible(e)]
         if serving:  # an option value none of them takes: say which values the last takes
-            check_options(serving[-1], options)
+            try:
+                check_options(serving[-1], options)
+            except InvalidParamsError as e:
+                if torch_installed():
+                    raise
+                raise UnsupportedBackendError(
+                    f"{e}; the torch backend is not installed: pip install "
+                    "'llama-engine[torch]'") from e
         raise UnsupportedBackendError(
             f"no backend here runs device={device!r} with these options; `llama-engine info "
             "--backends` lists what each can do (torch: pip install 'llama-engine[torch]')")

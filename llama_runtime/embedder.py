@@ -49,10 +49,11 @@ def make_encoder(files: EncoderFiles, *, backend: str, device: str, dtype: str,
     if backend not in ENCODER_BACKENDS:
         raise InvalidParamsError(
             f"backend must be one of {', '.join(ENCODER_BACKENDS)}, got {backend!r}")
-    from llama_runtime.backends import gpu_present
+    from llama_runtime.backends import gpu_present, torch_installed
 
-    native_fits = dtype == "float32" and (device == "cpu" or (device == "auto"
-                                                              and not gpu_present()))
+    on_cpu = device == "cpu" or (device == "auto" and (not gpu_present()
+                                                       or not torch_installed()))
+    native_fits = dtype == "float32" and on_cpu
     if backend == "native" or (backend == "auto" and native_fits):
         if not native_fits:
             raise UnsupportedBackendError(

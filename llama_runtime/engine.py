@@ -15,7 +15,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,11 +56,8 @@ DECODER = "decoder"
 """embed_model value: embed with the generating model's mean-pooled hidden states."""
 
 
-@dataclass(slots=True)
-class _SessionState:
-    logits: np.ndarray | None = None
-    """Next-token logits after session.tokens, when `logits_len == len(session.tokens)`."""
-    logits_len: int = -1
+_OPEN = "open"
+"""Session.backend_state of a session this engine serves (None once closed)."""
 
 
 class Engine(LlamaEngine):
@@ -166,7 +162,8 @@ class Engine(LlamaEngine):
         """The sentence encoder `embed` runs (on the kernels on a CPU, else on torch)."""
         from llama_runtime.embedder import SentenceEmbedder
 
-        return SentenceEmbedder(model, device=self._backend.embed_device)
+        return SentenceEmbedder(model, device=self._backend.embed_device,
+                                threads=self._backend.threads)
 
     def _install(self, *, tokenizer: Tokenizer, ctx: int, fingerprint: str, num_blocks: int,
                  store: Any, weight_paths: dict[str, str], handle: ModelHandle,
@@ -199,7 +196,6 @@ class Engine(LlamaEngine):
             # holds is collected (and its finalizer below stops the thread).
             self._scheduler = Scheduler(
                 self._cache, _weakly(self._locked_step), store.copy_blocks,
-                get_logits=_weakly(self._logits_of), set_logits=_weakly(self._set_logits),
                 free_session=_weakly(self._free_session), max_batch=self._max_batch,
                 max_step_tokens=self._prefill_chunk, kv_policy=self._kv_policy,
                 housekeeping=_weakly(self._reap))
@@ -346,7 +342,7 @@ class Engine(LlamaEngine):
     def new_session(self) -> Session:
         sched = self._sched()
         s = Session()
-        s.backend_state = _SessionState()
+        s.backend_state = _OPEN
         with sched.lock:
             self._reap()
             self._cache.allocate(s.id)
@@ -365,7 +361,13 @@ class Engine(LlamaEngine):
         while self._orphans:
             sid = self._orphans.popleft()
             if sid not in self._sessions and sid in self._cache:
-                self._cache.free(sid)
+                self._forget(sid)
+
+    def _forget(self, session_id: str) -> None:
+        """Free a session's blocks and its pending logits (with the scheduler lock held)."""
+        self._cache.free(session_id)
+        if self._scheduler is not None:
+            self._scheduler.forget(session_id)
 
     def close_session(self, session: Session) -> None:
         """Release the session's KV blocks (cancelling its request, if one runs). Does nothing
@@ -410,7 +412,7 @@ class Engine(LlamaEngine):
         saved = read_session(path, model=self._fingerprint, context_length=self._ctx,
                              vocab_size=self.model.vocab_size, kv_shape=store.kv_shape)
         s = Session()
-        s.backend_state = _SessionState()
+        s.backend_state = _OPEN
         with sched.lock:
             self._reap()
             import_kv(saved, cache=self._cache, store=store, session_id=s.id)
@@ -420,7 +422,7 @@ class Engine(LlamaEngine):
     def _free_session(self, session: Session) -> None:
         """Called with the scheduler lock held."""
         if self._sessions.pop(session.id, None) is not None:
-            self._cache.free(session.id)
+            self._forget(session.id)
         session.closed = True
         session.backend_state = None
         session.bind(None)
@@ -452,25 +454,20 @@ class Engine(LlamaEngine):
             raise SessionError("no model is loaded; call load_model() or use create_engine()")
         return self._scheduler
 
-    def _state(self, session: Session) -> _SessionState:
+    def _state(self, session: Session) -> None:
         self._check_open()
         if session.closed or session.backend_state is None:
             raise SessionError(
                 f"session {session.id} is closed; create a new one with new_session()")
         if self._sessions.get(session.id) is not session:
             raise SessionError(f"session {session.id} does not belong to this engine")
-        return session.backend_state
 
     def _logits_of(self, session: Session) -> np.ndarray | None:
-        st = session.backend_state
-        if st is None or st.logits_len != len(session.tokens):
+        if session.backend_state is None:
             return None
-        return st.logits
-
-    def _set_logits(self, session: Session, logits: np.ndarray) -> None:
-        st = session.backend_state
-        if st is not None:
-            st.logits, st.logits_len = logits, len(session.tokens)
+        sched = self._sched()
+        with sched.lock:
+            return sched.logits_of(session.id)
 
     def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
         tokens = list(tokens)

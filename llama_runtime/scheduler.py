@@ -98,8 +98,6 @@ class Request:
 class Scheduler:
     def __init__(self, cache: PagedKVCache, run_step: StepRunner,
                  copy_blocks: Callable[[list[tuple[int, int]]], None], *,
-                 get_logits: Callable[[Session], np.ndarray | None],
-                 set_logits: Callable[[Session, np.ndarray], None],
                  max_batch: int = 32, max_step_tokens: int = 512, kv_policy: str = "wait",
                  free_session: Callable[[Session], None],
                  housekeeping: Callable[[], None] | None = None) -> None:
@@ -107,8 +105,9 @@ class Scheduler:
         self.lock = threading.RLock()
         self._run_step = run_step
         self._copy_blocks = copy_blocks
-        self._get_logits = get_logits
-        self._set_logits = set_logits
+        self._logits: dict[str, tuple[int, np.ndarray]] = {}
+        """Each session's next-token logits, with the context length they follow (pending
+        until a decode request samples from them)."""
         self._free_session = free_session
         self._housekeeping = housekeeping
         """Run under `lock` before each step (the engine frees sessions nobody holds)."""
@@ -136,6 +135,19 @@ class Scheduler:
                 self._finish(req, "cancelled", EngineClosedError(
                     "the engine was closed while this request was queued"))
         return req
+
+    def logits_of(self, session_id: str) -> np.ndarray | None:
+        """The logits after the session's context, when its last step left them (call with
+        `lock` held, or accept a stale answer)."""
+        got = self._logits.get(session_id)
+        if got is None or session_id not in self.cache:
+            return None
+        n, logits = got
+        return logits if n == self.cache.context_length(session_id) else None
+
+    def forget(self, session_id: str) -> None:
+        """Drop a freed session's logits (call with `lock` held)."""
+        self._logits.pop(session_id, None)
 
     def wake(self) -> None:
         """Have the thread look at its queues now (e.g. sessions to free)."""
@@ -225,8 +237,12 @@ class Scheduler:
             with self.lock:
                 for r, step in zip(order, seqs, strict=True):  # those tokens were never computed
                     sid = r.session.id
-                    self.cache.set_context(sid, self.cache.context_length(sid) - step.n_new)
-                    self._finish(r, "error", e)
+                    try:
+                        if sid in self.cache:  # (freed meanwhile only by a shutdown)
+                            self.cache.set_context(sid,
+                                                   self.cache.context_length(sid) - step.n_new)
+                    finally:
+                        self._finish(r, "error", e)
             return
         with self.lock:
             row = 0
@@ -268,7 +284,7 @@ class Scheduler:
         sid = r.session.id
         r.prefill_started = time.perf_counter()
         if r.prompt is None:
-            logits = self._get_logits(r.session)
+            logits = self.logits_of(sid)
             if logits is None:
                 raise LlamaError(f"session {sid} has no prompt; call prefill() first")
             r.ctx_slots = self.cache.slot_mapping(sid)
@@ -398,7 +414,7 @@ class Scheduler:
         self._finish(r, "error", error)
 
     def _on_logits(self, r: Request, logits: np.ndarray) -> None:
-        self._set_logits(r.session, logits)
+        self._logits[r.session.id] = (self.cache.context_length(r.session.id), logits)
         if r.gen is None:  # this row ends the request's prefill
             assert r.prompt is not None
             r.prefill = PrefillResult(

@@ -60,7 +60,7 @@ def gelu(x: np.ndarray, *, approximate: bool = False) -> np.ndarray:
     """GELU of a float32 array (erf, or the tanh approximation), computed in place when x is
     a contiguous float32 array already, else on a copy."""
     out = np.ascontiguousarray(x, dtype=np.float32)
-    if out is x and not out.flags.writeable:
+    if not out.flags.writeable:
         out = out.copy()
     check(library().le_gelu(ptr(out), out.size, int(approximate)))
     return out

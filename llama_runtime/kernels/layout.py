@@ -11,11 +11,14 @@ import numpy as np
 
 from llama_models.checkpoint import RawTensor, release_pages
 
-__all__ = ["GROUP", "KEPT_QUANTIZED", "REPACKABLE", "RUN", "PackedWeight", "pack", "weight_path"]
+__all__ = ["GROUP", "KEPT_QUANTIZED", "KEPT_TYPES", "REPACKABLE", "RUN", "PackedWeight", "pack",
+           "weight_path"]
 
 # gguf.GGMLQuantizationType values
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 REPACKABLE = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
+KEPT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+"""REPACKABLE's names (the capability matrix's quant_native)."""
 _KINDS = {Q4_0: "q4", Q4_1: "q4", Q4_K: "q4", Q5_0: "q5", Q5_1: "q5", Q5_K: "q5", Q8_0: "q8",
           Q6_K: "q8"}
 """How each type is held: nibbles (q4), nibbles and fifth bits (q5), a byte an element (q8)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import importlib.machinery
 import os
 import threading
 from pathlib import Path
@@ -61,10 +63,23 @@ class KernelsUnavailable(RuntimeError):
 
 
 def _path(build: str) -> Path | None:
-    """The installed library of `build`, or None."""
+    """The installed library of `build` for this interpreter, or None."""
     stem = "_" + build.replace("-", "_")
-    found = sorted(HERE.glob(stem + ".*so")) + sorted(HERE.glob(stem + ".*dylib"))
-    return found[0] if found else None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:  # this Python's, most specific first
+        path = HERE / (stem + suffix)
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.cache
+def sources_hash() -> str:
+    """What the installed sources hash to (setup.py's sources_hash, which builds it in)."""
+    digest = hashlib.sha256()
+    for f in sorted(CSRC.iterdir()):
+        if f.suffix in (".cpp", ".h"):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _open(build: str) -> ctypes.CDLL:
@@ -143,6 +158,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.le_set_threads.argtypes = [i32]
     lib.le_threads.restype = i32
     lib.le_isa.restype = ctypes.c_char_p
+    lib.le_sources_hash.restype = ctypes.c_char_p
     lib.le_linear.argtypes = [ctypes.POINTER(LeWeight), p, i64, p, i32]
     lib.le_linear.restype = i32
     lib.le_gelu.argtypes = [p, i64, i32]
@@ -175,6 +191,12 @@ def library() -> Any:
             try:
                 lib = _open(isa())
                 _declare(lib)
+                built_from = lib.le_sources_hash().decode()
+                if CSRC.is_dir() and built_from != sources_hash():
+                    raise KernelsUnavailable(
+                        f"the installed kernels ({_path(isa())}) were built from other sources "
+                        f"than {CSRC} (a checkout edited since it was installed?); reinstall "
+                        "the package (pip install -e . in a checkout) to rebuild them")
                 _lib = lib
             except KernelsUnavailable as e:
                 _error = str(e)

@@ -6,7 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from llama_runtime.backend import Backend, BackendEntry, register
-from llama_runtime.backends import CPU_DECODE, BackendInfo, describe_decode, gpu_present
+from llama_runtime.backends import (
+    CPU_DECODE,
+    BackendInfo,
+    describe_decode,
+    gpu_present,
+    torch_installed,
+)
+from llama_runtime.kernels.layout import KEPT_TYPES
 from llama_runtime.kernels.library import DECODE_MODES
 
 __all__: list[str] = []
@@ -24,12 +31,11 @@ def _info() -> BackendInfo:
         kernels, available = str(e), False
     return BackendInfo(
         name="native", available=available, devices=("cpu",), dtypes=("float32",),
-        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"), paged_attention=True, compile=True,
+        quant_native=KEPT_TYPES, paged_attention=True, compile=True,
         max_batch=32, default_eligible=True,
-        note="CPU without torch: the torch backend's fused native step and kernels (the same "
-             "bits), one library driven over ctypes; "
-             "GGUF models whose layers the fused step runs (docs/models.md). backend='auto' "
-             "tries it first on a CPU and hands anything else to torch; "
+        note="CPU without torch: the fused native step and kernels over ctypes, for GGUF and "
+             "HF safetensors models whose layers the fused step runs (docs/models.md); "
+             "backend='auto' tries it first on a CPU and hands anything else to torch; "
              f"{kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
              f"runs {describe_decode(CPU_DECODE)} ({', '.join(DECODE_MODES)} selectable)",
     )
@@ -38,8 +44,10 @@ def _info() -> BackendInfo:
 
 
 def _serves(device: str) -> bool:
-    """A CPU run: device "cpu", or "auto" on a machine without a GPU."""
-    return device == "cpu" or (device == "auto" and not gpu_present())
+    """A CPU run: device "cpu", or "auto" on a machine without a GPU (or without torch, the
+    only backend that runs one)."""
+    return device == "cpu" or (device == "auto" and (not gpu_present()
+                                                     or not torch_installed()))
 
 
 def _factory(**options: Any) -> Backend:

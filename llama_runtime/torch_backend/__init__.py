@@ -7,6 +7,7 @@ from typing import Any
 
 from llama_runtime.backend import Backend, BackendEntry, register
 from llama_runtime.backends import CPU_DECODE, BackendInfo, describe_decode, torch_installed
+from llama_runtime.kernels.layout import KEPT_TYPES
 from llama_runtime.kernels.library import DECODE_MODES
 
 __all__: list[str] = []
@@ -27,7 +28,7 @@ def _info() -> BackendInfo:
     return BackendInfo(
         name="torch", available=True, devices=tuple(devices),
         dtypes=("float32", "bfloat16", "float16"),
-        quant_native=("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K"),
+        quant_native=KEPT_TYPES,
         paged_attention=True, compile=True, max_batch=32, default_eligible=True,
         note="CPU: quantized weights and a fused native decode step (the C++ kernels "
              f"built at install; decode='auto' runs {describe_decode(CPU_DECODE)}); CUDA: "

@@ -181,6 +181,7 @@ class TorchBackend:
             out = []
             for ids in tokens:
                 with lock:
+                    library().le_set_threads(torch.get_num_threads())
                     out.append(fused.fused.mean_hidden(fused.embed(ids), chunk=chunk))
             return np.stack(out)
 
@@ -201,6 +202,8 @@ class TorchBackend:
             assert store is not None
             if fused is None:
                 return self._forward(tokens, positions, seqs).numpy()
+            # the kernels' thread count is process-wide: set this engine's before its forward
+            library().le_set_threads(torch.get_num_threads())
             return fused.step(tokens, positions, seqs, store).numpy()
 
     def _forward(self, tokens: list[int], positions: list[int],

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llama_models.checkpoint import BF16, F32, RawTensor, float32
+from llama_models.checkpoint import BF16, F16, RawTensor, float32
 from llama_models.ops import RopeSpec
 from llama_runtime.torch_backend.paged import StepBatch
 from llama_runtime.torch_backend.qweights import QWeight
@@ -23,7 +23,7 @@ def float_tensor(raw: RawTensor) -> torch.Tensor:
     if raw.qtype == BF16:  # its bit patterns (numpy has no bfloat16)
         bits = torch.from_numpy(np.array(data.view(np.uint16), copy=True))
         return bits.view(torch.bfloat16).reshape(raw.shape)
-    values = float32(raw) if raw.qtype == F32 else data.view(np.float16)
+    values = data.view(np.float16) if raw.qtype == F16 else float32(raw)
     return torch.from_numpy(np.array(values, copy=True)).reshape(raw.shape)
 
 

@@ -137,7 +137,7 @@ _FIFTH_ELEMENT = torch.tensor([v * RUN + i for e in range(32) for v, start in
 
 
 def repack(raw: RawTensor) -> QWeight:
-    """GGUF bytes of a kept type -> QWeight (see native.layout.pack): exactly the stored
+    """GGUF bytes of a kept type -> QWeight (see kernels.layout.pack): exactly the stored
     values."""
     p = pack(raw)
     return QWeight(p.kind, torch.from_numpy(p.qs), torch.from_numpy(p.d),

@@ -9,6 +9,7 @@ loaded in a subprocess (LLAMA_ENGINE_ISA) and compared with this process's."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_every_build_is_installed_and_the_best_one_runs() -> None:
     assert available_isas()[-1] == "generic"
     assert isa() == available_isas()[0] or os.environ.get("LLAMA_ENGINE_ISA")
     assert library().le_isa().decode() == isa()
-    if sys.platform == "linux" and Path("/proc/cpuinfo").exists():
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64"):
         assert ISAS[0] == "avx512-vnni"
         flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                          if line.startswith("flags")).split(":", 1)[1].split())
@@ -146,3 +147,18 @@ def test_every_build_is_installed_and_the_best_one_runs() -> None:
         assert "amx_tile" not in cpu_features() or "amx_tile" in flags
         wants = {"avx512_vnni", "avx512f", "avx512bw", "avx512vl"}
         assert ("avx512-vnni" in available_isas()) == (wants <= cpu_features())
+
+
+def test_a_build_from_other_sources_is_refused() -> None:
+    """The library carries the hash of the sources it was built from; one that differs from
+    the installed sources (a checkout edited since its install) is refused with the way out."""
+    from llama_runtime.kernels.library import library, sources_hash
+
+    assert library().le_sources_hash().decode() == sources_hash()
+    code = ("import llama_runtime.kernels.library as l\n"
+            "l.sources_hash = lambda: 'edited'\n"
+            "l.library()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "other sources" in done.stderr and "reinstall" in done.stderr

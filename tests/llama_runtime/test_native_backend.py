@@ -92,12 +92,20 @@ def test_what_it_cannot_run_is_refused_with_the_way_out(tmp_path) -> None:
         create_engine(backend="native", kv_dtype="bfloat16", progress=False)
 
 
-def test_threads_option_reaches_the_kernels() -> None:
+def test_threads_option_reaches_the_kernels(torch_cpu_engine) -> None:
+    """The kernels' thread count is process-wide: each engine (and its sentence encoder) sets
+    its own before each forward."""
     from llama_runtime import create_engine
+    from llama_runtime.kernels.library import library
 
     one = create_engine(backend="native", threads=1, progress=False)
     assert one.threads == 1  # set in the library before each of its forwards
     assert len(one.generate("Hello", max_tokens=4, temperature=0).token_ids) == 4
+    assert library().le_threads() == 1
+    torch_cpu_engine.generate("Hello", max_tokens=2, temperature=0)  # threads=2, fused step
+    assert library().le_threads() == 2
+    one.embed(["a sentence"])  # the encoder beside an engine runs on the engine's threads
+    assert library().le_threads() == 1
     with pytest.raises(InvalidParamsError, match="threads"):
         create_engine(backend="native", threads=0, progress=False)
 

@@ -105,6 +105,9 @@ KEPT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 
 def test_the_kept_types_are_the_repackable_ones() -> None:
     assert {int(t) for t in KEPT_TYPES} == set(REPACKABLE)
+    from llama_runtime.kernels.layout import KEPT_TYPES as NAMES  # what `info` lists
+
+    assert {t.name for t in KEPT_TYPES} == set(NAMES)
 
 
 @pytest.mark.parametrize("qtype", KEPT_TYPES, ids=lambda t: t.name)

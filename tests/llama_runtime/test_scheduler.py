@@ -99,20 +99,11 @@ class Harness:
         self.tokenizer = tokenizer
         self.cache = PagedKVCache(num_blocks, block_size=block_size, hash_namespace="fake")
         self.model = HashModel(tokenizer.vocab_size)
-        self.logits: dict[str, tuple[int, np.ndarray]] = {}
         self.sched = Scheduler(
             self.cache, self.model.step,
             lambda copies: self.model.copy_blocks(copies, block_size),
-            get_logits=self._get_logits, set_logits=self._set_logits,
             free_session=self._free, max_batch=max_batch, max_step_tokens=max_step_tokens,
             kv_policy=kv_policy)
-
-    def _get_logits(self, s: Session) -> np.ndarray | None:
-        n, logits = self.logits.get(s.id, (-1, None))
-        return logits if n == len(s.tokens) else None
-
-    def _set_logits(self, s: Session, logits: np.ndarray) -> None:
-        self.logits[s.id] = (len(s.tokens), logits)
 
     def _free(self, s: Session) -> None:
         if s.id in self.cache:

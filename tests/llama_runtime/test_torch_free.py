@@ -108,3 +108,23 @@ def test_the_core_runs_without_torch(tmp_path: Path, hf_qwen3, hf_greedy) -> Non
     backends = {b["name"]: b for b in out["info"]}
     assert backends["native"]["available"] and not backends["torch"]["available"]
     assert "not installed" in backends["torch"]["note"]
+
+
+def test_auto_runs_a_machine_with_a_gpu_but_no_torch_on_the_cpu(monkeypatch) -> None:
+    """Only torch runs a GPU: where it is not installed, "auto" means the CPU kernels, for the
+    generating model and the sentence encoder alike."""
+    import llama_runtime.backends as backends
+    import llama_runtime.native as native
+
+    for module in (native, backends):
+        monkeypatch.setattr(module, "gpu_present", lambda: True)
+        monkeypatch.setattr(module, "torch_installed", lambda: False)
+    assert native._serves("auto") and native._serves("cpu")
+    from llama_models import open_encoder
+    from llama_runtime.embedder import make_encoder
+
+    enc = make_encoder(open_encoder("all-minilm-l6-v2"), backend="auto", device="auto",
+                       dtype="float32", threads=1)
+    assert enc.backend == "native"
+    monkeypatch.setattr(native, "torch_installed", lambda: True)
+    assert not native._serves("auto")  # with torch, a GPU machine's "auto" is the GPU

@@ -85,6 +85,13 @@ LE_API int32_t le_threads() { return le::max_threads(); }
 
 LE_API const char* le_isa() { return le::qgemm_isa(); }
 
+#ifndef LE_SOURCES_HASH
+#define LE_SOURCES_HASH "unknown"
+#endif
+// What this build was compiled from (setup.py's sources_hash): kernels/library.py refuses a
+// build whose sources differ from the installed ones (a checkout edited since its install).
+LE_API const char* le_sources_hash() { return LE_SOURCES_HASH; }
+
 // out [B, n] = x [B, k] @ w.T; acts (qgemm.h's Acts: 0 exact, 1 int8, 2 int16) quantizes x per
 // 32-block first (q4/q8 weights only).
 LE_API int32_t le_linear(const le_weight* w, const float* x, int64_t B, float* out, int32_t acts) {

@@ -44,7 +44,7 @@ uint64_t x86_features() {
   const bool osxsave = c & (1u << 27);
   if (!osxsave) return 0;  // no XGETBV: the OS saves no AVX state
   const uint64_t xcr = xcr0();
-  const bool ymm = (xcr & 0x6) == 0x6;             // SSE and AVX state
+  const bool ymm = (c & (1u << 28)) && (xcr & 0x6) == 0x6;  // AVX, and SSE + AVX state
   const bool zmm = ymm && (xcr & 0xE0) == 0xE0;    // opmask, ZMM0-15 upper halves, ZMM16-31
   const bool tiles = (xcr & 0x60000) == 0x60000;   // XTILECFG and XTILEDATA
   uint64_t f = 0;
