@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a model, the backends, or the known models")
     info.add_argument("model", nargs="?", help="registered model name or path")
-    info.add_argument("--backends", action="store_true", help="the capability matrix")
+    info.add_argument("--backends", action="store_true",
+                      help="the capability matrix: a table (--json for JSON)")
     info.add_argument("--models", action="store_true", help="models resolvable by name")
     info.add_argument("--json", action="store_true", help="print JSON")
 
@@ -144,11 +146,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backends_table(infos: Sequence[Any]) -> str:
+    """The capability matrix as a table, each backend's note on the lines below its row."""
+    def cell(v: Any) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, tuple | list):
+            return ",".join(map(str, v)) or "-"
+        return str(v)
+
+    cols = [("backend", "name"), ("available", "available"), ("devices", "devices"),
+            ("dtypes", "dtypes"), ("quantized kept", "quant_native"),
+            ("paged", "paged_attention"), ("compiled", "compile"), ("max batch", "max_batch"),
+            ("auto", "default_eligible")]
+    rows = [[cell(getattr(b, key)) for _, key in cols] for b in infos]
+    widths = [max(len(title), *(len(r[i]) for r in rows)) for i, (title, _) in enumerate(cols)]
+    lines = ["  ".join(t.ljust(w) for (t, _), w in zip(cols, widths, strict=True)).rstrip()]
+    for b, r in zip(infos, rows, strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if b.note:
+            lines += textwrap.wrap(b.note, 96, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.backends:
         from llama_runtime.backends import available_backends
 
-        print(json.dumps([b.as_dict() for b in available_backends()], indent=2))
+        infos = available_backends()
+        if args.json:
+            print(json.dumps([b.as_dict() for b in infos], indent=2))
+        else:
+            print(_backends_table(infos))
         return 0
     if args.models or not args.model:
         from llama_models import KNOWN_MODELS

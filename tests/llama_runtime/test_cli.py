@@ -35,8 +35,13 @@ def test_info_describes_the_default_model() -> None:
 
 
 def test_info_backends_and_models() -> None:
-    backends = json.loads(_cli("info", "--backends").stdout)
-    assert {b["name"] for b in backends} >= {"torch", "mlx"}
+    backends = json.loads(_cli("info", "--backends", "--json").stdout)
+    assert {b["name"] for b in backends} >= {"native", "torch", "mlx"}
+    table = _cli("info", "--backends").stdout.splitlines()  # a table, one row a backend
+    assert table[0].split()[:3] == ["backend", "available", "devices"]
+    rows = {line.split()[0]: line.split() for line in table[1:] if not line.startswith(" ")}
+    assert rows.keys() == {b["name"] for b in backends}
+    assert rows["native"][1] == "yes" and rows["mlx"][1] == "no"
     models = json.loads(_cli("info", "--models", "--json").stdout)
     assert "smollm2-135m-instruct" in models and "install" in models["gemma3-270m"]
 
