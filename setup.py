@@ -9,7 +9,7 @@ is built as a setuptools Extension only so that it ships inside the package and 
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -25,17 +25,19 @@ COMMON = ["-std=c++17", "-O3", "-g0", "-fno-wrapv", "-fopenmp", "-fvisibility=hi
           "-fvisibility-inlines-hidden", "-Wno-unused-function"]
 
 
-def sources_hash(csrc: Path) -> str:
-    """What the kernels were built from (kernels/library.py computes the same over the
-    installed sources and refuses a build from other ones)."""
-    digest = hashlib.sha256()
-    for f in sorted(csrc.iterdir()):
-        if f.suffix in (".cpp", ".h"):
-            digest.update(f.name.encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()[:16]
+def _sources_hash() -> str:
+    """What the kernels are built from: kernels/library.py's sources_hash (the same function
+    refuses, at run time, a build from other sources), loaded from its file alone (stdlib
+    only) since the package's dependencies may not be installed while it builds."""
+    path = Path(__file__).parent / "llama_runtime" / "kernels" / "library.py"
+    spec = importlib.util.spec_from_file_location("_llama_engine_kernels_library", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.sources_hash())
 
 
-COMMON.append(f'-DLE_SOURCES_HASH="{sources_hash(Path(__file__).parent / CSRC)}"')
+COMMON.append(f'-DLE_SOURCES_HASH="{_sources_hash()}"')
 
 _MACHINE = platform.machine().lower()
 BUILDS: dict[str, list[str]] = {"generic": []}
