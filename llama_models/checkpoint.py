@@ -99,31 +99,28 @@ class Checkpoint:
         return counts
 
 
-F32, F16, BF16 = 0, 1, 30
+F32, F16, BF16, F64 = 0, 1, 30, 28
 """The float types' gguf.GGMLQuantizationType values."""
 FLOAT_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
-_FLOAT_STORAGE = {F32: np.float32, F16: np.float16, BF16: np.uint16}
-"""How each float type's values are held in numpy (bfloat16 as its bit patterns)."""
-_SAFETENSORS_TYPES = {"F32": F32, "F16": F16, "BF16": BF16, "F64": 28, "I8": 24, "I16": 25,
-                      "I32": 26, "I64": 27}
-"""safetensors dtype -> gguf.GGMLQuantizationType (integer tensors are buffers like BERT's
-position_ids, never weights)."""
-_STORAGE = {**_FLOAT_STORAGE, 28: np.float64, 24: np.int8, 25: np.int16, 26: np.int32,
-            27: np.int64}
-HF_TYPE_NAMES = {**FLOAT_NAMES, 28: "float64", 24: "int8", 25: "int16", 26: "int32",
-                 27: "int64"}
+_SAFETENSORS_TYPES: dict[str, tuple[int, type[np.generic], str]] = {
+    "F32": (F32, np.float32, "float32"), "F16": (F16, np.float16, "float16"),
+    "BF16": (BF16, np.uint16, "bfloat16"), "F64": (F64, np.float64, "float64"),
+    "I8": (24, np.int8, "int8"), "I16": (25, np.int16, "int16"), "I32": (26, np.int32, "int32"),
+    "I64": (27, np.int64, "int64")}
+"""safetensors dtype -> (gguf.GGMLQuantizationType, how numpy holds it: bfloat16 as its bit
+patterns, its name). Integer tensors are buffers like BERT's position_ids, never weights."""
+_STORAGE = {qtype: storage for qtype, storage, _ in _SAFETENSORS_TYPES.values()}
+HF_TYPE_NAMES = {qtype: name for qtype, _, name in _SAFETENSORS_TYPES.values()}
 
 
 def float32(t: RawTensor) -> np.ndarray:
     """A float tensor (F32, F16 or BF16) as a float32 array of its shape (a copy, except for
     F32)."""
-    if t.qtype == 28:  # F64 (an HF checkpoint's)
-        return np.asarray(t.data).astype(np.float32).reshape(t.shape)
-    if t.qtype not in FLOAT_NAMES:
+    if t.qtype not in (*FLOAT_NAMES, F64):
         raise ValueError(f"{t.name} is quantized or an integer tensor, not a float one")
     data = np.asarray(t.data)
     if data.dtype == np.uint8:  # a GGUF tensor's raw bytes
-        data = data.view(_FLOAT_STORAGE[t.qtype])
+        data = data.view(_STORAGE[t.qtype])
     if t.qtype == BF16:  # the high half of a float32's bits
         return (data.astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
     return data.astype(np.float32, copy=False).reshape(t.shape)
@@ -321,14 +318,15 @@ def _map_safetensors(fp: Path, names: list[str]) -> dict[str, RawTensor]:
     out: dict[str, RawTensor] = {}
     for name in names:
         info = header[name]
-        qtype = _SAFETENSORS_TYPES.get(info["dtype"])
-        if qtype is None:
+        kind = _SAFETENSORS_TYPES.get(info["dtype"])
+        if kind is None:
             raise WeightLoadError(
                 f"{fp}: tensor {name} is {info['dtype']}; llama-engine reads float32, float16 "
                 "and bfloat16 checkpoints (re-save it in one of those)")
+        qtype, storage, _ = kind
         start, end = (base + int(o) for o in info["data_offsets"])
         shape = tuple(int(d) for d in info["shape"])
-        data = mapped[start:end].view(_STORAGE[qtype]).reshape(shape)
+        data = mapped[start:end].view(storage).reshape(shape)
         out[name] = RawTensor(name, qtype, shape, data)
     return out
 

@@ -24,6 +24,7 @@ __all__ = [
     "pick_backend",
     "pick_device",
     "require_torch",
+    "runs_on_cpu",
     "torch_installed",
 ]
 
@@ -90,6 +91,12 @@ def physical_cores() -> int:
 def gpu_present() -> bool:
     """An NVIDIA GPU, seen without importing torch (its driver's device nodes)."""
     return Path("/dev/nvidiactl").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether a run asked for on `device` is a CPU run: "cpu", or "auto" on a machine without
+    a GPU (or without torch, the only backend that runs one)."""
+    return device == "cpu" or (device == "auto" and (not gpu_present() or not torch_installed()))
 
 
 def torch_installed() -> bool:

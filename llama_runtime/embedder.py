@@ -49,11 +49,9 @@ def make_encoder(files: EncoderFiles, *, backend: str, device: str, dtype: str,
     if backend not in ENCODER_BACKENDS:
         raise InvalidParamsError(
             f"backend must be one of {', '.join(ENCODER_BACKENDS)}, got {backend!r}")
-    from llama_runtime.backends import gpu_present, torch_installed
+    from llama_runtime.backends import runs_on_cpu
 
-    on_cpu = device == "cpu" or (device == "auto" and (not gpu_present()
-                                                       or not torch_installed()))
-    native_fits = dtype == "float32" and on_cpu
+    native_fits = dtype == "float32" and runs_on_cpu(device)
     if backend == "native" or (backend == "auto" and native_fits):
         if not native_fits:
             raise UnsupportedBackendError(
@@ -84,9 +82,9 @@ class SentenceEmbedder:
         if dtype not in _DTYPES:
             raise InvalidParamsError(
                 f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):
-            raise InvalidParamsError(f"threads must be a positive integer, got {threads!r}")
+        from llama_runtime.backends import check_threads
+
+        check_threads(threads)
         files = open_encoder(model)
         st = files.sentence
         assert st.transformer_dir is not None

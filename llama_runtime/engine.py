@@ -14,8 +14,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -38,7 +38,7 @@ from llama_engine import (
     Usage,
 )
 from llama_kv import PagedKVCache
-from llama_runtime.backend import Backend, KVBudget, KVStore
+from llama_runtime.backend import Backend, KVBudget, KVStore, Prepared
 from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_options, check_texts
 from llama_runtime.generation import Generation
 from llama_runtime.loading import fingerprint, model_handle, open_files
@@ -50,6 +50,8 @@ from llama_tokenizer import Tokenizer
 __all__ = ["DECODER", "DEFAULT_EMBED_MODEL", "Engine"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
 DECODER = "decoder"
@@ -136,11 +138,9 @@ class Engine(LlamaEngine):
                                          KVBudget(self._kv_memory, self._kv_block_size))
         handle = model_handle(spec, files, tokenizer, ctx, backend=self._backend.name,
                               device=prepared.device, dtype=prepared.dtype)
-        self._install(tokenizer=tokenizer, ctx=ctx,
+        self._install(prepared, tokenizer=tokenizer, ctx=ctx, handle=handle,
                       fingerprint=fingerprint(files, prepared.dtype),
-                      num_blocks=prepared.num_blocks, store=prepared.store,
-                      weight_paths=prepared.weight_paths, handle=handle,
-                      activate=prepared.activate, kv_reach=files.config.kv_reach)
+                      kv_reach=files.config.kv_reach)
         return handle
 
     def _decoder_tokens(self, texts: list[str], truncate: bool) -> list[list[int]]:
@@ -165,13 +165,12 @@ class Engine(LlamaEngine):
         return SentenceEmbedder(model, device=self._backend.embed_device,
                                 threads=self._backend.threads)
 
-    def _install(self, *, tokenizer: Tokenizer, ctx: int, fingerprint: str, num_blocks: int,
-                 store: Any, weight_paths: dict[str, str], handle: ModelHandle,
-                 activate: Callable[[], None], kv_reach: int = 0) -> None:
+    def _install(self, prepared: Prepared, *, tokenizer: Tokenizer, ctx: int, fingerprint: str,
+                 handle: ModelHandle, kv_reach: int) -> None:
         """Make a loaded model current: the old scheduler stopped and its sessions closed,
-        then `activate` (the backend swaps in its model), a fresh KV cache over `store` and a
-        new scheduler. kv_reach: DecoderConfig.kv_reach (a session's K/V older than that is
-        given back as it grows)."""
+        then `prepared.activate` (the backend swaps in its model), a fresh KV cache over its
+        store and a new scheduler. kv_reach: DecoderConfig.kv_reach (a session's K/V older than
+        that is given back as it grows)."""
         with self._lock:
             self._check_open()
             if self._scheduler is not None:
@@ -185,13 +184,13 @@ class Engine(LlamaEngine):
                 self._stop_finalizer.detach()
             self._scheduler = self._store = None
             with self._forward_lock:  # no forward (nor decoder embedding) sees half a swap
-                activate()
-            self._weight_paths = weight_paths
+                prepared.activate()
+            self._weight_paths = prepared.weight_paths
             self._tokenizer, self._ctx = tokenizer, ctx
             self._fingerprint = fingerprint
-            self._cache = PagedKVCache(num_blocks, block_size=self._kv_block_size,
+            self._cache = PagedKVCache(prepared.num_blocks, block_size=self._kv_block_size,
                                        hash_namespace=fingerprint, window=kv_reach)
-            self._store = store
+            self._store = store = prepared.store
             # The scheduler reaches the engine through weak references, so an engine nobody
             # holds is collected (and its finalizer below stops the thread).
             self._scheduler = Scheduler(
@@ -238,10 +237,17 @@ class Engine(LlamaEngine):
         for sid in list(self._sessions.keys()):
             s = self._sessions.get(sid)
             if s is not None:
-                s.closed, s.backend_state = True, None
-                s.bind(None)
+                _close_view(s)
         self._sessions.clear()
         self._orphans.clear()
+
+    def _loaded(self, part: _T | None) -> _T:
+        """A part of the loaded model, or SessionError when none is loaded (or the engine is
+        closed: EngineClosedError)."""
+        self._check_open()
+        if part is None:
+            raise SessionError("no model is loaded; call load_model() or use create_engine()")
+        return part
 
     def _check_open(self) -> None:
         if self._closed:
@@ -257,24 +263,15 @@ class Engine(LlamaEngine):
     def weight_paths(self) -> dict[str, str]:
         """How each weight tensor is held: kept quantized (multiplied by the compiled kernel) or
         dequantized to the compute dtype."""
-        self._check_open()
-        if self._weight_paths is None:
-            raise SessionError("no model is loaded; call load_model() or use create_engine()")
-        return dict(self._weight_paths)
+        return dict(self._loaded(self._weight_paths))
 
     @property
     def model(self) -> ModelHandle:
-        self._check_open()
-        if self._handle is None:
-            raise SessionError("no model is loaded; call load_model() or use create_engine()")
-        return self._handle
+        return self._loaded(self._handle)
 
     @property
     def tokenizer(self) -> Tokenizer:
-        self._check_open()
-        if self._tokenizer is None:
-            raise SessionError("no model is loaded; call load_model() or use create_engine()")
-        return self._tokenizer
+        return self._loaded(self._tokenizer)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         if not isinstance(text, str):
@@ -423,9 +420,7 @@ class Engine(LlamaEngine):
         """Called with the scheduler lock held."""
         if self._sessions.pop(session.id, None) is not None:
             self._forget(session.id)
-        session.closed = True
-        session.backend_state = None
-        session.bind(None)
+        _close_view(session)
 
     def stats(self) -> dict[str, Any]:
         self._check_open()
@@ -449,10 +444,7 @@ class Engine(LlamaEngine):
             }
 
     def _sched(self) -> Scheduler:
-        self._check_open()
-        if self._scheduler is None:
-            raise SessionError("no model is loaded; call load_model() or use create_engine()")
-        return self._scheduler
+        return self._loaded(self._scheduler)
 
     def _state(self, session: Session) -> None:
         self._check_open()
@@ -582,6 +574,12 @@ class Engine(LlamaEngine):
 
 
 _RELEASE_WAIT_S = 10.0
+
+
+def _close_view(s: Session) -> None:
+    """Mark a session closed: callers see no tokens and no engine state."""
+    s.closed, s.backend_state = True, None
+    s.bind(None)
 
 
 def _context_of(cache: weakref.ref[PagedKVCache], session_id: str) -> list[int]:

@@ -206,18 +206,15 @@ def save_kv(path: str | os.PathLike[str], *, store: KVStore, tokens: Sequence[in
 
 
 def import_kv(saved: SavedSession, *, cache: PagedKVCache, store: KVStore,
-              session_id: str) -> list[int]:
+              session_id: str) -> None:
     """A file read_session checked in full, into new blocks of `session_id` (called with the
-    scheduler's lock held); returns its tokens. The blocks serve this session only (never
-    another's prompt through the prefix cache)."""
-    blocks = cache.import_session(session_id, saved.tokens)
+    scheduler's lock held), which then holds its tokens. The blocks serve this session only
+    (never another's prompt through the prefix cache)."""
+    cache.import_session(session_id, saved.tokens)
     try:
-        bs = cache.block_size
-        slots = [blocks[p // bs] * bs + p % bs for p in range(len(saved.tokens))]
-        store.write(slots, saved.k, saved.v)
+        store.write(cache.slot_mapping(session_id, 0, len(saved.tokens)), saved.k, saved.v)
     except BaseException:
         cache.free(session_id)
         raise
     # out of every layer's window (the saved session had given them back): not kept
     cache.release_behind(session_id, len(saved.tokens))
-    return saved.tokens

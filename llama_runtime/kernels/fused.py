@@ -6,12 +6,13 @@ over its tensors' memory."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 
-from llama_models.decoder import DecoderConfig, local_rope
+from llama_models.decoder import LAYER_EXTRAS, DecoderConfig, local_rope
 from llama_models.ops import RopeSpec
 from llama_runtime.kernels.api import check, ptr
 from llama_runtime.kernels.library import (
@@ -24,7 +25,7 @@ from llama_runtime.kernels.library import (
 )
 from llama_runtime.step import RopeTables, SeqStep, row_arrays
 
-__all__ = ["LAYER_LINEARS", "FusedModel"]
+__all__ = ["LAYER_LINEARS", "FusedModel", "decoder_embeddings"]
 
 LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 """A layer's products in the order le_model_new takes them (GGUF names after "blk.N.")."""
@@ -54,6 +55,44 @@ class FusedModel:
             raise ValueError(self._lib.le_error().decode())
         self._handle = handle
         self._rope = RopeTables(rope, local_rope(cfg, rope))
+
+    @classmethod
+    def from_layers(cls, cfg: DecoderConfig, rope: RopeSpec, *,
+                    norm: Callable[[int | None, str], np.ndarray],
+                    weight: Callable[[int | None, str], LeWeight],
+                    extra: Callable[[int, str], np.ndarray | None],
+                    keep: list[Any]) -> FusedModel:
+        """The model from its tensors, asked for in the order le_model_new takes them: each
+        layer i's norm(i, "attn_norm") and norm(i, "ffn_norm") (float32 arrays of cfg.dim),
+        weight(i, key) for key in LAYER_LINEARS and extra(i, key) for key in LAYER_EXTRAS (an
+        array, or None where the layer has none); then norm(None, "output_norm") and
+        weight(None, "output"). The sizes of norms and extras are checked here; `keep` holds
+        what the weights point into."""
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        extra_sizes = dict(zip(LAYER_EXTRAS, (q, kv, kv, cfg.head_dim, cfg.head_dim, cfg.dim,
+                                              cfg.dim), strict=True))
+
+        def held(a: np.ndarray, size: int, what: str) -> int:
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            if a.size != size:
+                raise ValueError(f"{what} holds {a.size} values, expected {size}")
+            keep.append(a)
+            return int(a.ctypes.data)
+
+        norms: list[int] = []
+        weights: list[LeWeight] = []
+        extras: list[int | None] = []
+        for i in range(cfg.n_layers):
+            norms += [held(norm(i, key), cfg.dim, f"layer {i}'s {key}")
+                      for key in ("attn_norm", "ffn_norm")]
+            weights += [weight(i, key) for key in LAYER_LINEARS]
+            for key in LAYER_EXTRAS:
+                a = extra(i, key)
+                extras.append(None if a is None else
+                              held(a, extra_sizes[key], f"layer {i}'s {key}"))
+        norms.append(held(norm(None, "output_norm"), cfg.dim, "output_norm"))
+        weights.append(weight(None, "output"))
+        return cls(cfg, rope, norms=norms, weights=weights, extras=extras, keep=keep)
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)
@@ -111,6 +150,11 @@ class FusedModel:
         mean = (total / n).astype(np.float32)
         return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
+    def set_threads(self, threads: int) -> None:
+        """The kernels' thread count is process-wide: each engine sets its own before its
+        forwards (which the compute lock serialises)."""
+        self._lib.le_set_threads(threads)
+
     def set_profiling(self, on: bool) -> None:
         """Time each phase of the steps after this (bench/decode_profile.py); clears the
         totals."""
@@ -123,3 +167,16 @@ class FusedModel:
         self._lib.le_model_profile(self._handle, buf, size)
         pairs = (line.rsplit(" ", 1) for line in buf.raw.decode().splitlines())
         return {phase: float(us) for phase, us in pairs}
+
+
+def decoder_embeddings(fused: FusedModel, embed: Callable[[Sequence[int]], np.ndarray],
+                       tokens: Sequence[Sequence[int]], *, chunk: int, threads: int,
+                       lock: AbstractContextManager[Any]) -> np.ndarray:
+    """Decoder embeddings of each token list (FusedModel.mean_hidden of its embedded rows),
+    one text at a time, each holding `lock` (never beside a scheduler step, nor a reload)."""
+    out = []
+    for ids in tokens:
+        with lock:
+            fused.set_threads(threads)
+            out.append(fused.mean_hidden(embed(ids), chunk=chunk))
+    return np.stack(out)

@@ -6,13 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from llama_runtime.backend import Backend, BackendEntry, register
-from llama_runtime.backends import (
-    CPU_DECODE,
-    BackendInfo,
-    describe_decode,
-    gpu_present,
-    torch_installed,
-)
+from llama_runtime.backends import CPU_DECODE, BackendInfo, describe_decode, runs_on_cpu
 from llama_runtime.kernels.layout import KEPT_TYPES
 from llama_runtime.kernels.library import DECODE_MODES
 
@@ -41,15 +35,6 @@ def _info() -> BackendInfo:
     )
 
 
-
-
-def _serves(device: str) -> bool:
-    """A CPU run: device "cpu", or "auto" on a machine without a GPU (or without torch, the
-    only backend that runs one)."""
-    return device == "cpu" or (device == "auto" and (not gpu_present()
-                                                     or not torch_installed()))
-
-
 def _factory(**options: Any) -> Backend:
     from llama_runtime.native.backend import NativeBackend
 
@@ -57,6 +42,6 @@ def _factory(**options: Any) -> Backend:
 
 
 register(BackendEntry(
-    name="native", info=_info, serves=_serves, factory=_factory, order=0,
+    name="native", info=_info, serves=runs_on_cpu, factory=_factory, order=0,
     options={"decode": ("auto", *DECODE_MODES), "weights": ("auto", "quantized"),
              "kv_dtype": ("auto", "float32", "float16"), "dtype": ("auto", "float32")}))

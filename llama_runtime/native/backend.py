@@ -14,6 +14,7 @@ from llama_engine import ModelSpec, UnsupportedBackendError
 from llama_models import ModelFiles
 from llama_runtime.backend import KVBudget, Prepared
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores
+from llama_runtime.kernels.fused import decoder_embeddings
 from llama_runtime.kernels.library import KernelsUnavailable, library
 from llama_runtime.kv_store import HostKVStore
 from llama_runtime.loading import host_available_memory
@@ -38,7 +39,7 @@ class NativeBackend:
         self._kv_dtype_name = kv_dtype if kv_dtype != "auto" else cpu_kv_dtype(self._decode)
         self._threads = threads or physical_cores()
         try:
-            self._lib = library()
+            library()  # installed and loadable, or refused now
         except KernelsUnavailable as e:
             raise UnsupportedBackendError(f"{e}; or use backend='torch'") from e
         self._model: NativeModel | None = None
@@ -94,18 +95,12 @@ class NativeBackend:
              seqs: list[SeqStep]) -> np.ndarray:
         model, store = self._model, self._store
         assert model is not None and store is not None
-        # the library's thread count is process-wide: each engine sets its own before its
-        # forwards (which the compute lock serialises)
-        self._lib.le_set_threads(self._threads)
+        model.fused.set_threads(self._threads)
         return model.step(tokens, positions, seqs, store)
 
     def decoder_embed(self, tokens: list[list[int]], *, batch_size: int, chunk: int,
                       lock: AbstractContextManager[Any]) -> np.ndarray:
-        out = []
-        for ids in tokens:  # one text at a time (batch_size does not apply here)
-            with lock:  # never beside a scheduler step, nor a reload
-                model = self._model
-                assert model is not None
-                self._lib.le_set_threads(self._threads)
-                out.append(model.mean_hidden(ids, chunk=chunk))
-        return np.stack(out)
+        model = self._model  # (batch_size does not apply: one text at a time)
+        assert model is not None
+        return decoder_embeddings(model.fused, model.embed, tokens, chunk=chunk,
+                                  threads=self._threads, lock=lock)

@@ -13,9 +13,9 @@ import numpy as np
 
 from llama_models import ModelFiles, RawTensor
 from llama_models.checkpoint import FLOAT_NAMES, float32, release_pages
-from llama_models.decoder import LAYER_EXTRAS, fused_refusal
+from llama_models.decoder import fused_refusal
 from llama_runtime.kernels.api import dense_weight, le_weight
-from llama_runtime.kernels.fused import LAYER_LINEARS, FusedModel
+from llama_runtime.kernels.fused import FusedModel
 from llama_runtime.kernels.layout import KEPT_QUANTIZED, REPACKABLE, PackedWeight, pack
 from llama_runtime.kernels.library import (
     LeWeight,
@@ -81,32 +81,24 @@ class NativeModel:
             self.weight_paths[name] = "dequantized to float32"
             return dense_weight(dense)
 
-        def norm(name: str, size: int | None = None) -> int:
-            """A small float32 tensor the library copies (dim floats, or `size`)."""
-            a = _dense(w[name])
-            if a.size != (cfg.dim if size is None else size):
-                raise ValueError(f"{name} holds {a.size} values, expected "
-                                 f"{cfg.dim if size is None else size}")
-            self._keep.append(a)
+        def norm(name: str) -> np.ndarray:
+            """A small float32 tensor (FusedModel checks its size; the library copies it)."""
             self.weight_paths[name] = "float32"
-            return int(a.ctypes.data)
+            return _dense(w[name])
 
-        norms: list[int] = []
-        linears: list[LeWeight] = []
-        for i in range(cfg.n_layers):
-            norms += [norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")]
-            for key in LAYER_LINEARS:
-                linears.append(weight(f"blk.{i}.{key}.weight"))
-                if progress is not None:
-                    progress()
-        norms.append(norm("output_norm.weight"))
-        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        extra_sizes = dict(zip(LAYER_EXTRAS, (q, kv, kv, cfg.head_dim, cfg.head_dim, cfg.dim,
-                                              cfg.dim), strict=True))
-        extras = [norm(f"blk.{i}.{key}", extra_sizes[key]) if f"blk.{i}.{key}" in w else None
-                  for i in range(cfg.n_layers) for key in LAYER_EXTRAS]
-        embed = w["token_embd.weight"]
-        linears.append(weight("output.weight" if "output.weight" in w else "token_embd.weight"))
+        def layer_weight(i: int | None, key: str) -> LeWeight:
+            if i is None:  # the output projection: tied to the embeddings where it is absent
+                return weight("output.weight" if "output.weight" in w else "token_embd.weight")
+            if progress is not None:
+                progress()
+            return weight(f"blk.{i}.{key}.weight")
+
+        def extra(i: int, key: str) -> np.ndarray | None:
+            return norm(f"blk.{i}.{key}") if f"blk.{i}.{key}" in w else None
+
+        self.fused = FusedModel.from_layers(
+            cfg, files.rope, keep=self._keep, weight=layer_weight, extra=extra,
+            norm=lambda i, key: norm(f"{key}.weight" if i is None else f"blk.{i}.{key}.weight"))
         if widened:
             import gguf
 
@@ -114,9 +106,7 @@ class NativeModel:
             log.warning("%s weights are dequantized to float32 at load: no kernel keeps them "
                         "quantized (docs/models.md lists the kept types)", names)
         # token embeddings are looked up row by row from the file (gguf's dequantizer)
-        self._embed = embed
-        self.fused = FusedModel(cfg, files.rope, norms=norms, weights=linears, extras=extras,
-                                keep=self._keep)
+        self._embed = w["token_embd.weight"]
 
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 [len(tokens), dim]: the token embeddings (times the model's embedding scale)."""
@@ -133,11 +123,5 @@ class NativeModel:
         sequence's new tokens, in order); `decode` overrides the model's mode (a key of
         DECODE_MODES).
         With `hidden`: the final-normed hidden states [len(tokens), dim] of every row instead."""
-        if store.num_blocks * store.block_size != store.k.shape[1] * store.k.shape[3]:
-            raise ValueError("a KV store whose arrays do not match its block count")
         return self.fused.run(self.embed(tokens), positions, seqs, store.k, store.v,
                               decode=decode or self.decode, hidden=hidden)
-
-    def mean_hidden(self, tokens: Sequence[int], *, chunk: int = 512) -> np.ndarray:
-        """float32 [dim]: decoder embeddings of `tokens` (FusedModel.mean_hidden)."""
-        return self.fused.mean_hidden(self.embed(tokens), chunk=chunk)

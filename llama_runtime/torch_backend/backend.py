@@ -19,6 +19,7 @@ from llama_models.decoder import fused_refusal
 from llama_models.dequant import dequantize
 from llama_runtime.backend import KVBudget, Prepared
 from llama_runtime.backends import CPU_DECODE, cpu_kv_dtype, physical_cores, pick_device
+from llama_runtime.kernels.fused import decoder_embeddings as fused_decoder_embeddings
 from llama_runtime.kernels.library import KernelsUnavailable, library
 from llama_runtime.kv_store import KV_DTYPES, HostKVStore
 from llama_runtime.loading import host_available_memory
@@ -47,7 +48,6 @@ class TorchBackend:
         self._decode_mode = decode
         self._kv_dtype_name = kv_dtype
         self._fused: FusedDecoder | None = None
-        self._quantized = False
         self._device_name = device
         self._dtype_name = dtype
         torch.set_num_threads(threads or physical_cores())
@@ -93,7 +93,7 @@ class TorchBackend:
 
         def activate() -> None:
             self._model, self._fused, self._store = model, fused, store
-            self._device, self._dtype, self._quantized = device, dtype, quantized
+            self._device = device
             self._loaded = True
 
         # the file's tensors are not kept: only how each one is held
@@ -161,11 +161,10 @@ class TorchBackend:
                     continue
                 if raw.qtype in FLOAT_NAMES:
                     w = float_tensor(raw).to(device=device, dtype=dtype)
-                    release_pages(raw.data)
                 else:
                     data = torch.from_numpy(np.array(raw.data, copy=True)).to(device)
                     w = dequantize(data, raw.qtype, raw.shape).to(dtype)
-                    release_pages(raw.data)
+                release_pages(raw.data)
                 out[name] = w.contiguous()
                 bar.update(1)
         return out
@@ -178,12 +177,8 @@ class TorchBackend:
                       lock: AbstractContextManager[Any]) -> np.ndarray:
         fused = self._fused
         if fused is not None:  # the CPU: the native backend's path, the same bits
-            out = []
-            for ids in tokens:
-                with lock:
-                    library().le_set_threads(torch.get_num_threads())
-                    out.append(fused.fused.mean_hidden(fused.embed(ids), chunk=chunk))
-            return np.stack(out)
+            return fused_decoder_embeddings(fused.fused, fused.embed, tokens, chunk=chunk,
+                                            threads=torch.get_num_threads(), lock=lock)
 
         def locked(fn: Any) -> Any:
             with lock:
@@ -202,8 +197,7 @@ class TorchBackend:
             assert store is not None
             if fused is None:
                 return self._forward(tokens, positions, seqs).numpy()
-            # the kernels' thread count is process-wide: set this engine's before its forward
-            library().le_set_threads(torch.get_num_threads())
+            fused.fused.set_threads(torch.get_num_threads())
             return fused.step(tokens, positions, seqs, store).numpy()
 
     def _forward(self, tokens: list[int], positions: list[int],

@@ -19,12 +19,13 @@ so batching never changes a sequence's tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from llama_models.decoder import LAYER_EXTRAS, DecoderModel, fused_refusal
-from llama_runtime.kernels.fused import LAYER_LINEARS, FusedModel
+from llama_models.decoder import DecoderModel, fused_refusal
+from llama_runtime.kernels.fused import FusedModel
 from llama_runtime.kernels.library import DECODE_MODES, LeWeight
 from llama_runtime.step import SeqStep
 from llama_runtime.torch_backend.paged import PagedKVStore
@@ -40,13 +41,10 @@ class FusedDecoder:
     fused step (kernels/fused.py), which reads them in place."""
 
     def __init__(self, model: DecoderModel, *, decode: str) -> None:
-        cfg = model.cfg
-        keep: list[torch.Tensor] = []
+        keep: list[Any] = []
 
-        def small(t: torch.Tensor) -> int:
-            t = t.detach().to(torch.float32).contiguous()
-            keep.append(t)
-            return t.data_ptr()
+        def small(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to(torch.float32).contiguous().numpy()
 
         def weight(w: torch.Tensor | QWeight) -> LeWeight:
             if isinstance(w, QWeight):
@@ -56,17 +54,12 @@ class FusedDecoder:
             keep.append(w)
             return dense_le_weight(w)
 
-        norms: list[int] = []
-        weights: list[LeWeight] = []
-        extras: list[int | None] = []
-        for layer in model.layers:
-            norms += [small(layer["attn_norm"]), small(layer["ffn_norm"])]
-            weights += [weight(layer[key]) for key in LAYER_LINEARS]
-            extras += [small(layer[key]) if key in layer else None for key in LAYER_EXTRAS]
-        norms.append(small(model.out_norm))
-        weights.append(weight(model.output))
-        self._fused = FusedModel(cfg, model.rope, norms=norms, weights=weights, extras=extras,
-                                 keep=keep)
+        layers = model.layers
+        self._fused = FusedModel.from_layers(
+            model.cfg, model.rope, keep=keep,
+            norm=lambda i, key: small(model.out_norm if i is None else layers[i][key]),
+            weight=lambda i, key: weight(model.output if i is None else layers[i][key]),
+            extra=lambda i, key: small(layers[i][key]) if key in layers[i] else None)
         self._model = model
         self._decode = decode  # a key of DECODE_MODES
 

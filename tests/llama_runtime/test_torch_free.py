@@ -114,17 +114,18 @@ def test_auto_runs_a_machine_with_a_gpu_but_no_torch_on_the_cpu(monkeypatch) -> 
     """Only torch runs a GPU: where it is not installed, "auto" means the CPU kernels, for the
     generating model and the sentence encoder alike."""
     import llama_runtime.backends as backends
-    import llama_runtime.native as native
+    from llama_runtime.backend import entry
 
-    for module in (native, backends):
-        monkeypatch.setattr(module, "gpu_present", lambda: True)
-        monkeypatch.setattr(module, "torch_installed", lambda: False)
-    assert native._serves("auto") and native._serves("cpu")
+    native = entry("native")
+    assert native is not None
+    monkeypatch.setattr(backends, "gpu_present", lambda: True)
+    monkeypatch.setattr(backends, "torch_installed", lambda: False)
+    assert native.serves("auto") and native.serves("cpu")
     from llama_models import open_encoder
     from llama_runtime.embedder import make_encoder
 
     enc = make_encoder(open_encoder("all-minilm-l6-v2"), backend="auto", device="auto",
                        dtype="float32", threads=1)
     assert enc.backend == "native"
-    monkeypatch.setattr(native, "torch_installed", lambda: True)
-    assert not native._serves("auto")  # with torch, a GPU machine's "auto" is the GPU
+    monkeypatch.setattr(backends, "torch_installed", lambda: True)
+    assert not native.serves("auto")  # with torch, a GPU machine's "auto" is the GPU
