@@ -31,8 +31,8 @@ from llama_engine.errors import (
 from llama_models.gguf_file import MAX_TENSORS, read_gguf_file
 
 __all__ = ["BF16", "F16", "F32", "FLOAT_NAMES", "Checkpoint", "RawTensor", "check_float",
-           "check_int", "check_tensors", "float32", "read_checkpoint", "read_gguf", "read_hf_dir",
-           "release_pages", "rename_hf_tensors", "typed_errors"]
+           "check_int", "check_tensors", "dense_float32", "float32", "read_checkpoint",
+           "read_gguf", "read_hf_dir", "release_pages", "rename_hf_tensors", "typed_errors"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -217,6 +217,17 @@ def check_tensors(path: Path, named: Mapping[str, RawTensor],
             raise WeightLoadError(
                 f"{path}: tensor {name} has shape {named[name].shape}, expected {shape} "
                 f"from {shapes_from}; the file is inconsistent")
+
+
+def dense_float32(raw: RawTensor) -> np.ndarray:
+    """Any tensor as a float32 copy of its values (a backend must not borrow the file's
+    mapping): float types widened, quantized ones by gguf's numpy dequantizers."""
+    from gguf.quants import dequantize
+
+    if raw.qtype in FLOAT_NAMES:
+        return np.array(float32(raw), dtype=np.float32, copy=True, order="C")
+    data = np.asarray(raw.data)
+    return np.ascontiguousarray(dequantize(data, raw.qtype).reshape(raw.shape), np.float32)
 
 
 def release_pages(data: Any) -> None:

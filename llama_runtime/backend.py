@@ -110,6 +110,9 @@ class Backend(Protocol):
         """Where a sentence encoder loaded beside this backend runs ("cpu", "cuda:0", ...)."""
         ...
 
+    embed_backend: str
+    """Which encoder runs beside it (embedder.ENCODER_BACKENDS: "auto" picks by device)."""
+
     def prepare(self, files: ModelFiles, spec: ModelSpec, bar: tqdm,
                 kv: KVBudget) -> Prepared:
         """Weights in the backend's layout and a KV store sized by `kv`; raises

@@ -4,7 +4,7 @@ sentence-transformers computes them: texts tokenized with the model's own tokeni
 forward per batch with an attention mask, then the model's own pooling and normalization.
 
 The forward runs on an `Encoder`: the kernels over numpy on a CPU (native/encoder.py, no torch),
-or torch (torch_backend/embedder.py) for CUDA and other dtypes."""
+torch (torch_backend/embedder.py) for CUDA and other dtypes, or MLX (mlx_backend/encoder.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from llama_tokenizer import Tokenizer
 
 __all__ = ["Encoder", "SentenceEmbedder", "length_batches"]
 
-ENCODER_BACKENDS = ("auto", "native", "torch")
+ENCODER_BACKENDS = ("auto", "native", "torch", "mlx")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -29,7 +29,7 @@ class Encoder(Protocol):
     """A loaded encoder's forward: ids, mask [B, T] (int64, bool; padding on the right) ->
     pooled (and normalized) sentence embeddings, float32 [B, dim]."""
 
-    backend: str  # (a class attribute) "native" or "torch"
+    backend: str  # (a class attribute) "native", "torch" or "mlx"
     device: str
 
     def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
@@ -45,12 +45,22 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 def make_encoder(files: EncoderFiles, *, backend: str, device: str, dtype: str,
                  threads: int | None) -> Encoder:
     """The native encoder for a float32 run on the CPU ("auto" on a machine without a GPU),
-    else torch's (imported only then)."""
+    MLX's for backend="mlx" or device="metal", else torch's (each imported only then)."""
     if backend not in ENCODER_BACKENDS:
         raise InvalidParamsError(
             f"backend must be one of {', '.join(ENCODER_BACKENDS)}, got {backend!r}")
     from llama_runtime.backends import runs_on_cpu
 
+    if backend == "mlx" or (backend == "auto" and device == "metal"):
+        from llama_runtime.mlx_backend import mlx_installed
+
+        if not mlx_installed():
+            raise UnsupportedBackendError(
+                "an MLX sentence encoder needs mlx: pip install 'llama-engine[mlx]' (on Linux: "
+                "pip install 'mlx[cpu]')")
+        from llama_runtime.mlx_backend.encoder import MLXEncoder
+
+        return MLXEncoder(files, device=device, dtype=dtype)
     native_fits = dtype == "float32" and runs_on_cpu(device)
     if backend == "native" or (backend == "auto" and native_fits):
         if not native_fits:
@@ -69,8 +79,9 @@ def make_encoder(files: EncoderFiles, *, backend: str, device: str, dtype: str,
 
 
 class SentenceEmbedder:
-    """A sentence-transformers (or plain HF BERT) model, on the kernels over numpy on a CPU, or
-    on torch (backend="torch", or a GPU / half-precision run).
+    """A sentence-transformers (or plain HF BERT) model, on the kernels over numpy on a CPU, on
+    torch (backend="torch", or a GPU / half-precision run) or on MLX (backend="mlx", or
+    device="metal").
 
     Thread-safe: calls are serialized by the compute lock (one forward already uses every CPU
     thread).

@@ -162,7 +162,8 @@ class Engine(LlamaEngine):
         """The sentence encoder `embed` runs (on the kernels on a CPU, else on torch)."""
         from llama_runtime.embedder import SentenceEmbedder
 
-        return SentenceEmbedder(model, device=self._backend.embed_device,
+        return SentenceEmbedder(model, backend=self._backend.embed_backend,
+                                device=self._backend.embed_device,
                                 threads=self._backend.threads)
 
     def _install(self, prepared: Prepared, *, tokenizer: Tokenizer, ctx: int, fingerprint: str,

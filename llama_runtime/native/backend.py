@@ -28,6 +28,7 @@ class NativeBackend:
     """One model on the CPU, float32 activations, no torch."""
 
     name = "native"
+    embed_backend = "auto"
 
     def __init__(self, *, device: str = "auto", threads: int | None = None,
                  decode: str = "auto", kv_dtype: str = "auto", weights: str = "auto") -> None:

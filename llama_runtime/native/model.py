@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from llama_models import ModelFiles, RawTensor
-from llama_models.checkpoint import FLOAT_NAMES, float32, release_pages
+from llama_models.checkpoint import FLOAT_NAMES, dense_float32, release_pages
 from llama_models.decoder import fused_refusal
 from llama_runtime.kernels.api import dense_weight, le_weight
 from llama_runtime.kernels.fused import FusedModel
@@ -29,17 +29,6 @@ __all__ = ["NativeModel", "unsupported"]
 log = logging.getLogger(__name__)
 
 
-
-
-def _dense(raw: RawTensor) -> np.ndarray:
-    """A tensor the kernels do not keep quantized, as a float32 copy (the kernels must not borrow
-    the file's mapping): float types widened, others by gguf's numpy dequantizers."""
-    from gguf.quants import dequantize
-
-    if raw.qtype in FLOAT_NAMES:
-        return np.array(float32(raw), dtype=np.float32, copy=True, order="C")
-    data = np.asarray(raw.data)
-    return np.ascontiguousarray(dequantize(data, raw.qtype).reshape(raw.shape), np.float32)
 
 
 def unsupported(files: ModelFiles) -> str | None:
@@ -75,7 +64,7 @@ class NativeModel:
                 return le_weight(p)
             if raw.qtype not in FLOAT_NAMES:
                 widened.add(raw.qtype)
-            dense = _dense(raw)
+            dense = dense_float32(raw)
             release_pages(raw.data)
             self._keep.append(dense)
             self.weight_paths[name] = "dequantized to float32"
@@ -84,7 +73,7 @@ class NativeModel:
         def norm(name: str) -> np.ndarray:
             """A small float32 tensor (FusedModel checks its size; the library copies it)."""
             self.weight_paths[name] = "float32"
-            return _dense(w[name])
+            return dense_float32(w[name])
 
         def layer_weight(i: int | None, key: str) -> LeWeight:
             if i is None:  # the output projection: tied to the embeddings where it is absent
@@ -112,7 +101,7 @@ class NativeModel:
         """float32 [len(tokens), dim]: the token embeddings (times the model's embedding scale)."""
         raw = self._embed
         picked = np.asarray(raw.data)[np.asarray(tokens, dtype=np.int64)]
-        rows = _dense(RawTensor(raw.name, raw.qtype, (len(tokens), self.cfg.dim), picked))
+        rows = dense_float32(RawTensor(raw.name, raw.qtype, (len(tokens), self.cfg.dim), picked))
         scale = self.cfg.embed_scale
         return rows * np.float32(scale) if scale != 1.0 else rows
 

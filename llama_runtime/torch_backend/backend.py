@@ -41,6 +41,7 @@ class TorchBackend:
     """One model on one torch device."""
 
     name = "torch"
+    embed_backend = "auto"
 
     def __init__(self, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                  weights: str = "auto", decode: str = "auto", kv_dtype: str = "auto") -> None:
