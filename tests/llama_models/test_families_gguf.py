@@ -4,12 +4,14 @@ A tiny random model per family and shape is made by transformers (with SmolLM2's
 converted by llama.cpp's convert_hf_to_gguf.py (tests/families.py), and loaded by the engine:
 the last prompt position's logits agree with transformers' float32 forward within 1e-4, and
 20 greedy tokens are equal. The prompt (78 tokens) is longer than every sliding window here.
-The native backend serves them all (the fused step runs every family's layer); with weights
-quantized (Q8_0) its kernels agree with the op-by-op torch path on the same file.
+The native backend serves them all (the fused step runs every family's layer), and so does the
+MLX backend where mlx is installed; with weights quantized (Q8_0) the native kernels agree with
+the op-by-op torch path on the same file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -76,8 +78,18 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
     assert engine.backend == "native"  # the fused step runs every family's layer
     assert_last_logits_match(engine, ref, IDS)
     got = engine.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
-    assert_same_greedy_tokens(got, hf_greedy(ref, IDS, 20), ref, IDS)
+    want = hf_greedy(ref, IDS, 20)
+    assert_same_greedy_tokens(got, want, ref, IDS)
     engine.close()
+    if importlib.util.find_spec("mlx") is None:
+        return
+    mlx = create_engine(str(gguf), progress=False, backend="mlx", prefill_chunk=32)
+    try:  # the same model definition over MLX's ops, its paged K/V chunked across windows
+        assert_last_logits_match(mlx, ref, IDS)
+        got = mlx.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
+        assert_same_greedy_tokens(got, want, ref, IDS)
+    finally:
+        mlx.close()
 
 
 @pytest.mark.parametrize(("model_type", "extra"), [("qwen2", {}), ("qwen3", {}),
