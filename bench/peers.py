@@ -4,7 +4,14 @@
                           [--gen-tokens 128] [--only NAME ...]
                           [--decode auto|mixed|int16|int8|exact|torch]
                           [--kv-dtype auto|float32|float16]
-                          [--backend auto|native|torch]
+                          [--backend auto|native|torch|mlx]
+
+--backend mlx compares our MLX backend against mlx-lm itself and against our native backend
+instead: llama_engine (ours, backend="mlx"), mlx_lm (mlx-lm's llama model built from the same
+GGUF by bench/mlx_peer.py, timed on its generate_step path) and llama_engine_native (ours,
+backend="native"), with ratios vs_mlx_lm and vs_native (ours on MLX over each). MLX's CPU
+backend is slow, so its defaults are --prompt-tokens 128 --gen-tokens 32 --repeats 1
+--concurrency 1; llama_cpp and transformers run only when --only names them.
 
 Also: TTFT of a prompt whose first blocks were served before (prefix-cache hit) against one
 that was not, and aggregate generated tok/s with N requests at once for each --concurrency N
@@ -33,7 +40,12 @@ import tempfile
 import time
 from typing import Any
 
-ENGINES = ("llama_engine", "llama_cpp", "transformers")
+ENGINES = ("llama_engine", "llama_cpp", "transformers", "mlx_lm", "llama_engine_native")
+DEFAULT_ENGINES = ("llama_engine", "llama_cpp", "transformers")
+MLX_ENGINES = ("llama_engine", "mlx_lm", "llama_engine_native")
+"""--backend mlx: ours on MLX, mlx-lm, ours on the native backend."""
+DEFAULTS = {"prompt_tokens": 512, "gen_tokens": 128, "repeats": 3, "concurrency": [1, 4, 16]}
+MLX_DEFAULTS = {"prompt_tokens": 128, "gen_tokens": 32, "repeats": 1, "concurrency": [1]}
 
 
 def _rss_mb() -> float:
@@ -46,9 +58,10 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
 
     prompt, gen = job["prompt"], job["gen"]
     t0 = time.perf_counter()
+    # the MLX backend has one arithmetic (decode="auto" only): --decode is the native entry's
+    decode = {} if job["backend"] == "mlx" else {"decode": job["decode"]}
     engine = create_engine(job["path"], threads=job["threads"], progress=False,
-                           decode=job["decode"], backend=job["backend"],
-                           kv_dtype=job["kv_dtype"])
+                           backend=job["backend"], kv_dtype=job["kv_dtype"], **decode)
     load_s = time.perf_counter() - t0
     engine.generate(prompt[:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
     c = engine.generate(prompt, max_tokens=gen, temperature=0, ignore_eos=True)
@@ -171,7 +184,20 @@ def run_transformers(job: dict[str, Any]) -> dict[str, Any]:
             "tokens": tokens, "peak_rss_mb": _rss_mb()}
 
 
-RUNNERS = {"llama_engine": run_ours, "llama_cpp": run_llama_cpp, "transformers": run_transformers}
+def run_ours_native(job: dict[str, Any]) -> dict[str, Any]:
+    """Ours on the native backend (--decode, --kv-dtype as given), beside --backend mlx."""
+    return run_ours({**job, "backend": "native"})
+
+
+def run_mlx_lm(job: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from mlx_peer import run_mlx_lm as run
+
+    return run(job)
+
+
+RUNNERS = {"llama_engine": run_ours, "llama_cpp": run_llama_cpp, "transformers": run_transformers,
+           "mlx_lm": run_mlx_lm, "llama_engine_native": run_ours_native}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -200,30 +226,45 @@ def _agreeing(a: list[int] | None, b: list[int] | None) -> int | None:
                 min(len(a), len(b)))
 
 
+_VS = {"llama_engine_native": "vs_native"}
+"""A ratio's name where it is not vs_<engine>."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--gen-tokens", type=int, default=128)
-    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16],
-                    help="aggregate tok/s with N requests at once (llama.cpp: one after another)")
-    ap.add_argument("--only", nargs="*", choices=ENGINES, default=list(ENGINES))
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="single-request decode runs per engine (the median is reported)")
+    ap.add_argument("--prompt-tokens", type=int, help="default 512 (--backend mlx: 128)")
+    ap.add_argument("--gen-tokens", type=int, help="default 128 (--backend mlx: 32)")
+    ap.add_argument("--concurrency", type=int, nargs="*",
+                    help="aggregate tok/s with N requests at once (llama.cpp: one after another);"
+                         " default 1 4 16 (--backend mlx: 1)")
+    ap.add_argument("--only", nargs="*", choices=ENGINES,
+                    help=f"default {' '.join(DEFAULT_ENGINES)} "
+                         f"(--backend mlx: {' '.join(MLX_ENGINES)})")
+    ap.add_argument("--repeats", type=int,
+                    help="single-request decode runs per engine (the median is reported); "
+                         "default 3 (--backend mlx: 1)")
     ap.add_argument("--decode", default="auto",
                     choices=["auto", "mixed", "int16", "int8", "exact", "torch"],
                     help="our arithmetic (create_engine's decode option)")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16"],
                     help="our KV cache's dtype (create_engine's kv_dtype option)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
-                    help="our backend (auto: native on a CPU for a GGUF model)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "native", "torch", "mlx"],
+                    help="our backend (auto: native on a CPU for a GGUF model; mlx: against "
+                         "mlx-lm and our native backend)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(args)
         return
+    mlx = args.backend == "mlx"
+    for key, value in (MLX_DEFAULTS if mlx else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.only is None:
+        args.only = list(MLX_ENGINES if mlx else DEFAULT_ENGINES)
 
     from llama_models import open_model
     from llama_runtime.bench import make_prompt
@@ -267,7 +308,8 @@ def main() -> None:
         "gen_tokens": args.gen_tokens,
         "engines": {k: {m: round(x, 2) if isinstance(x, float) else x for m, x in v.items()}
                     for k, v in results.items()},
-        "ratios": {f"vs_{k}": _ratio(ours, v) for k, v in results.items() if k != "llama_engine"},
+        "ratios": {_VS.get(k, f"vs_{k}"): _ratio(ours, v)
+                   for k, v in results.items() if k != "llama_engine"},
         # int8 kernels (llama.cpp's, ours with --decode int8) drift from the float reference
         # after a near-tie, so this counts the leading greedy tokens each peer shares with us
         "greedy_tokens_agreeing_with_ours": {

@@ -21,6 +21,7 @@ __all__ = [
     "LlamaError",
     "ModelNotFoundError",
     "OutOfKVMemoryError",
+    "ParityError",
     "SessionError",
     "UnsupportedArchitectureError",
     "UnsupportedBackendError",
@@ -57,6 +58,11 @@ class UnsupportedQuantizationError(LlamaError):
 
 class UnsupportedBackendError(LlamaError):
     """The requested backend or device is not available on this machine."""
+
+
+class ParityError(UnsupportedBackendError):
+    """A backend failed the parity gate for this model (its logits or greedy tokens are not the
+    float32 reference's), or the gate could not run; backend="auto" never picks it."""
 
 
 class UnsupportedOperationError(LlamaError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec, UnsupportedBackendError
 from llama_runtime.backend import BackendEntry, check_options, entries, entry, fits
@@ -94,18 +94,124 @@ def create_engine(
         assert chosen is not None
         check_options(chosen, options)
         candidates = [chosen]
+    if spec is not None:
+        return _gated(candidates, spec, embed_model, device, backend == "auto",
+                      backend_options, engine_options, options)
     refusal: UnsupportedBackendError | None = None
     for e in candidates:
         if backend == "auto" and not _eligible(e):
             continue
         try:
             return _build(e, spec, embed_model, device, backend_options, engine_options)
-        except UnsupportedBackendError as err:  # a model or machine it cannot run: try the next
+        except UnsupportedBackendError as err:  # a machine it cannot run: try the next
             if backend != "auto":
                 raise
             refusal = err
+    _refuse(refusal, model, device, options)
+
+
+def _gated(candidates: list[BackendEntry], spec: ModelSpec, embed_model: str | None,
+           device: str, auto: bool, backend_options: dict[str, Any],
+           engine_options: dict[str, Any], options: dict[str, Any]) -> Engine:
+    """A generating model's engine on the first candidate that loads it and whose parity
+    result for it (cached, or run now: parity.py) passes. `auto`: the candidates are ranked by
+    the rule of docs/architecture.md and a failed one is passed over; else the one candidate
+    was asked for by name, and a cached failure of it is an error."""
+    from llama_engine import ParityError
+    from llama_models import open_model
+    from llama_runtime.parity import arithmetic_of, cached_result, model_key, run_gate
+
+    files = open_model(spec.model)
+    key = model_key(files)
+    if auto:
+        candidates = _ranked(candidates, key, device)
+    refusal: UnsupportedBackendError | None = None
+    failed: list[str] = []
+    for e in candidates:
+        if auto and not _eligible(e):  # probed only when reached (torch's imports torch)
+            continue
+        try:
+            engine = _build(e, spec, None, device, backend_options, engine_options)
+        except UnsupportedBackendError as err:  # a model or machine it cannot run: the next
+            if not auto:
+                raise
+            refusal = err
             log.warning("the %s backend does not serve %s (%s); trying the next backend",
-                        e.name, model, err)
+                        e.name, spec.model, err)
+            continue
+        try:
+            result = cached_result(key, e.name, engine.model.device, arithmetic_of(engine))
+            if result is None and auto:
+                _note(engine_options, f"checking the {e.name} backend against the float32 "
+                      f"reference on {spec.model} (once: the result is cached)")
+                result = run_gate(engine, files)
+            if result is not None and not result.passed:
+                why = (f"the {e.name} backend failed the parity gate for {spec.model} on "
+                       f"{result.device} ({result.arithmetic}, {result.dtype}): {result.reason}")
+                if not auto:
+                    raise ParityError(
+                        f"{why}; choose backend='auto' (it picks a backend that passed), another "
+                        f"backend or decode mode, or rerun `llama-engine parity {spec.model} "
+                        f"--backend {e.name}` after an upgrade (it replaces the cached result)")
+                log.warning("%s; trying the next backend", why)
+                failed.append(f"{e.name}: {result.reason}")
+                engine.close()
+                continue
+        except BaseException:
+            engine.close()
+            raise
+        return _with_embedder(engine, embed_model)
+    if failed:
+        raise ParityError(
+            f"no backend here passed the parity gate for {spec.model} ({'; '.join(failed)}); "
+            f"`llama-engine parity {spec.model}` shows the details")
+    _refuse(refusal, spec.model, device, options)
+
+
+PROBE_MARGIN = 1.15
+"""A proven backend outranks one earlier in the registry only when its probe is this much
+faster (the probe's own spread is ~15% here)."""
+
+
+def _ranked(candidates: list[BackendEntry], key: str, device: str) -> list[BackendEntry]:
+    """auto's order (docs/architecture.md): backends proven on this model and device first
+    (the fastest by its measured probe when it beats the earlier ones by PROBE_MARGIN, then
+    registry order); then the unproven ones, those that run an accelerator present here
+    (Metal, CUDA) before the others, each group in registry order. A backend whose every cached
+    result here failed is left out (it would be loaded only to be refused)."""
+    from llama_runtime.parity import cached_results
+
+    proven: list[tuple[BackendEntry, float]] = []
+    unproven: list[BackendEntry] = []
+    for e in sorted(candidates, key=lambda e: e.order):
+        results = cached_results(key, e.name, device)
+        passed = [r.decode_tok_s for r in results if r.passed]
+        if passed:
+            proven.append((e, max(passed)))
+        elif not results:
+            unproven.append(e)
+    if proven:
+        best = proven[0]
+        for p in proven[1:]:
+            if p[1] > best[1] * PROBE_MARGIN:
+                best = p
+        proven.remove(best)
+        proven.insert(0, best)
+    unproven.sort(key=lambda e: (not (device != "cpu" and e.accelerated()), e.order))
+    return [e for e, _ in proven] + unproven
+
+
+def _note(engine_options: dict[str, Any], text: str) -> None:
+    log.info("%s", text)
+    if engine_options.get("progress", True):
+        import sys
+
+        print(f"{text} ...", file=sys.stderr, flush=True)
+
+
+def _refuse(refusal: UnsupportedBackendError | None, model: str | None, device: str,
+            options: dict[str, Any]) -> NoReturn:
+    """Raise the typed error that says why no backend runs this (and what to install)."""
     if refusal is None:  # nothing here runs this device with these options
         serving = [e for e in entries() if e.serves(device) and _eligible(e)]
         if serving:  # an option value none of them takes: say which values the last takes
@@ -139,6 +245,15 @@ def _build(e: BackendEntry, spec: ModelSpec | None, embed_model: str | None, dev
     try:
         if spec is not None:
             engine.load_model(spec)
+    except BaseException:
+        engine.close()
+        raise
+    return _with_embedder(engine, embed_model)
+
+
+def _with_embedder(engine: Engine, embed_model: str | None) -> Engine:
+    """The engine with its sentence encoder loaded (closed if that fails)."""
+    try:
         if embed_model is not None:
             engine.load_embed_model(embed_model)
     except BaseException:

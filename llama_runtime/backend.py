@@ -152,6 +152,9 @@ class BackendEntry:
     """(device=..., threads=..., **options) -> a Backend."""
     order: int = 100
     """backend="auto" tries the eligible backends by this, lowest first."""
+    accelerated: Callable[[], bool] = lambda: False
+    """Whether it runs an accelerator present on this machine (Metal, CUDA), found without
+    importing its library: auto tries such a backend first for a model none is proven on."""
 
 
 _REGISTRY: dict[str, BackendEntry] = {}

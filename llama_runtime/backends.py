@@ -66,7 +66,8 @@ class BackendInfo:
     """Compiled kernels or a compiled decode step."""
     max_batch: int
     default_eligible: bool
-    """Passed the parity suite, so `auto` may pick it."""
+    """`auto` may try it on this machine (its probe passed); it serves a model only once it
+    passes the parity gate for that model (parity.py, docs/architecture.md)."""
     note: str = ""
 
     def as_dict(self) -> dict[str, object]:
@@ -154,5 +155,6 @@ def pick_device(device: str) -> str:
             f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
     if device == "metal":
         raise UnsupportedBackendError(
-            "device 'metal' needs the MLX backend, which is not available yet; use --device cpu")
+            "device 'metal' is the MLX backend's (a Mac with Apple silicon, and pip install "
+            "'llama-engine[mlx]'); the torch backend runs cpu or cuda")
     return device

@@ -75,6 +75,19 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=1)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
+    parity = sub.add_parser(
+        "parity", help="check backends against the float32 reference on a model (cached)")
+    parity.add_argument("model", help="registered model name or path")
+    parity.add_argument("--backend", default="all",
+                        help="a backend, or all: every one available here (default)")
+    parity.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], metal")
+    parity.add_argument("--decode", default="auto",
+                        help="the arithmetic, for the backends that take it (auto: theirs)")
+    parity.add_argument("--threads", type=int, default=None)
+    parity.add_argument("--no-transformers", action="store_true",
+                        help="skip checking the reference against transformers")
+    parity.add_argument("--json", action="store_true", help="print JSON")
+
     embed = sub.add_parser("embed", help="print the embeddings of texts as JSON")
     embed.add_argument("texts", nargs="*", metavar="TEXT",
                        help="texts to embed (default: one per line of stdin)")
@@ -296,6 +309,85 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_parity(args: argparse.Namespace) -> int:
+    """Gate each backend asked for (loaded explicitly: a cached result never stops it) and print
+    the results; exit status 1 when any failed."""
+    from llama_engine import UnsupportedBackendError
+    from llama_models import open_model
+    from llama_runtime import _build
+    from llama_runtime.backend import entries, fits
+    from llama_runtime.parity import PROMPTS, check_reference, run_gate
+
+    files = open_model(args.model)
+    options = {"decode": args.decode} if args.decode != "auto" else {}
+    chosen = [e for e in entries() if args.backend in ("all", e.name)]
+    if not chosen:
+        from llama_runtime.backends import pick_backend
+
+        pick_backend(args.backend)  # a typed error naming the backends
+    backend_options = options | ({"threads": args.threads} if args.threads else {})
+    rows: list[dict[str, Any]] = []
+    vs_transformers: float | None = None
+    checked = args.no_transformers
+    for e in chosen:
+        info = e.info()
+        if not (info.available and e.serves(args.device) and fits(e, options)):
+            if args.backend != "all":
+                from llama_runtime.backends import pick_backend
+
+                pick_backend(e.name)
+                raise UnsupportedBackendError(
+                    f"the {e.name} backend does not serve device={args.device!r} with "
+                    f"{options or 'its defaults'}")
+            rows.append({"backend": e.name, "skipped": info.note if not info.available else
+                         f"does not serve device={args.device!r} with these options"})
+            continue
+        from llama_engine import ModelSpec
+
+        try:
+            engine = _build(e, ModelSpec(model=args.model, device=args.device), None,
+                            args.device, dict(backend_options), {"progress": False})
+        except UnsupportedBackendError as err:
+            if args.backend != "all":
+                raise
+            rows.append({"backend": e.name, "skipped": str(err)})
+            continue
+        try:
+            if not checked:
+                checked = True
+                vs_transformers = check_reference(
+                    files, [engine.tokenize(p) for p in PROMPTS])
+            rows.append(run_gate(engine, files,
+                                 reference_vs_transformers=vs_transformers).as_dict())
+        finally:
+            engine.close()
+    out = {"model": args.model, "reference_vs_transformers": vs_transformers, "results": rows}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(_parity_table(out))
+    return 1 if any(r.get("passed") is False for r in rows) else 0
+
+
+def _parity_table(out: dict[str, Any]) -> str:
+    vs = out["reference_vs_transformers"]
+    lines = [f"{out['model']}: the float32 reference "
+             + ("against transformers: not checked (transformers not installed, or skipped)"
+                if vs is None else f"is {vs:.2g} from transformers' logits")]
+    lines.append(f"{'backend':8} {'device':7} {'dtype':9} {'arithmetic':10} {'passed':6} "
+                 f"{'logit error':>11} {'tolerance':>9} {'greedy equal':>12} {'decode tok/s':>12}")
+    for r in out["results"]:
+        if "skipped" in r:
+            lines.append(f"{r['backend']:8} skipped: {r['skipped']}")
+            continue
+        lines.append(
+            f"{r['backend']:8} {r['device']:7} {r['dtype']:9} {r['arithmetic']:10} "
+            f"{'yes' if r['passed'] else 'NO':6} {r['max_logit_error']:11.3g} "
+            f"{r['tolerance']:9.3g} {r['prompts_equal']:>5} of {r['prompts']:<4} "
+            f"{r['decode_tok_s']:12.1f}" + (f"  ({r['reason']})" if r["reason"] else ""))
+    return "\n".join(lines)
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     from llama_runtime import create_engine
 
@@ -335,7 +427,7 @@ def _print_mapping(data: dict[str, Any], *, as_json: bool, indent: int | None = 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handler = {"run": _cmd_run, "info": _cmd_info, "bench": _cmd_bench,
-               "embed": _cmd_embed}[args.command]
+               "parity": _cmd_parity, "embed": _cmd_embed}[args.command]
     try:
         return handler(args)
     except LlamaError as e:

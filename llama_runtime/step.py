@@ -11,7 +11,8 @@ import numpy as np
 
 from llama_models.ops import RopeSpec
 
-__all__ = ["RopeTables", "RowArrays", "SeqStep", "rope_tables", "row_arrays"]
+__all__ = ["AttentionPlan", "RopeTables", "RowArrays", "SeqStep", "WindowPlan", "rope_tables",
+           "row_arrays"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +88,75 @@ class RopeTables:
         """cos, sin of the global table, then (if any) the local table's, at `positions`."""
         return tuple(t for inv, factor in self._specs
                      for t in rope_tables(positions, inv, factor))
+
+
+@dataclass(frozen=True, slots=True)
+class WindowPlan:
+    """What a layer of one window (0: global) reads in a step, as numpy: the decode rows'
+    context slots [B, W] (padding reads slot 0) and which are real (None: none padded), and
+    per prompt chunk the context slots it sees and its mask [n, T] (True: attends)."""
+
+    decode_slots: np.ndarray | None
+    decode_valid: np.ndarray | None
+    prefills: list[tuple[np.ndarray, np.ndarray]]
+
+
+class AttentionPlan:
+    """A step's rows for attention over paged K/V, planned once a step in numpy for any
+    backend: new tokens' slots, the rows whose logits are wanted, the one-token sequences
+    (decoded together, padded) and the prompt chunks (one causal call each), and per window
+    what each reads (`window`, computed once per window a step)."""
+
+    def __init__(self, seqs: Sequence[SeqStep]) -> None:
+        self.n = sum(s.n_new for s in seqs)
+        self.write_slots = np.fromiter((x for s in seqs for x in s.write_slots),
+                                       dtype=np.int64, count=self.n)
+        rows: list[int] = []
+        decode_rows: list[int] = []
+        self._decode_ctx: list[Sequence[int]] = []
+        self.prefill_rows: list[tuple[int, int]] = []
+        self._prefill_ctx: list[Sequence[int]] = []
+        r = 0
+        for s in seqs:
+            if s.want_logits:
+                rows.append(r + s.n_new - 1)
+            if s.n_new == 1:
+                decode_rows.append(r)
+                self._decode_ctx.append(s.context_slots)
+            else:
+                self.prefill_rows.append((r, r + s.n_new))
+                self._prefill_ctx.append(s.context_slots)
+            r += s.n_new
+        self.logits_rows = np.asarray(rows, dtype=np.int64)
+        self.decode_rows = np.asarray(decode_rows, dtype=np.int64)
+        self._windows: dict[int, WindowPlan] = {}
+
+    def window(self, window: int) -> WindowPlan:
+        """A layer of `window` reads only the slots of its last `window` positions."""
+        plan = self._windows.get(window)
+        if plan is None:
+            plan = self._windows[window] = self._plan(window)
+        return plan
+
+    def _plan(self, window: int) -> WindowPlan:
+        slots = valid = None
+        if self._decode_ctx:
+            kept = [c[-window:] if window else c for c in self._decode_ctx]
+            width = max(len(c) for c in kept)
+            slots = np.zeros((len(kept), width), dtype=np.int64)
+            valid = np.zeros((len(kept), width), dtype=bool)
+            for i, c in enumerate(kept):
+                slots[i, : len(c)] = c
+                valid[i, : len(c)] = True
+            if valid.all():
+                valid = None
+        prefills = []
+        for (r0, r1), ctx in zip(self.prefill_rows, self._prefill_ctx, strict=True):
+            n = r1 - r0
+            start = len(ctx) - n  # positions before the chunk
+            first = max(0, start - window + 1) if window else 0  # the first position any sees
+            mask = np.tril(np.ones((n, len(ctx) - first), dtype=bool), start - first)
+            if window:
+                mask = np.triu(mask, start - first - window + 1)
+            prefills.append((np.asarray(ctx[first:], dtype=np.int64), mask))
+        return WindowPlan(slots, valid, prefills)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# parity results and references of this run only: never the developer's cache (a test forges a
+# failed result), and every gate really runs
+_CACHE = tempfile.mkdtemp(prefix="llama-engine-tests-")
+os.environ["LLAMA_ENGINE_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

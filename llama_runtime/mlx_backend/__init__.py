@@ -4,6 +4,8 @@ here. mlx is imported only when the backend is probed or used, and only when ins
 from __future__ import annotations
 
 import importlib.util
+import platform
+import sys
 from typing import Any
 
 from llama_runtime.backend import Backend, BackendEntry, register
@@ -63,8 +65,15 @@ def _factory(**options: Any) -> Backend:
     return MLXBackend(**options)
 
 
+def _apple_silicon() -> bool:
+    """A Mac with Apple silicon (where MLX runs Metal), seen without importing mlx."""
+    return sys.platform == "darwin" and platform.machine() == "arm64" and mlx_installed()
+
+
 register(BackendEntry(
     name="mlx", info=_info, serves=_serves, factory=_factory, order=20,
-    options={"weights": ("auto", "quantized", "dequant"),
+    accelerated=_apple_silicon,
+    options={"decode": ("auto",),  # one arithmetic: the compute dtype's
+             "weights": ("auto", "quantized", "dequant"),
              "kv_dtype": ("auto", "float32", "float16", "bfloat16"),
              "dtype": ("auto", "float32", "float16", "bfloat16")}))

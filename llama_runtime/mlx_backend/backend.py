@@ -72,7 +72,8 @@ class MLXBackend:
     name = "mlx"
 
     def __init__(self, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                 kv_dtype: str = "auto", weights: str = "auto") -> None:
+                 kv_dtype: str = "auto", weights: str = "auto", decode: str = "auto") -> None:
+        del decode  # "auto" only (the registry refuses the others): the compute dtype's
         self._device_name = mlx_device(device)
         self._dtype_name = dtype
         self._kv_dtype_name = kv_dtype
@@ -100,9 +101,7 @@ class MLXBackend:
     def prepare(self, files: ModelFiles, spec: ModelSpec, bar: tqdm,
                 kv: KVBudget) -> Prepared:
         device = mlx_device(spec.device) if spec.device != "auto" else self._device_name
-        if device != self._device_name:
-            self._device_name = device
-            self._stream = mx.gpu if device == "metal" else mx.cpu
+        stream = mx.gpu if device == "metal" else mx.cpu
         dtype_name = spec.dtype if spec.dtype != "auto" else self._dtype_name
         if dtype_name == "auto":  # Metal's fast path is half precision; the CPU's is float32
             dtype_name = "float16" if device == "metal" else "float32"
@@ -117,7 +116,7 @@ class MLXBackend:
                 f"{rope.rotary_dim} of each head's {rope.head_dim} dimensions; use "
                 "backend='torch'")
         cfg = files.config
-        with mx.stream(self._stream):
+        with mx.stream(stream):
             weights = self._prepare_weights(files, dtype, bar)
             model = files.build(weights, MLXOps(dtype))
             kv_name = dtype_name if self._kv_dtype_name == "auto" else self._kv_dtype_name
@@ -128,6 +127,7 @@ class MLXBackend:
 
         def activate() -> None:
             self._model, self._store = model, store
+            self._device_name, self._stream = device, stream
 
         return Prepared(store=store, num_blocks=num_blocks,
                         weight_paths={name: self._path(raw) for name, raw in
@@ -168,7 +168,7 @@ class MLXBackend:
              seqs: list[SeqStep]) -> np.ndarray:
         model, store = self._model, self._store
         assert model is not None and store is not None
-        with mx.stream(self._stream):
+        with store.lock, mx.stream(self._stream):
             batch = StepBatch(store, seqs)
             logits = model.forward(mx.array(np.asarray(tokens, dtype=np.int32)),
                                    np.asarray(positions, dtype=np.int64), batch)

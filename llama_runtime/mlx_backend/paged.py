@@ -13,25 +13,42 @@ one padded call per layer with a mask over the padding, prompt chunks one causal
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from functools import wraps
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
 
-from llama_runtime.step import SeqStep
+from llama_runtime.step import AttentionPlan, SeqStep, WindowPlan
 
 __all__ = ["CausalBatch", "MLXKVStore", "StepBatch"]
+
+T = TypeVar("T")
 
 _FIRST_SLOTS = 4096
 """Slots each layer's arrays hold before they first grow."""
 
 
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    @wraps(method)
+    def run(self: MLXKVStore, *args: Any) -> T:
+        with self.lock:
+            return method(self, *args)
+
+    return run
+
+
 class MLXKVStore:
-    """K and V of every layer, [slots, kv_heads, head_dim] in `dtype`."""
+    """K and V of every layer, [slots, kv_heads, head_dim] in `dtype`. An MLX array update
+    replaces the array, so every reader and writer holds `lock` (a step holds it throughout:
+    a session saved or loaded meanwhile must not lose a layer's update)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int, dtype: mx.Dtype) -> None:
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.lock = threading.RLock()
         self._dtype = dtype
         self._row = (n_kv_heads, head_dim)
         self.capacity = num_blocks * block_size
@@ -54,8 +71,11 @@ class MLXKVStore:
     def dtype_name(self) -> str:
         return str(self._dtype).removeprefix("mlx.core.")
 
+    @_locked
     def reserve(self, last_slot: int) -> None:
         """Grow every layer's arrays to hold `last_slot` (doubling, at most the budget)."""
+        if last_slot >= self.capacity:
+            raise IndexError(f"slot {last_slot} is past the store's {self.capacity}")
         held = self.held
         if last_slot < held:
             return
@@ -65,6 +85,7 @@ class MLXKVStore:
         self.v = [mx.concatenate((a, pad)) for a in self.v]
         mx.eval(self.k, self.v)
 
+    @_locked
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write of a forked session's shared last block)."""
         if not copies:
@@ -80,12 +101,14 @@ class MLXKVStore:
                 arrays[layer] = a
         mx.eval(self.k, self.v)
 
+    @_locked
     def read(self, slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """K, V [layers, len(slots), kv_heads, head_dim] as float32 numpy arrays."""
         idx = mx.array(np.asarray(slots, dtype=np.int32))
         return tuple(np.array(mx.stack([a[idx] for a in arrays]).astype(mx.float32))
                      for arrays in (self.k, self.v))  # type: ignore[return-value]
 
+    @_locked
     def write(self, slots: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
         if not len(slots):
             return
@@ -102,43 +125,28 @@ class MLXKVStore:
 
 
 class StepBatch:
-    """Everything attention needs for one forward over several sequences (built once a step,
-    reused by every layer)."""
+    """Everything attention needs for one forward over several sequences (step.AttentionPlan's
+    numpy plan as MLX arrays, built once a step, reused by every layer)."""
 
     def __init__(self, store: MLXKVStore, seqs: Sequence[SeqStep]) -> None:
         self.store = store
-        self.n = sum(s.n_new for s in seqs)
-        write = [x for s in seqs for x in s.write_slots]
-        store.reserve(max(write))
-        self.write_at = mx.array(np.asarray(write, dtype=np.int32))
-        rows: list[int] = []
-        decode_rows: list[int] = []
-        self._decode_ctx: list[list[int]] = []
-        self._prefill_ctx: list[tuple[int, int, list[int]]] = []
-        order: list[int] = []  # the rows in the order attention produces them
-        r = 0
-        for s in seqs:
-            if s.want_logits:
-                rows.append(r + s.n_new - 1)
-            if s.n_new == 1:
-                decode_rows.append(r)
-                self._decode_ctx.append(list(s.context_slots))
-            else:
-                self._prefill_ctx.append((r, r + s.n_new, list(s.context_slots)))
-            r += s.n_new
-        order = decode_rows + [x for r0, r1, _ in self._prefill_ctx for x in range(r0, r1)]
-        self.logits_rows = mx.array(np.asarray(rows, dtype=np.int32))
-        self.decode_rows = mx.array(np.asarray(decode_rows, dtype=np.int32)) \
-            if decode_rows else None
-        # attention's output rows come decode rows first, then each prompt chunk's: this
-        # puts them back in the step's order
-        self._unpermute = None if order == list(range(self.n)) else \
-            mx.array(np.argsort(np.asarray(order)).astype(np.int32))
+        self.plan = plan = AttentionPlan(seqs)
+        self.n = plan.n
+        store.reserve(int(plan.write_slots.max()))
+        self.write_at = _index(plan.write_slots)
+        self.logits_rows = _index(plan.logits_rows)
+        self.decode_rows = _index(plan.decode_rows) if len(plan.decode_rows) else None
+        # attention's output rows come decode rows first, then each prompt chunk's: this puts
+        # them back in the step's order
+        order = np.concatenate([plan.decode_rows, *(np.arange(r0, r1)
+                                                    for r0, r1 in plan.prefill_rows)])
+        self._unpermute = None if (order == np.arange(self.n)).all() else \
+            _index(np.argsort(order))
         self._views: dict[int, _WindowView] = {}
 
     def view(self, window: int) -> _WindowView:
         if window not in self._views:
-            self._views[window] = _WindowView(self._decode_ctx, self._prefill_ctx, window)
+            self._views[window] = _WindowView(self.plan.window(window))
         return self._views[window]
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, layer: int, scale: float, *,
@@ -158,7 +166,7 @@ class StepBatch:
             od = mx.fast.scaled_dot_product_attention(qd, kd, vd, scale=scale,
                                                       mask=view.decode_mask)
             parts.append(od[:, :, 0, :])
-        for (r0, r1, _), (ctx, mask) in zip(self._prefill_ctx, view.prefills, strict=True):
+        for (r0, r1), (ctx, mask) in zip(self.plan.prefill_rows, view.prefills, strict=True):
             qp = q[r0:r1].transpose(1, 0, 2)[None]  # [1, Hq, n, D]
             kp = kc[ctx].transpose(1, 0, 2)[None].astype(q.dtype)
             vp = vc[ctx].transpose(1, 0, 2)[None].astype(q.dtype)
@@ -170,33 +178,20 @@ class StepBatch:
         return out.reshape(self.n, -1)
 
 
-class _WindowView:
-    """One window's gather indices and masks over a step's sequences (0: global)."""
+def _index(a: np.ndarray) -> mx.array:
+    return mx.array(a.astype(np.int32))
 
-    def __init__(self, decode_ctx: list[list[int]],
-                 prefill_ctx: list[tuple[int, int, list[int]]], window: int) -> None:
+
+class _WindowView:
+    """One window's plan as MLX arrays: slot gathers and masks."""
+
+    def __init__(self, plan: WindowPlan) -> None:
         self.decode_mask: mx.array | None = None
-        if decode_ctx:
-            kept = [c[-window:] if window else c for c in decode_ctx]
-            width = max(len(c) for c in kept)
-            idx = np.zeros((len(kept), width), dtype=np.int32)  # padding reads slot 0
-            valid = np.zeros((len(kept), width), dtype=bool)
-            for i, c in enumerate(kept):
-                idx[i, : len(c)] = c
-                valid[i, : len(c)] = True
-            self.decode_at = mx.array(idx)
-            if not valid.all():  # [B, 1, 1, W]: hide the padding
-                self.decode_mask = mx.array(valid[:, None, None, :])
-        self.prefills: list[tuple[mx.array, mx.array]] = []
-        for r0, r1, slots in prefill_ctx:
-            n = r1 - r0
-            start = len(slots) - n  # positions before the chunk
-            first = max(0, start - window + 1) if window else 0  # the first position any sees
-            mask = np.tril(np.ones((n, len(slots) - first), dtype=bool), start - first)
-            if window:
-                mask = np.triu(mask, start - first - window + 1)
-            self.prefills.append((mx.array(np.asarray(slots[first:], dtype=np.int32)),
-                                  mx.array(mask)))
+        if plan.decode_slots is not None:
+            self.decode_at = _index(plan.decode_slots)
+            if plan.decode_valid is not None:  # [B, 1, 1, W]: hide the padding
+                self.decode_mask = mx.array(plan.decode_valid[:, None, None, :])
+        self.prefills = [(_index(ctx), mx.array(mask)) for ctx, mask in plan.prefills]
 
 
 class CausalBatch:

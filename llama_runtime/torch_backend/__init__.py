@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from llama_runtime.backend import Backend, BackendEntry, register
-from llama_runtime.backends import CPU_DECODE, BackendInfo, describe_decode, torch_installed
+from llama_runtime.backends import (
+    CPU_DECODE,
+    BackendInfo,
+    describe_decode,
+    gpu_present,
+    torch_installed,
+)
 from llama_runtime.kernels.layout import KEPT_TYPES
 from llama_runtime.kernels.library import DECODE_MODES
 
@@ -50,7 +56,7 @@ def _factory(**options: Any) -> Backend:
 
 register(BackendEntry(
     name="torch", info=_info, serves=lambda device: torch_installed(), factory=_factory,
-    order=10,
+    order=10, accelerated=lambda: gpu_present() and torch_installed(),
     options={"decode": ("auto", *DECODE_MODES, "torch"),
              "weights": ("auto", "dequant", "quantized"),
              "kv_dtype": ("auto", "float32", "bfloat16", "float16"),

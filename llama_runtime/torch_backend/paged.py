@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_runtime.kv_store import HostKVStore
-from llama_runtime.step import SeqStep
+from llama_runtime.step import AttentionPlan, SeqStep, WindowPlan
 
 __all__ = ["PagedKVStore", "SeqStep", "StepBatch"]
 
@@ -86,39 +86,24 @@ class PagedKVStore:
 
 
 class StepBatch:
-    """Everything attention needs for one forward over several sequences (built once a step,
-    reused by every layer)."""
+    """Everything attention needs for one forward over several sequences (step.AttentionPlan's
+    numpy plan as tensors on the store's device, built once a step, reused by every layer)."""
 
     def __init__(self, store: PagedKVStore, seqs: Sequence[SeqStep]) -> None:
         self.store = store
-        self.n = sum(s.n_new for s in seqs)
-        self.write_at = store.at([x for s in seqs for x in s.write_slots])
-        rows: list[int] = []
-        decode_rows: list[int] = []
-        self._decode_ctx: list[list[int]] = []
-        self._prefill_ctx: list[tuple[int, int, list[int]]] = []  # rows [r0, r1), context slots
-        r = 0
-        for s in seqs:
-            if s.want_logits:
-                rows.append(r + s.n_new - 1)
-            if s.n_new == 1:
-                decode_rows.append(r)
-                self._decode_ctx.append(list(s.context_slots))
-            else:
-                self._prefill_ctx.append((r, r + s.n_new, list(s.context_slots)))
-            r += s.n_new
-        self.logits_rows = torch.tensor(rows, dtype=torch.long, device=store.device)
-        self.decode_rows = (torch.tensor(decode_rows, dtype=torch.long, device=store.device)
-                            if decode_rows else None)
+        self.plan = plan = AttentionPlan(seqs)
+        self.n = plan.n
+        dev = store.device
+        self.write_at = store.at(torch.from_numpy(plan.write_slots).to(dev))
+        self.logits_rows = torch.from_numpy(plan.logits_rows).to(dev)
+        self.decode_rows = (torch.from_numpy(plan.decode_rows).to(dev)
+                            if len(plan.decode_rows) else None)
         self._views: dict[int, _WindowView] = {}
 
     def view(self, window: int) -> _WindowView:
-        """Where each query's keys are and which it sees, for layers of this window (0: global),
-        made once per window a step. A windowed layer gathers only the slots of its last
-        `window` positions: blocks wholly before them are not read."""
+        """A window's gathers and masks (0: global), made once per window a step."""
         if window not in self._views:
-            self._views[window] = _WindowView(self.store, self._decode_ctx, self._prefill_ctx,
-                                              window)
+            self._views[window] = _WindowView(self.store, self.plan.window(window))
         return self._views[window]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
@@ -140,7 +125,7 @@ class StepBatch:
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=view.decode_mask,
                                                 scale=scale, enable_gqa=True)
             out.index_copy_(0, self.decode_rows, od[:, :, 0, :])
-        for r0, r1, ctx, mask in view.prefills:
+        for (r0, r1), (ctx, mask) in zip(self.plan.prefill_rows, view.prefills, strict=True):
             qp = q[r0:r1].transpose(0, 1)[None]  # [1, Hq, n, D]
             kp = kc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
             vp = vc[ctx[0], :, ctx[1]].transpose(0, 1)[None].to(q.dtype)
@@ -151,34 +136,19 @@ class StepBatch:
 
 
 class _WindowView:
-    """One window's gather indices and masks over a step's sequences (see StepBatch.view)."""
+    """One window's plan as tensors: (block, offset) gathers and masks."""
 
-    def __init__(self, store: PagedKVStore, decode_ctx: list[list[int]],
-                 prefill_ctx: list[tuple[int, int, list[int]]], window: int) -> None:
+    def __init__(self, store: PagedKVStore, plan: WindowPlan) -> None:
         dev = store.device
         self.decode_mask: torch.Tensor | None = None
         self.decode_pad: torch.Tensor | None = None
-        if decode_ctx:
-            kept = [c[-window:] if window else c for c in decode_ctx]
-            width = max(len(c) for c in kept)
-            idx = torch.zeros((len(kept), width), dtype=torch.long)
-            valid = torch.zeros((len(kept), width), dtype=torch.bool)
-            for i, c in enumerate(kept):
-                idx[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-                valid[i, : len(c)] = True
-            self.decode_at = store.at(idx.to(dev))
-            if not bool(valid.all()):  # [B, 1, 1, width]: hide the padding
-                self.decode_mask = valid[:, None, None, :].to(dev)
-                # [B, 1, width, 1]: the padding, which reads slot 0 (whatever it holds: the
-                # store is torch.empty, and a NaN there would survive the mask as 0 * NaN)
-                self.decode_pad = ~valid[:, None, :, None].to(dev)
-        self.prefills: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
-        for r0, r1, slots in prefill_ctx:
-            n = r1 - r0
-            start = len(slots) - n  # positions before the chunk
-            first = max(0, start - window + 1) if window else 0  # the first position any sees
-            mask = torch.ones((n, len(slots) - first), dtype=torch.bool,
-                              device=dev).tril(start - first)
-            if window:
-                mask = mask.triu(start - first - window + 1)
-            self.prefills.append((r0, r1, store.at(slots[first:]), mask))
+        if plan.decode_slots is not None:
+            self.decode_at = store.at(torch.from_numpy(plan.decode_slots).to(dev))
+            if plan.decode_valid is not None:
+                valid = torch.from_numpy(plan.decode_valid).to(dev)
+                self.decode_mask = valid[:, None, None, :]  # [B, 1, 1, W]: hide the padding
+                # [B, 1, W, 1]: the padding, which reads slot 0 (whatever it holds: the store
+                # is torch.empty, and a NaN there would survive the mask as 0 * NaN)
+                self.decode_pad = ~valid[:, None, :, None]
+        self.prefills = [(store.at(torch.from_numpy(ctx).to(dev)), torch.from_numpy(mask).to(dev))
+                         for ctx, mask in plan.prefills]

@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from families import (
     assert_last_logits_match,
     assert_same_greedy_tokens,
@@ -29,6 +31,7 @@ from llama_models import open_model, resolve_model_path
 from llama_models.decoder import fused_refusal
 from llama_runtime import create_engine
 from llama_runtime.bench import prompt_logits
+from llama_runtime.reference import ReferenceModel
 
 IDS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1123, 5612, 28, 253, 1345, 29, 17] * 5
 
@@ -80,7 +83,14 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
     got = engine.generate(IDS, max_tokens=20, temperature=0, ignore_eos=True).token_ids
     want = hf_greedy(ref, IDS, 20)
     assert_same_greedy_tokens(got, want, ref, IDS)
+    ctx = engine.model.context_length
     engine.close()
+    # the parity gate's reference (float32 op by op in numpy) is transformers' forward too
+    with torch.inference_mode():
+        theirs = ref(torch.tensor([IDS])).logits[0, -1].numpy()
+    reference = ReferenceModel(files, context=ctx).greedy([IDS], 2)
+    assert np.abs(reference.first[0] - theirs).max() < 1e-4
+    assert reference.tokens[0].tolist() == want[:2]
     if importlib.util.find_spec("mlx") is None:
         return
     mlx = create_engine(str(gguf), progress=False, backend="mlx", prefill_chunk=32)

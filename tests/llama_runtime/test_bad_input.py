@@ -83,8 +83,8 @@ def test_hf_dir_without_config(tmp_path: Path) -> None:
 def test_unavailable_backend_and_device() -> None:
     from llama_runtime import create_engine
 
-    with pytest.raises(UnsupportedBackendError, match="mlx"):
-        create_engine(backend="mlx")
+    with pytest.raises(UnsupportedBackendError, match="the MLX backend runs on Metal or the CPU"):
+        create_engine(backend="mlx", device="cuda")
     with pytest.raises(UnsupportedBackendError, match="unknown backend"):
         create_engine(backend="tpu")
     with pytest.raises(LlamaError, match="unknown option"):

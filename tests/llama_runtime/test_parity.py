@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea,",
-    "Photosynthesis is the process by which",
-    "1, 2, 3, 5, 8, 13,",
-    "Les mathématiques sont",
-]
+from llama_runtime.parity import PROMPTS  # the parity gate's: the same six
+
 N_NEW = 32
 
 
