@@ -17,9 +17,11 @@ shifts their codes to unsigned ones:
 | Q4_K   | q d sc_j - dmin m_j  | 4    | d sc_j   | -dmin m_j |
 | Q5_K   | q d sc_j - dmin m_j  | 5    | d sc_j   | -dmin m_j |
 
-(float32 scales and biases hold these products exactly.) Q6_K's scales cover 16 elements, finer
-than any MLX group, so it is dequantized to the compute dtype, as are other types, with a log
-line naming them.
+Scales and biases are kept in the compute dtype: in float32 (the CPU's default) they hold these
+products exactly; in float16 (Metal's default) or bfloat16 a K-quant's `d sc` (and, in
+bfloat16, `d` itself) rounds to it, as the activations do. Q6_K's scales cover 16 elements,
+finer than any MLX group, so it is dequantized to the compute dtype, as are other types, with a
+log line naming them.
 """
 
 from __future__ import annotations
