@@ -233,9 +233,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "fused_step": fused_refusal(cfg, files.rope) or "yes",
         "chat_template": tok.chat_template is not None,
         "weight_paths": _weight_paths(files),
+        "parity": _cached_parity(files),
     }
     _print_mapping(data, as_json=args.json, indent=2)
     return 0
+
+
+def _cached_parity(files: Any) -> dict[str, str]:
+    """The parity results cached for this model, one line a backend, device and arithmetic
+    (what `auto` decides by)."""
+    from llama_runtime.backend import entries
+    from llama_runtime.parity import cached_results, model_key
+
+    key = model_key(files)
+    out = {}
+    for e in entries():
+        for r in cached_results(key, e.name, "auto"):
+            out[f"{r.backend} {r.device} {r.key_arithmetic}"] = (
+                f"passed, {r.decode_tok_s:.1f} decode tok/s" if r.passed else
+                f"FAILED: {r.reason}")
+    return out or {"none cached": "`llama-engine parity MODEL` checks every backend"}
 
 
 def _is_encoder(model: str) -> bool:
@@ -316,7 +333,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from llama_models import open_model
     from llama_runtime import _build
     from llama_runtime.backend import entries, fits
-    from llama_runtime.parity import PROMPTS, check_reference, run_gate
+    from llama_runtime.parity import PROMPTS, REFERENCE_TOLERANCE, check_reference, run_gate
 
     files = open_model(args.model)
     options = {"decode": args.decode} if args.decode != "auto" else {}
@@ -328,6 +345,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     backend_options = options | ({"threads": args.threads} if args.threads else {})
     rows: list[dict[str, Any]] = []
     vs_transformers: float | None = None
+    reference_failed = False
     checked = args.no_transformers
     for e in chosen:
         info = e.info()
@@ -357,23 +375,28 @@ def _cmd_parity(args: argparse.Namespace) -> int:
                 checked = True
                 vs_transformers = check_reference(
                     files, [engine.tokenize(p) for p in PROMPTS])
+                reference_failed = (vs_transformers is not None
+                                    and vs_transformers > REFERENCE_TOLERANCE)
             rows.append(run_gate(engine, files,
                                  reference_vs_transformers=vs_transformers).as_dict())
         finally:
             engine.close()
-    out = {"model": args.model, "reference_vs_transformers": vs_transformers, "results": rows}
+    out = {"model": args.model, "reference_vs_transformers": vs_transformers,
+           "reference_tolerance": REFERENCE_TOLERANCE, "results": rows}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(_parity_table(out))
-    return 1 if any(r.get("passed") is False for r in rows) else 0
+    return 1 if reference_failed or any(r.get("passed") is False for r in rows) else 0
 
 
 def _parity_table(out: dict[str, Any]) -> str:
     vs = out["reference_vs_transformers"]
     lines = [f"{out['model']}: the float32 reference "
              + ("against transformers: not checked (transformers not installed, or skipped)"
-                if vs is None else f"is {vs:.2g} from transformers' logits")]
+                if vs is None else f"is {vs:.2g} from transformers' logits ("
+                + ("within" if vs <= out["reference_tolerance"] else "NOT within")
+                + f" {out['reference_tolerance']:g})")]
     lines.append(f"{'backend':8} {'device':7} {'dtype':9} {'arithmetic':10} {'passed':6} "
                  f"{'logit error':>11} {'tolerance':>9} {'greedy equal':>12} {'decode tok/s':>12}")
     for r in out["results"]:

@@ -38,6 +38,7 @@ __all__ = [
     "MIN_EQUAL",
     "N_TOKENS",
     "PROMPTS",
+    "REFERENCE_TOLERANCE",
     "ParityError",
     "ParityResult",
     "arithmetic_of",
@@ -64,6 +65,8 @@ PROMPTS = (
 )
 N_TOKENS = 32
 MIN_EQUAL = 5
+REFERENCE_TOLERANCE = 1e-3
+"""How far the reference's logits may be from transformers' float32 ones (summation order)."""
 
 _TOLERANCE = {"float32": 1e-2, "float16": 0.25, "bfloat16": 0.5}
 """Logit tolerance by compute dtype, for float arithmetic."""
@@ -319,11 +322,15 @@ def check_reference(files: Any, prompts: list[list[int]]) -> float | None:
         return None
     path = Path(files.checkpoint.path)
     started = time.perf_counter()
-    if path.is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    try:
+        if path.is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:  # transformers' own errors: an architecture or file it cannot read
+        raise ParityError(f"transformers could not load {path} to check the reference "
+                          f"({type(e).__name__}: {e}); pass --no-transformers") from e
     worst = 0.0
     with torch.inference_mode():
         reference = reference_for(files, prompts, files.config.context_length)

@@ -120,17 +120,26 @@ def test_auto_skips_a_failed_backend_and_a_named_one_is_refused(files, monkeypat
 
 
 def test_the_parity_command_prints_each_backends_result(tmp_path) -> None:
+    """Each backend against the reference, and (the first time) the reference against
+    transformers loading the same GGUF."""
     backends = ["native"] + (["mlx"] if importlib.util.find_spec("mlx") else [])
     for name in backends:
+        skip = ["--no-transformers"] if name != "native" else []
         r = subprocess.run([sys.executable, "-m", "llama_runtime.cli", "parity", MODEL,
-                            "--backend", name, "--no-transformers", "--json"],
+                            "--backend", name, "--json", *skip],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         (row,) = out["results"]
         assert row["backend"] == name and row["passed"] and row["prompts_equal"] >= MIN_EQUAL
+        if name == "native":
+            assert out["reference_vs_transformers"] < out["reference_tolerance"]
     r = subprocess.run([sys.executable, "-m", "llama_runtime.cli", "parity", MODEL,
                         "--backend", "native", "--no-transformers"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "native" in r.stdout and "yes" in r.stdout, r.stderr
+    info = subprocess.run([sys.executable, "-m", "llama_runtime.cli", "info", MODEL, "--json"],
+                          capture_output=True, text=True, timeout=600)
+    parity = json.loads(info.stdout)["parity"]
+    assert any(k.startswith("native cpu") and v.startswith("passed") for k, v in parity.items())
     assert Path(cache_dir()).exists()
