@@ -21,6 +21,7 @@ from llama_runtime.parity import (
     PROMPTS,
     ParityResult,
     arithmetic_of,
+    backend_version,
     cache_dir,
     cached_result,
     model_key,
@@ -143,3 +144,48 @@ def test_the_parity_command_prints_each_backends_result(tmp_path) -> None:
     parity = json.loads(info.stdout)["parity"]
     assert any(k.startswith("native cpu") and v.startswith("passed") for k, v in parity.items())
     assert Path(cache_dir()).exists()
+
+
+def test_auto_ranks_proven_backends_by_probe_and_tries_an_accelerator_first(files) -> None:
+    """docs/architecture.md's rule, on the registry's entries: with nothing proven, a backend
+    that runs an accelerator present here (MLX on Apple silicon) comes first; a proven backend
+    comes before any unproven one, and a later one outranks an earlier only when its probe is
+    PROBE_MARGIN faster; a backend whose every result failed is left out."""
+    from dataclasses import replace
+
+    from llama_runtime import PROBE_MARGIN, _ranked
+    from llama_runtime.backend import entry
+    from llama_runtime.parity import _store
+
+    native, torch_entry, mlx_entry = (entry(n) for n in ("native", "torch", "mlx"))
+    mac_mlx = replace(mlx_entry, accelerated=lambda: True)
+    key = "test-" + model_key(files)
+    assert [e.name for e in _ranked([native, torch_entry, mac_mlx], key, "auto")] == \
+        ["mlx", "native", "torch"]
+    assert [e.name for e in _ranked([native, torch_entry, mac_mlx], key, "cpu")] == \
+        ["native", "torch", "mlx"]
+
+    def result(backend: str, speed: float, passed: bool = True) -> None:
+        _store(ParityResult(
+            model=MODEL, fingerprint=key, backend=backend, device="cpu", dtype="float32",
+            arithmetic="x", kv_dtype="float32", version=backend_version(backend),
+            passed=passed, max_logit_error=0.0, tolerance=0.01, prompts_equal=6, prompts=6,
+            decode_tok_s=speed))
+
+    def order() -> list[str]:
+        return [e.name for e in _ranked([native, torch_entry, mac_mlx], key, "auto")]
+
+    result("torch", 100.0)
+    assert order() == ["torch", "mlx", "native"]  # proven first, then the accelerator
+    result("native", 100.0 * PROBE_MARGIN * 0.99)  # faster, but within the probe's spread
+    assert order() == ["native", "torch", "mlx"]
+    result("mlx", 100.0 * PROBE_MARGIN * 1.5)
+    assert order() == ["mlx", "native", "torch"]
+    result("mlx", 0.0, passed=False)  # the same key: replaces its pass
+    assert order() == ["native", "torch"]
+    result("mlx", 100.0 * PROBE_MARGIN * 1.5)
+    assert [e.name for e in _ranked([native, torch_entry, mac_mlx], key, "auto")] == \
+        ["mlx", "native", "torch"]
+    result("mlx", 0.0, passed=False)  # the same key: replaces its pass
+    assert [e.name for e in _ranked([native, torch_entry, mac_mlx], key, "auto")] == \
+        ["native", "torch"]
