@@ -131,7 +131,7 @@ def _gated(candidates: list[BackendEntry], spec: ModelSpec, embed_model: str | N
         if auto and not _eligible(e):  # probed only when reached (torch's imports torch)
             continue
         try:
-            engine = _build(e, spec, None, device, backend_options, engine_options)
+            engine = _build(e, spec, None, device, backend_options, engine_options, files)
         except UnsupportedBackendError as err:  # a model or machine it cannot run: the next
             if not auto:
                 raise
@@ -239,12 +239,13 @@ def _eligible(e: BackendEntry) -> bool:
 
 
 def _build(e: BackendEntry, spec: ModelSpec | None, embed_model: str | None, device: str,
-           backend_options: dict[str, Any], engine_options: dict[str, Any]) -> Engine:
+           backend_options: dict[str, Any], engine_options: dict[str, Any],
+           files: Any = None) -> Engine:
     engine = Engine(e.factory(device=device, **backend_options), embed_model=embed_model,
                     **engine_options)
     try:
         if spec is not None:
-            engine.load_model(spec)
+            engine.load_model(spec, files=files)
     except BaseException:
         engine.close()
         raise

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -43,6 +43,9 @@ from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_option
 from llama_runtime.generation import Generation
 from llama_runtime.loading import fingerprint, model_handle, open_files
 from llama_runtime.scheduler import Request, Scheduler
+
+if TYPE_CHECKING:
+    from llama_models import ModelFiles
 from llama_runtime.session_file import import_kv, read_session, save_kv, saved_slots
 from llama_runtime.step import SeqStep
 from llama_tokenizer import Tokenizer
@@ -123,17 +126,19 @@ class Engine(LlamaEngine):
         return self._backend.decode_kernel
 
     # -- loading (the backend) ------------------------------------------------------------------
-    def load_model(self, spec: ModelSpec) -> ModelHandle:
+    def load_model(self, spec: ModelSpec, *, files: ModelFiles | None = None) -> ModelHandle:
+        """`files`: the model already opened (create_engine opens it to find its parity
+        results), else opened here."""
         self._check_open()
         # One bar for the whole load, shown only if it takes over a second: reading the file
         # (metadata, tokenizer) is its first step, then one step per weight tensor.
         bar = tqdm(total=1, desc=f"loading {spec.model}", unit="step", delay=1.0,
                    disable=not self._progress, file=sys.stderr, leave=False)
         with bar:
-            return self._load(spec, bar)
+            return self._load(spec, bar, files)
 
-    def _load(self, spec: ModelSpec, bar: tqdm) -> ModelHandle:
-        files, tokenizer, ctx = open_files(spec, bar)
+    def _load(self, spec: ModelSpec, bar: tqdm, opened: ModelFiles | None) -> ModelHandle:
+        files, tokenizer, ctx = open_files(spec, bar, opened)
         prepared = self._backend.prepare(files, spec, bar,
                                          KVBudget(self._kv_memory, self._kv_block_size))
         handle = model_handle(spec, files, tokenizer, ctx, backend=self._backend.name,

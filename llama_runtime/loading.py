@@ -33,10 +33,11 @@ def context_length(spec: ModelSpec, trained: int) -> int:
     return spec.context_length
 
 
-def open_files(spec: ModelSpec, bar: tqdm) -> tuple[ModelFiles, Tokenizer, int]:
-    """The model's files, tokenizer and context length (the load bar's first step; the bar then
-    counts one step per weight tensor)."""
-    files = open_model(spec.model)
+def open_files(spec: ModelSpec, bar: tqdm, files: ModelFiles | None = None
+               ) -> tuple[ModelFiles, Tokenizer, int]:
+    """The model's files (`files` when already opened), tokenizer and context length (the load
+    bar's first step; the bar then counts one step per weight tensor)."""
+    files = files or open_model(spec.model)
     ckpt = files.checkpoint
     if ckpt.format == "gguf":
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
