@@ -223,6 +223,10 @@ def _refuse(refusal: UnsupportedBackendError | None, model: str | None, device: 
                 raise UnsupportedBackendError(
                     f"{e}; the torch backend is not installed: pip install "
                     "'llama-engine[torch]'") from e
+        if device in ("metal", "gpu", "mps"):
+            raise UnsupportedBackendError(
+                f"device={device!r} is MLX on Metal: it needs a Mac with Apple silicon and pip "
+                "install 'llama-engine[mlx]'; here, use device='cpu' or 'auto'")
         raise UnsupportedBackendError(
             f"no backend here runs device={device!r} with these options; `llama-engine info "
             "--backends` lists what each can do (torch: pip install 'llama-engine[torch]')")

@@ -178,4 +178,6 @@ def test_what_it_cannot_run_is_refused_with_the_way_out(monkeypatch) -> None:
     monkeypatch.setattr(registered, "mlx_installed", lambda: False)
     with pytest.raises(UnsupportedBackendError, match=r"pip install 'llama-engine\[mlx\]'"):
         create_engine(backend="mlx", progress=False)
+    with pytest.raises(UnsupportedBackendError, match=r"Apple silicon.*llama-engine\[mlx\]"):
+        create_engine(device="metal", progress=False)  # no backend serves it without mlx
 
