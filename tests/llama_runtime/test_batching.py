@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from prompts import PROMPTS as ALL_PROMPTS
+from together import at_once
 
 from llama_engine import KVCacheFull
 
@@ -34,19 +35,8 @@ def test_eight_concurrent_sessions_give_their_solo_greedy_tokens(backend, reques
     assert engine.model.backend == backend
     solo = [engine.generate(p, max_tokens=24, temperature=0, ignore_eos=True).token_ids
             for p in PROMPTS]
-    together: list[list[int] | None] = [None] * len(PROMPTS)
-    barrier = threading.Barrier(len(PROMPTS))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        together[i] = engine.generate(PROMPTS[i], max_tokens=24, temperature=0,
-                                      ignore_eos=True).token_ids
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together = at_once(lambda i: engine.generate(PROMPTS[i], max_tokens=24, temperature=0,
+                                                 ignore_eos=True).token_ids, len(PROMPTS))
     assert together == solo
     assert _settle(engine, {"kv_blocks_used": 0, "sessions_active": 0})["kv_blocks_used"] == 0
 

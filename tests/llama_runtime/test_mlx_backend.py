@@ -5,12 +5,12 @@ sessions moving between backends, and the typed refusals. Kept short: MLX on a C
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
 import pytest
 from quant_blocks import T, quantized
+from together import at_once
 
 from llama_engine import UnsupportedBackendError
 
@@ -109,19 +109,7 @@ def _settled(engine) -> None:
 
 def test_concurrent_requests_give_their_solo_tokens(mlx_engine) -> None:
     solo = [_greedy(mlx_engine, p, 8) for p in PROMPTS]
-    together: list[list[int] | None] = [None] * len(PROMPTS)
-    barrier = threading.Barrier(len(PROMPTS))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        together[i] = _greedy(mlx_engine, PROMPTS[i], 8)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert together == solo
+    assert at_once(lambda i: _greedy(mlx_engine, PROMPTS[i], 8), len(PROMPTS)) == solo
     _settled(mlx_engine)
 
 
