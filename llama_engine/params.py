@@ -73,12 +73,26 @@ class SamplingParams:
     timeout: float | None = None
     """Seconds from submission after which the request is cancelled (finish reason
     "cancelled", KV freed); None = no limit."""
+    response_format: Any = None
+    """Constrain the output (llama_sampling.constraint): {"type": "json_schema", "json_schema":
+    {"schema": {...}}}, {"type": "json_object"}, {"type": "regex", "pattern": ...}, {"type":
+    "choice", "choices": [...]}, {"type": "grammar", "lark": ...}, or a pydantic model class.
+    Compiled against the model's vocabulary when the request is submitted (a bad schema, regex
+    or grammar is an InvalidParamsError then); a reply cut by max_tokens ends "length" with
+    what was written. None = free text."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple("stop", self.stop, MAX_STOP_STRINGS,
                                                    single=str))
         object.__setattr__(self, "stop_token_ids", _as_tuple(
             "stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS, single=int))
+        fmt = self.response_format
+        if fmt is not None and not isinstance(fmt, Mapping) and not (
+                isinstance(fmt, type) and hasattr(fmt, "model_json_schema")):
+            raise InvalidParamsError(
+                "response_format must be a dict such as {'type': 'json_schema', 'json_schema': "
+                "{'schema': {...}}} or a pydantic model class, got "
+                f"{type(fmt).__name__}")
         if not isinstance(self.logit_bias, Mapping):
             raise InvalidParamsError(
                 "logit_bias must be a mapping of token id -> bias, got "

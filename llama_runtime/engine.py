@@ -43,6 +43,7 @@ from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_option
 from llama_runtime.generation import Generation
 from llama_runtime.loading import fingerprint, model_handle, open_files
 from llama_runtime.scheduler import Request, Scheduler
+from llama_sampling.constraint import Grammar
 
 if TYPE_CHECKING:
     from llama_models import ModelFiles
@@ -543,6 +544,8 @@ class Engine(LlamaEngine):
             raise InvalidParamsError(
                 f"params must be a SamplingParams, got {type(params).__name__}")
         self._check_params(params)
+        grammar = None if params.response_format is None else Grammar.compile(
+            params.response_format, self.tokenizer)  # a bad one fails here, before decoding
         if session is not None:
             session.acquire()  # fail now, in the caller's frame, if it is busy or closed
             session.release()
@@ -551,7 +554,7 @@ class Engine(LlamaEngine):
         def make_generation(usage: Usage, started_at: float) -> Generation:
             assert req_session is not None
             return Generation(self.tokenizer, params, req_session.tokens, usage=usage,
-                              started_at=started_at, context_length=self._ctx)
+                              started_at=started_at, context_length=self._ctx, grammar=grammar)
 
         req_session = session
 

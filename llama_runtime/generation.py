@@ -12,6 +12,7 @@ import numpy as np
 
 from llama_engine import FinishReason, SamplingParams, StreamChunk, Usage
 from llama_sampling import Sampler, StopChecker
+from llama_sampling.constraint import Grammar
 from llama_tokenizer import Tokenizer
 
 __all__ = ["Generation"]
@@ -21,8 +22,11 @@ class Generation:
     """Turns successive logits into chunks until a finish condition holds."""
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, history: Sequence[int],
-                 *, usage: Usage, started_at: float, context_length: int) -> None:
+                 *, usage: Usage, started_at: float, context_length: int,
+                 grammar: Grammar | None = None) -> None:
+        """`grammar`: params.response_format compiled for this tokenizer (at submission)."""
         self.params = params
+        self.constraint = None if grammar is None else grammar.constraint()
         self.sampler = Sampler(params)
         self.detok = tokenizer.stream_decoder(skip_special=True, continuation=True)
         self.stop = StopChecker(params.stop)
@@ -38,6 +42,9 @@ class Generation:
     def step(self, logits: np.ndarray) -> tuple[StreamChunk, bool]:
         """Sample the next token; returns its chunk and whether generation is over (if not,
         the caller feeds `chunk.token_id` to the model)."""
+        if self.constraint is not None:  # tokens the grammar does not allow next: -inf
+            logits = np.array(logits, dtype=np.float32)
+            self.constraint.mask(logits)
         s = self.sampler.sample(logits, self.history)
         self.n += 1
         now = time.perf_counter()
@@ -50,8 +57,10 @@ class Generation:
         if tid in self.end_ids:
             finish, text = "stop", ""
         else:
+            if self.constraint is not None:
+                self.constraint.advance(tid)
             text, hit = self.stop.push(self.detok.push(tid))
-            if hit:
+            if hit or (self.constraint is not None and self.constraint.finished):
                 finish = "stop"
         if finish is None and (self.n >= self.params.max_tokens
                                or len(self.history) + 1 >= self.context_length):
