@@ -190,9 +190,10 @@ class Constraint:
         """Set the logits of the tokens the grammar does not allow next to -inf (in place; the
         last axis is the vocabulary, which may be padded past the tokenizer's)."""
         self._fill(self._matcher, self._bits, 0)
-        allowed = np.unpackbits(self._bits.view(np.uint8), axis=1,
-                                bitorder="little")[0, :self._vocab_size]
-        logits[..., :self._vocab_size][..., allowed == 0] = -np.inf
+        # one byte a token, 1 where it is not allowed (bytes of 0 and 1 read as bools)
+        banned = np.unpackbits(~self._bits.view(np.uint8)[0], count=self._vocab_size,
+                               bitorder="little").view(bool)
+        np.copyto(logits[..., :self._vocab_size], -np.inf, where=banned)
         logits[..., self._vocab_size:] = -np.inf
 
     def advance(self, token_id: int) -> None:
