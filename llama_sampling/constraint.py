@@ -21,6 +21,7 @@ import json
 import threading
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -174,8 +175,15 @@ class Grammar:
         return Constraint(self)
 
 
+_MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-grammar")
+"""Where the next step's masks are computed, while the model computes that step (llguidance
+releases the GIL)."""
+
+
 class Constraint:
-    """One request's position in its grammar."""
+    """One request's position in its grammar. The mask for the next token is computed in the
+    background as soon as the previous one is known (`advance`), so it is ready, or nearly, when
+    the step's logits arrive; `mask` and `advance` are called in turn from one thread."""
 
     def __init__(self, grammar: Grammar) -> None:
         import llguidance
@@ -185,29 +193,37 @@ class Constraint:
         self._matcher = llguidance.LLMatcher(grammar._tokenizer, grammar._text, log_level=0)
         self._bits = llguidance.numpy.allocate_token_bitmask(1, self._vocab_size)
         self._fill = llguidance.numpy.fill_next_token_bitmask
+        self._next: Future[np.ndarray] = _MASKS.submit(self._banned)
+
+    def _banned(self) -> np.ndarray:
+        """One byte a token, True where the grammar does not allow it next."""
+        self._fill(self._matcher, self._bits, 0)
+        return np.unpackbits(~self._bits.view(np.uint8)[0], count=self._vocab_size,
+                             bitorder="little").view(bool)
 
     def mask(self, logits: np.ndarray) -> None:
         """Set the logits of the tokens the grammar does not allow next to -inf (in place; the
         last axis is the vocabulary, which may be padded past the tokenizer's)."""
-        self._fill(self._matcher, self._bits, 0)
-        # one byte a token, 1 where it is not allowed (bytes of 0 and 1 read as bools)
-        banned = np.unpackbits(~self._bits.view(np.uint8)[0], count=self._vocab_size,
-                               bitorder="little").view(bool)
-        np.copyto(logits[..., :self._vocab_size], -np.inf, where=banned)
+        np.copyto(logits[..., :self._vocab_size], -np.inf, where=self._next.result())
         logits[..., self._vocab_size:] = -np.inf
 
     def advance(self, token_id: int) -> None:
-        """Record the sampled token (one `mask` allowed)."""
+        """Record the sampled token (one `mask` allowed), and start the next mask."""
+        self._next.result()  # the matcher is the background fill's until it is done
         if not self._matcher.consume_token(token_id):
             raise InvalidParamsError(
                 f"token {token_id} does not follow the grammar: {self._matcher.get_error()}")
+        if not self._matcher.is_stopped():
+            self._next = _MASKS.submit(self._banned)
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and nothing more may follow."""
+        self._next.result()
         return bool(self._matcher.is_stopped())
 
     @property
     def accepting(self) -> bool:
         """What came so far is a complete answer (it may still go on)."""
+        self._next.result()
         return bool(self._matcher.is_accepting())
