@@ -4,6 +4,7 @@ format is a typed error before any decoding; constrained and free requests share
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from typing import Literal
@@ -83,13 +84,19 @@ class Matrix(Closed):
     rows: list[list[int]] = Field(max_length=3)
 
 
+class Event(Closed):
+    day: datetime.date  # a string format
+    title: str = Field(max_length=24)
+
+
 class Score(Closed):
     player: str = Field(max_length=16)
     points: int = Field(ge=0, le=100)
     level: Literal[1, 2, 3]
 
 
-SCHEMAS = [City, Tags, Person, Order, Mood, Reading, MaybeNote, Thing, Contact, Matrix, Score]
+SCHEMAS = [City, Tags, Person, Order, Mood, Reading, MaybeNote, Thing, Contact, Matrix, Event,
+           Score]
 
 
 @pytest.mark.parametrize("model", SCHEMAS, ids=[m.__name__ for m in SCHEMAS])
