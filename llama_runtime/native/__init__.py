@@ -29,7 +29,8 @@ def _info() -> BackendInfo:
         max_batch=32, default_eligible=True,
         note="CPU without torch: the fused native step and kernels over ctypes, for GGUF and "
              "HF safetensors models whose layers the fused step runs (docs/models.md); "
-             "backend='auto' tries it first on a CPU and hands anything else to torch; "
+             "backend='auto' tries it first on a CPU once it passed the parity gate for the "
+             "model (or hands the model to torch when it cannot run it); "
              f"{kernels} (LLAMA_ENGINE_ISA overrides); decode='auto' "
              f"runs {describe_decode(CPU_DECODE)} ({', '.join(DECODE_MODES)} selectable)",
     )
