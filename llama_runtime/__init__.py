@@ -7,7 +7,13 @@ from typing import Any, NoReturn
 
 from llama_engine import InvalidParamsError, LlamaEngine, ModelSpec, UnsupportedBackendError
 from llama_runtime.backend import BackendEntry, check_options, entries, entry, fits
-from llama_runtime.backends import available_backends, check_threads, pick_backend, torch_installed
+from llama_runtime.backends import (
+    METAL_DEVICES,
+    available_backends,
+    check_threads,
+    pick_backend,
+    torch_installed,
+)
 from llama_runtime.engine import Engine
 
 __all__ = ["Engine", "available_backends", "create_engine"]
@@ -223,7 +229,7 @@ def _refuse(refusal: UnsupportedBackendError | None, model: str | None, device: 
                 raise UnsupportedBackendError(
                     f"{e}; the torch backend is not installed: pip install "
                     "'llama-engine[torch]'") from e
-        if device in ("metal", "gpu", "mps"):
+        if device in METAL_DEVICES:
             raise UnsupportedBackendError(
                 f"device={device!r} is MLX on Metal: it needs a Mac with Apple silicon and pip "
                 "install 'llama-engine[mlx]'; here, use device='cpu' or 'auto'")

@@ -14,6 +14,7 @@ from llama_runtime.kernels.library import DECODE_MODES
 
 __all__ = [
     "CPU_DECODE",
+    "METAL_DEVICES",
     "BackendInfo",
     "available_backends",
     "check_threads",
@@ -27,6 +28,9 @@ __all__ = [
     "runs_on_cpu",
     "torch_installed",
 ]
+
+METAL_DEVICES = ("metal", "gpu", "mps")
+"""The names a run may give Apple's GPU (MLX's Metal device)."""
 
 CPU_DECODE = "mixed"
 """What decode="auto" runs on a CPU in float32 (the fused native step, either backend): prompt
@@ -153,8 +157,8 @@ def pick_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UnsupportedBackendError(
             f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
-    if device == "metal":
+    if device in METAL_DEVICES:
         raise UnsupportedBackendError(
-            "device 'metal' is the MLX backend's (a Mac with Apple silicon, and pip install "
+            f"device {device!r} is the MLX backend's (a Mac with Apple silicon, and pip install "
             "'llama-engine[mlx]'); the torch backend runs cpu or cuda")
     return device

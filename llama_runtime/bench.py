@@ -6,12 +6,12 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from llama_engine import Completion, LlamaEngine
 
-__all__ = ["generate_all", "make_prompt", "peak_rss_mb", "prompt_logits", "run_bench"]
+__all__ = ["at_once", "generate_all", "make_prompt", "peak_rss_mb", "prompt_logits", "run_bench"]
 
 _FILLER = (
     "The history of computing is a story of abstraction layered on abstraction. Early machines "
@@ -21,6 +21,8 @@ _FILLER = (
     "world. Each layer hid the details below it so that people could think about larger "
     "problems. "
 )
+
+T = TypeVar("T")
 
 
 def prompt_logits(engine: LlamaEngine, ids: Sequence[int]) -> Any:
@@ -43,20 +45,21 @@ def make_prompt(engine: LlamaEngine, n_tokens: int, variant: int = 0) -> list[in
     return ids[:n_tokens]
 
 
-def generate_all(engine: LlamaEngine, prompts: Sequence[Sequence[int]],
-                 **sampling: Any) -> list[Completion]:
-    """`engine.generate(ids, **sampling)` for every prompt at once, a thread each, so the
-    engine serves them together (its scheduler batches them); completions in prompt order. The
-    first request's error, if any, is raised once all have ended."""
-    done: list[Completion | BaseException | None] = [None] * len(prompts)
+def at_once(fn: Callable[[int], T], n: int) -> list[T]:
+    """fn(0) .. fn(n - 1), a thread each, all released together so an engine's scheduler
+    serves them together; their results in order. The first call's error, if any, is raised
+    once all have ended."""
+    done: list[T | BaseException | None] = [None] * n
+    barrier = threading.Barrier(n)
 
     def one(i: int) -> None:
+        barrier.wait()
         try:
-            done[i] = engine.generate(prompts[i], **sampling)
+            done[i] = fn(i)
         except BaseException as e:
             done[i] = e
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -64,7 +67,14 @@ def generate_all(engine: LlamaEngine, prompts: Sequence[Sequence[int]],
     for c in done:
         if isinstance(c, BaseException):
             raise c
-    return [c for c in done if isinstance(c, Completion)]
+    return done  # type: ignore[return-value]
+
+
+def generate_all(engine: LlamaEngine, prompts: Sequence[str | Sequence[int]],
+                 **sampling: Any) -> list[Completion]:
+    """`engine.generate(prompt, **sampling)` for every prompt at once (`at_once`);
+    completions in prompt order."""
+    return at_once(lambda i: engine.generate(prompts[i], **sampling), len(prompts))
 
 
 def peak_rss_mb() -> float:

@@ -49,9 +49,9 @@ def make_encoder(files: EncoderFiles, *, backend: str, device: str, dtype: str,
     if backend not in ENCODER_BACKENDS:
         raise InvalidParamsError(
             f"backend must be one of {', '.join(ENCODER_BACKENDS)}, got {backend!r}")
-    from llama_runtime.backends import runs_on_cpu
+    from llama_runtime.backends import METAL_DEVICES, runs_on_cpu
 
-    if backend == "mlx" or (backend == "auto" and device == "metal"):
+    if backend == "mlx" or (backend == "auto" and device in METAL_DEVICES):
         from llama_runtime.mlx_backend import mlx_installed
 
         if not mlx_installed():

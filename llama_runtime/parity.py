@@ -108,7 +108,12 @@ class ParityResult:
 
     @property
     def key_arithmetic(self) -> str:
-        return f"{self.arithmetic}.{self.dtype}.{self.kv_dtype}"
+        return _arithmetic_key(self.arithmetic, self.dtype, self.kv_dtype)
+
+
+def _arithmetic_key(decode: str, dtype: str, kv_dtype: str) -> str:
+    """What sets a backend's numbers besides its version: "mixed.float32.float32"."""
+    return f"{decode}.{dtype}.{kv_dtype}"
 
 
 def cache_dir() -> Path:
@@ -164,8 +169,7 @@ def _key(fingerprint: str, backend: str, device: str, arithmetic: str) -> Path:
 def arithmetic_of(engine: Any) -> str:
     """An engine's arithmetic as a result's key names it: its decode mode, compute dtype and
     K/V dtype ("mixed.float32.float32")."""
-    stats = engine.stats()
-    return f"{engine.decode_kernel}.{engine.model.dtype}.{stats['kv_dtype']}"
+    return _arithmetic_key(engine.decode_kernel, engine.model.dtype, engine.stats()["kv_dtype"])
 
 
 def cached_result(fingerprint: str, backend: str, device: str,
@@ -230,15 +234,16 @@ def model_key(files: Any) -> str:
     return f"{ckpt.architecture}-{h.hexdigest()[:16]}"
 
 
-def reference_for(files: Any, prompts: list[list[int]], context: int) -> Any:
+def reference_for(files: Any, prompts: list[list[int]], context: int,
+                  key: str | None = None) -> Any:
     """The reference's run on the gate's prompts (a ReferenceRun) for an engine of `context`
-    positions, cached per model."""
+    positions, cached per model (`key`: its model_key, when already known)."""
     from llama_runtime.reference import reference_run
 
     version = hashlib.sha256(
         f"{_code_hash()}:{prompts}:{N_TOKENS}:{files.rope.for_context(context)!r}".encode()
     ).hexdigest()[:12]
-    path = cache_dir() / "parity" / f"{model_key(files)}-reference-{version}.npz"
+    path = cache_dir() / "parity" / f"{key or model_key(files)}-reference-{version}.npz"
     if not path.exists():
         from llama_runtime.loading import host_available_memory
 
@@ -263,21 +268,19 @@ def run_gate(engine: Any, files: Any, *,
     returns the result. Runs on the engine itself: its six requests count in its statistics,
     and their prompts' blocks stay in its prefix cache until evicted. A gate that cannot run
     on this engine (its context or KV budget too small, say) is a ParityError."""
+    from llama_runtime.bench import prompt_logits
+
     handle = engine.model
     prompts = [engine.tokenize(p) for p in PROMPTS]
-    reference = reference_for(files, prompts, handle.context_length)
+    key = model_key(files)
+    reference = reference_for(files, prompts, handle.context_length, key)
     arithmetic = engine.decode_kernel
     tol = tolerance(handle.dtype, arithmetic)
     details: list[dict[str, Any]] = []
     worst, equal, speeds = 0.0, 0, []
     try:
         for i, ids in enumerate(prompts):
-            s = engine.new_session()
-            try:
-                engine.prefill(s, ids)
-                error = float(np.abs(engine.next_token_logits(s) - reference.first[i]).max())
-            finally:
-                engine.close_session(s)
+            error = float(np.abs(prompt_logits(engine, ids) - reference.first[i]).max())
             done = engine.generate(ids, max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
             got = done.token_ids
             speeds.append(done.usage.decode_tok_s)
@@ -301,7 +304,7 @@ def run_gate(engine: Any, files: Any, *,
         f"logits {worst:.3g} from the reference (tolerance {tol:g})" if worst > tol else
         f"greedy tokens equal on {equal} of {len(prompts)} prompts (at least {MIN_EQUAL})")
     result = ParityResult(
-        model=handle.name, fingerprint=model_key(files),
+        model=handle.name, fingerprint=key,
         backend=handle.backend, device=handle.device.split(":")[0], dtype=handle.dtype,
         arithmetic=arithmetic, kv_dtype=engine.stats()["kv_dtype"],
         version=backend_version(handle.backend), passed=passed,

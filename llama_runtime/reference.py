@@ -21,8 +21,7 @@ import numpy as np
 
 from llama_models import ModelFiles
 from llama_models.checkpoint import dense_float32
-from llama_models.ops import RopeSpec
-from llama_runtime.step import rope_tables
+from llama_runtime.step import HeadRotary
 
 __all__ = ["ReferenceModel", "ReferenceOps", "ReferenceRun", "reference_run"]
 
@@ -31,7 +30,7 @@ class ReferenceOps:
     """The decoder operations of `Ops` on float32 numpy arrays [N, features]."""
 
     def __init__(self) -> None:
-        self._inv_freq: dict[int, np.ndarray] = {}
+        self.rotary = HeadRotary()
 
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]
@@ -42,14 +41,6 @@ class ReferenceOps:
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)
         return x / np.sqrt(ms + np.float32(eps)) * weight
-
-    def rotary(self, positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
-        inv = self._inv_freq.get(id(spec))
-        if inv is None:
-            inv = self._inv_freq[id(spec)] = np.asarray(spec.inv_freq(), dtype=np.float32)
-        cos, sin = rope_tables(positions, inv, spec.attention_factor)
-        return (np.concatenate((cos, cos), -1)[:, None, :],
-                np.concatenate((sin, sin), -1)[:, None, :])
 
     def rope(self, x: np.ndarray, rot: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         cos, sin = rot

@@ -11,8 +11,8 @@ import numpy as np
 
 from llama_models.ops import RopeSpec
 
-__all__ = ["AttentionPlan", "RopeTables", "RowArrays", "SeqStep", "WindowPlan", "rope_tables",
-           "row_arrays"]
+__all__ = ["AttentionPlan", "HeadRotary", "RopeTables", "RowArrays", "SeqStep", "WindowPlan",
+           "rope_tables", "row_arrays"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +74,23 @@ def rope_tables(positions: np.ndarray, inv_freq: np.ndarray,
         factor = np.float32(attention_factor)
         cos, sin = cos * factor, sin * factor
     return np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+
+
+class HeadRotary:
+    """cos, sin float32 [N, 1, rotary_dim] at `positions` for an op-by-op `rope` over whole
+    heads (each half of a head rotates by the same angles), computed by `rope_tables` (the
+    fused step's bits); each RopeSpec's frequencies worked out once."""
+
+    def __init__(self) -> None:
+        self._inv_freq: dict[int, np.ndarray] = {}  # by id() of the model's RopeSpec
+
+    def __call__(self, positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
+        inv = self._inv_freq.get(id(spec))
+        if inv is None:
+            inv = self._inv_freq[id(spec)] = np.asarray(spec.inv_freq(), dtype=np.float32)
+        cos, sin = rope_tables(np.asarray(positions), inv, spec.attention_factor)
+        return (np.concatenate((cos, cos), axis=-1)[:, None, :],
+                np.concatenate((sin, sin), axis=-1)[:, None, :])
 
 
 class RopeTables:

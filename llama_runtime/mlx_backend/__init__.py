@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from llama_runtime.backend import Backend, BackendEntry, register
-from llama_runtime.backends import BackendInfo
+from llama_runtime.backends import METAL_DEVICES, BackendInfo
 
 __all__ = ["mlx_installed"]
 
@@ -51,7 +51,7 @@ def _info() -> BackendInfo:
 
 
 def _serves(device: str) -> bool:
-    return device in ("auto", "cpu", "metal") and mlx_installed()
+    return (device in ("auto", "cpu") or device in METAL_DEVICES) and mlx_installed()
 
 
 def _factory(**options: Any) -> Backend:

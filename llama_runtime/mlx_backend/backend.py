@@ -18,7 +18,7 @@ from llama_engine import ModelSpec, UnsupportedBackendError
 from llama_models import ModelFiles
 from llama_models.checkpoint import FLOAT_NAMES, release_pages
 from llama_runtime.backend import KVBudget, Prepared
-from llama_runtime.backends import physical_cores
+from llama_runtime.backends import METAL_DEVICES, physical_cores
 from llama_runtime.compute import DEFAULT_BATCH_SIZE
 from llama_runtime.embedder import length_batches
 from llama_runtime.loading import host_available_memory
@@ -34,7 +34,7 @@ from llama_runtime.mlx_backend.weights import (
 )
 from llama_runtime.step import SeqStep
 
-__all__ = ["DTYPES", "MLXBackend", "mlx_device"]
+__all__ = ["DTYPES", "MLXBackend", "mlx_device", "mlx_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def mlx_device(device: str) -> str:
     error naming what to choose."""
     if device == "auto":
         return "metal" if metal_available() else "cpu"
-    if device in ("metal", "gpu", "mps"):
+    if device in METAL_DEVICES:
         if not metal_available():
             raise UnsupportedBackendError(
                 f"device {device!r} is MLX on Metal, which needs a Mac with Apple silicon; "
@@ -64,6 +64,11 @@ def mlx_device(device: str) -> str:
     raise UnsupportedBackendError(
         f"the MLX backend runs on Metal or the CPU, not {device!r}; for CUDA use "
         "backend='torch'")
+
+
+def mlx_stream(device: str) -> mx.Device:
+    """MLX's device for one mlx_device() gives."""
+    return mx.gpu if device == "metal" else mx.cpu
 
 
 class MLXBackend:
@@ -81,7 +86,7 @@ class MLXBackend:
         self._threads = threads or physical_cores()
         self._model: Any = None
         self._store: MLXKVStore | None = None
-        self._stream = mx.gpu if self._device_name == "metal" else mx.cpu
+        self._stream = mlx_stream(self._device_name)
 
     @property
     def threads(self) -> int:
@@ -101,7 +106,7 @@ class MLXBackend:
     def prepare(self, files: ModelFiles, spec: ModelSpec, bar: tqdm,
                 kv: KVBudget) -> Prepared:
         device = mlx_device(spec.device) if spec.device != "auto" else self._device_name
-        stream = mx.gpu if device == "metal" else mx.cpu
+        stream = mlx_stream(device)
         dtype_name = spec.dtype if spec.dtype != "auto" else self._dtype_name
         if dtype_name == "auto":  # Metal's fast path is half precision; the CPU's is float32
             dtype_name = "float16" if device == "metal" else "float32"

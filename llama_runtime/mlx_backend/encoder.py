@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from llama_models.bert import EncoderFiles
-from llama_runtime.mlx_backend.backend import DTYPES, mlx_device
+from llama_runtime.mlx_backend.backend import DTYPES, mlx_device, mlx_stream
 from llama_runtime.mlx_backend.ops import MLXOps
 from llama_runtime.mlx_backend.weights import float_array
 
@@ -23,7 +23,7 @@ class MLXEncoder:
     def __init__(self, files: EncoderFiles, *, device: str = "auto",
                  dtype: str = "float32") -> None:
         self.device = mlx_device(device)
-        self._stream = mx.gpu if self.device == "metal" else mx.cpu
+        self._stream = mlx_stream(self.device)
         with mx.stream(self._stream):
             weights = {name: float_array(raw, DTYPES[dtype]) for name, raw in
                        files.weights.items()}

@@ -12,7 +12,7 @@ import numpy as np
 
 from llama_models.ops import RopeSpec
 from llama_runtime.mlx_backend.weights import QuantWeight
-from llama_runtime.step import rope_tables
+from llama_runtime.step import HeadRotary
 
 __all__ = ["MLXOps"]
 
@@ -24,7 +24,7 @@ class MLXOps:
 
     def __init__(self, dtype: mx.Dtype) -> None:
         self.dtype = dtype
-        self._inv_freq: dict[int, np.ndarray] = {}  # by id() of the model's RopeSpec
+        self._rotary = HeadRotary()
 
     def embedding(self, table: Any, ids: mx.array) -> mx.array:
         if isinstance(table, QuantWeight):
@@ -40,14 +40,8 @@ class MLXOps:
         return mx.fast.rms_norm(x, weight, eps)
 
     def rotary(self, positions: np.ndarray, spec: RopeSpec) -> tuple[mx.array, mx.array]:
-        inv = self._inv_freq.get(id(spec))
-        if inv is None:
-            inv = self._inv_freq[id(spec)] = np.asarray(spec.inv_freq(), dtype=np.float32)
-        cos, sin = rope_tables(np.asarray(positions), inv, spec.attention_factor)
-        # [N, 1, rotary_dim]: each half of the head rotates by the same angles
-        cos, sin = (mx.array(np.concatenate((t, t), axis=-1)[:, None, :]).astype(self.dtype)
-                    for t in (cos, sin))
-        return cos, sin
+        cos, sin = self._rotary(positions, spec)
+        return mx.array(cos).astype(self.dtype), mx.array(sin).astype(self.dtype)
 
     def rope(self, x: mx.array, rot: tuple[mx.array, mx.array]) -> mx.array:
         cos, sin = rot

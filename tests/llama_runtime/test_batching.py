@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 from prompts import PROMPTS as ALL_PROMPTS
-from together import at_once
 
 from llama_engine import KVCacheFull
+from llama_runtime.bench import generate_all
 
 PROMPTS = ALL_PROMPTS[:8]
 
@@ -35,9 +35,8 @@ def test_eight_concurrent_sessions_give_their_solo_greedy_tokens(backend, reques
     assert engine.model.backend == backend
     solo = [engine.generate(p, max_tokens=24, temperature=0, ignore_eos=True).token_ids
             for p in PROMPTS]
-    together = at_once(lambda i: engine.generate(PROMPTS[i], max_tokens=24, temperature=0,
-                                                 ignore_eos=True).token_ids, len(PROMPTS))
-    assert together == solo
+    together = generate_all(engine, PROMPTS, max_tokens=24, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in together] == solo
     assert _settle(engine, {"kv_blocks_used": 0, "sessions_active": 0})["kv_blocks_used"] == 0
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import mlx.core as mx  # the [test] extra installs it (mlx[cpu] on Linux)
 import numpy as np
 import pytest
 from quant_blocks import T, quantized
-from together import at_once
 
 from llama_engine import UnsupportedBackendError
-
-mx = pytest.importorskip("mlx.core")
+from llama_runtime.bench import generate_all, prompt_logits
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time",
            "Water boils at"]
@@ -60,15 +59,8 @@ def test_greedy_tokens_and_logits_match_the_native_float_path(mlx_engine, exact_
     assert mlx_engine.stats()["decode"] == "mlx"
     for prompt in PROMPTS[:2]:
         ids = mlx_engine.tokenize(prompt)
-        logits = []
-        for engine in (mlx_engine, exact_engine):
-            s = engine.new_session()
-            try:
-                engine.prefill(s, ids)
-                logits.append(engine.next_token_logits(s))
-            finally:
-                engine.close_session(s)
-        assert np.abs(logits[0] - logits[1]).max() < 1e-3
+        ours, theirs = (prompt_logits(e, ids) for e in (mlx_engine, exact_engine))
+        assert np.abs(ours - theirs).max() < 1e-3
         assert _greedy(mlx_engine, prompt) == _greedy(exact_engine, prompt)
 
 
@@ -109,7 +101,8 @@ def _settled(engine) -> None:
 
 def test_concurrent_requests_give_their_solo_tokens(mlx_engine) -> None:
     solo = [_greedy(mlx_engine, p, 8) for p in PROMPTS]
-    assert at_once(lambda i: _greedy(mlx_engine, PROMPTS[i], 8), len(PROMPTS)) == solo
+    together = generate_all(mlx_engine, PROMPTS, max_tokens=8, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in together] == solo
     _settled(mlx_engine)
 
 

@@ -11,9 +11,9 @@ from typing import Literal
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
-from together import at_once
 
 from llama_engine import InvalidParamsError
+from llama_runtime.bench import at_once
 
 
 class Closed(BaseModel):
