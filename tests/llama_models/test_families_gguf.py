@@ -5,13 +5,12 @@ converted by llama.cpp's convert_hf_to_gguf.py (tests/families.py), and loaded b
 the last prompt position's logits agree with transformers' float32 forward within 1e-4, and
 20 greedy tokens are equal. The prompt (78 tokens) is longer than every sliding window here.
 The native backend serves them all (the fused step runs every family's layer), and so does the
-MLX backend where mlx is installed; with weights quantized (Q8_0) the native kernels agree with
+MLX backend; with weights quantized (Q8_0) the native kernels agree with
 the op-by-op torch path on the same file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -91,8 +90,6 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(
     reference = ReferenceModel(files, context=ctx).greedy([IDS], 2)
     assert np.abs(reference.first[0] - theirs).max() < 1e-4
     assert reference.tokens[0].tolist() == want[:2]
-    if importlib.util.find_spec("mlx") is None:
-        return
     mlx = create_engine(str(gguf), progress=False, backend="mlx", prefill_chunk=32)
     try:  # the same model definition over MLX's ops, its paged K/V chunked across windows
         assert_last_logits_match(mlx, ref, IDS)

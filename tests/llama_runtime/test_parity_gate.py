@@ -3,7 +3,6 @@ that passed, and a backend that failed is refused by name."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -123,8 +122,7 @@ def test_auto_skips_a_failed_backend_and_a_named_one_is_refused(files, monkeypat
 def test_the_parity_command_prints_each_backends_result(tmp_path) -> None:
     """Each backend against the reference, and (the first time) the reference against
     transformers loading the same GGUF."""
-    backends = ["native"] + (["mlx"] if importlib.util.find_spec("mlx") else [])
-    for name in backends:
+    for name in ("native", "mlx"):
         skip = ["--no-transformers"] if name != "native" else []
         r = subprocess.run([sys.executable, "-m", "llama_runtime.cli", "parity", MODEL,
                             "--backend", name, "--json", *skip],
