@@ -187,3 +187,16 @@ def test_auto_ranks_proven_backends_by_probe_and_tries_an_accelerator_first(file
     result("mlx", 0.0, passed=False)  # the same key: replaces its pass
     assert [e.name for e in _ranked([native, torch_entry, mac_mlx], key, "auto")] == \
         ["native", "torch"]
+
+
+def test_a_reference_too_big_for_memory_is_refused_with_the_way_out(files, monkeypatch,
+                                                                     tmp_path) -> None:
+    """The float32 reference needs 4 bytes a parameter: past 80% of the available memory the
+    gate refuses (typed, naming the way out) instead of starting a child the OS would kill."""
+    import llama_runtime.loading as loading
+
+    monkeypatch.setenv("LLAMA_ENGINE_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(loading, "host_available_memory", lambda: 64 << 20)
+    with pytest.raises(ParityError, match="GiB is available; choose a backend by name"):
+        reference_for(files, [[1, 2, 3]], files.config.context_length)
+    assert not list(tmp_path.rglob("*.npz"))
