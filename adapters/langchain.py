@@ -13,13 +13,14 @@ for chunk in chat.stream("Tell me a story."):
     print(chunk.content, end="")
 ```
 
-Messages are rendered with the model's own chat template. `bind_tools` renders tools through
-the template when it supports them, and otherwise through a system prompt in the Hermes
-`<tool_call>` JSON format (see `adapters._tools`); replies are parsed back into
-`AIMessage.tool_calls` (or `tool_call_chunks` when streaming). A required call
-(`tool_choice="any"` or a tool's name, and so `with_structured_output`) is written key by key
-following the tool's schema (`adapters._forced`), so even a small model returns well-formed
-arguments.
+Messages are rendered with the model's own chat template. Tools and structured output are the
+core engine's (`LlamaEngine.chat(tools=, tool_choice=)`, `SamplingParams.response_format`, see
+`llama_engine.tools`): `bind_tools` offers the tools through the template when it renders them,
+else through a Hermes `<tool_call>` system prompt; every call's arguments are constrained to
+its tool's schema, and replies come back as `AIMessage.tool_calls` (`tool_call_chunks` when
+streaming). `with_structured_output` takes `method="function_calling"` (the default: a required
+call to the schema as a tool), `"json_schema"` (the reply is the schema's JSON) or
+`"json_mode"` (JSON; constrained to the schema when one is given).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 from adapters._extras import missing_extra
 
@@ -48,15 +50,15 @@ try:
     )
     from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
     from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+    from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-    from langchain_core.runnables import Runnable
+    from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
     from langchain_core.tools import BaseTool
-    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
     from pydantic import BaseModel, ConfigDict, Field
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise missing_extra("adapters.langchain", "langchain", e) from e
 
-from adapters._chat import ChatCall, Event, Final, normalize_tool_choice
 from adapters._shared import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_MODEL,
@@ -64,13 +66,17 @@ from adapters._shared import (
     check_engine_options,
     shared_engine,
 )
-from adapters._tools import InvalidToolCall, ToolCall
 from llama_engine import (
+    Completion,
     InvalidParamsError,
     LlamaEngine,
     SamplingParams,
+    StreamChunk,
+    TokenStream,
+    ToolChoice,
     UnsupportedOperationError,
     Usage,
+    check_tools,
 )
 
 __all__ = ["ChatLlamaEngine", "LlamaEngineEmbeddings"]
@@ -167,7 +173,7 @@ class ChatLlamaEngine(BaseChatModel):
             params["ls_stop"] = stop
         return params
 
-    # -- tools ----------------------------------------------------------------------------------
+    # -- tools and structured output ----------------------------------------------------------
     def bind_tools(
         self,
         tools: Sequence[Mapping[str, Any] | type | Callable[..., Any] | BaseTool],
@@ -178,8 +184,54 @@ class ChatLlamaEngine(BaseChatModel):
         """Offer `tools` to the model. `tool_choice`: None/"auto" (the model decides), "none",
         "any"/"required"/True (it must call one) or a tool's name (it must call that one)."""
         formatted = [convert_to_openai_tool(t) for t in tools]
-        normalize_tool_choice(tool_choice, formatted)  # fail here, not at the first call
+        ToolChoice.of(tool_choice, check_tools(formatted))  # fail here, not at the first call
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: Mapping[str, Any] | type | None = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """A runnable whose output is `schema`'s (a pydantic class, a TypedDict, a JSON schema
+        or an OpenAI tool): "function_calling" makes a required call to it as a tool (the model
+        sees its description in the tool prompt); "json_schema" constrains the reply to its
+        JSON; "json_mode" to any JSON object, or to the schema's when one is given. Every
+        method's output is constrained by the core engine, so it parses. `strict` is accepted
+        for compatibility: the output is always held to the schema."""
+        if kwargs:
+            raise InvalidParamsError(f"with_structured_output got unknown arguments {kwargs}")
+        if method == "function_calling":
+            if schema is None:
+                raise InvalidParamsError("method='function_calling' needs a schema")
+            return super().with_structured_output(schema, include_raw=include_raw)
+        if method not in ("json_schema", "json_mode"):
+            raise InvalidParamsError(
+                f"method must be 'function_calling', 'json_schema' or 'json_mode', got "
+                f"{method!r}")
+        if schema is None and method == "json_schema":
+            raise InvalidParamsError("method='json_schema' needs a schema")
+        pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+        json_schema = None if schema is None else convert_to_json_schema(schema)
+        response_format: Any = (
+            {"type": "json_object"} if json_schema is None
+            else schema if pydantic
+            else {"type": "json_schema", "json_schema": {"schema": json_schema}})
+        llm = self.bind(response_format=response_format, ls_structured_output_format={
+            "kwargs": {"method": method}, "schema": json_schema})
+        parser: Runnable[Any, Any] = (
+            PydanticOutputParser(pydantic_object=schema) if pydantic  # type: ignore[arg-type]
+            else JsonOutputParser())
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
+                                            parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed],
+                                                            exception_key="parsing_error")
 
     # -- generation -----------------------------------------------------------------------------
     def _generate(
@@ -189,7 +241,7 @@ class ChatLlamaEngine(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._result(list(self._call(messages, stop, kwargs).events()))
+        return self._result(self._call(messages, stop, kwargs).collect())
 
     async def _agenerate(
         self,
@@ -198,11 +250,7 @@ class ChatLlamaEngine(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        events = self._call(messages, stop, kwargs).aevents()
-        try:
-            return self._result([e async for e in events])
-        finally:
-            await events.aclose()
+        return self._result(await self._call(messages, stop, kwargs).acollect())
 
     def _stream(
         self,
@@ -211,17 +259,17 @@ class ChatLlamaEngine(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        events = self._call(messages, stop, kwargs).events()
+        stream = self._call(messages, stop, kwargs)
         try:
-            index = 0
-            for event in events:
-                chunk = self._chunk(event, index)
-                index += isinstance(event, ToolCall | InvalidToolCall)
+            calls = 0
+            for chunk in stream:
+                out = self._chunk(chunk, calls)
+                calls += len(chunk.tool_calls or ())
                 if run_manager:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+                    run_manager.on_llm_new_token(out.text, chunk=out)
+                yield out
         finally:
-            events.close()
+            stream.close()
 
     async def _astream(
         self,
@@ -230,22 +278,22 @@ class ChatLlamaEngine(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        events = self._call(messages, stop, kwargs).aevents()
+        stream = self._call(messages, stop, kwargs)
         try:
-            index = 0
-            async for event in events:
-                chunk = self._chunk(event, index)
-                index += isinstance(event, ToolCall | InvalidToolCall)
+            calls = 0
+            async for chunk in stream:
+                out = self._chunk(chunk, calls)
+                calls += len(chunk.tool_calls or ())
                 if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+                    await run_manager.on_llm_new_token(out.text, chunk=out)
+                yield out
         finally:
-            await events.aclose()
+            stream.close()
 
     # -- helpers --------------------------------------------------------------------------------
     def _call(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> ChatCall:
+    ) -> TokenStream:
         kwargs = dict(kwargs)
         tools = kwargs.pop("tools", None)
         tool_choice = kwargs.pop("tool_choice", None)
@@ -258,8 +306,9 @@ class ChatLlamaEngine(BaseChatModel):
             kwargs.pop(name, None)
         if stop is not None:
             kwargs["stop"] = stop
-        return ChatCall(self._engine, _to_openai(messages), params=self._params(kwargs),
-                        tools=tools, tool_choice=tool_choice, chat_template=self.chat_template)
+        return self._engine.stream_chat(
+            _to_openai(messages), tools=tools, tool_choice=tool_choice,
+            chat_template=self.chat_template, params=self._params(kwargs))
 
     @property
     def _engine(self) -> LlamaEngine:
@@ -281,36 +330,33 @@ class ChatLlamaEngine(BaseChatModel):
             merged.pop("stop", None)
         return SamplingParams.from_kwargs(**merged)
 
-    def _chunk(self, event: Event, index: int) -> ChatGenerationChunk:
-        if isinstance(event, str):
-            return ChatGenerationChunk(message=AIMessageChunk(content=event))
-        if isinstance(event, ToolCall):
-            args = json.dumps(event.arguments, ensure_ascii=False)
-            part = tool_call_chunk(name=event.name, args=args, id=event.id, index=index)
-            return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[part]))
-        if isinstance(event, InvalidToolCall):
-            part = tool_call_chunk(name=event.name, args=event.text, id=event.id, index=index)
-            return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[part]))
+    def _chunk(self, chunk: StreamChunk, calls_before: int) -> ChatGenerationChunk:
+        """One engine chunk as LangChain's: its text, the calls it completed (indexed in
+        order), and on the last one the usage and finish reason."""
+        parts = [tool_call_chunk(name=c.name, args=json.dumps(c.arguments, ensure_ascii=False),
+                                 id=c.id, index=calls_before + i)
+                 for i, c in enumerate(chunk.tool_calls or ())]
+        if chunk.finish_reason is None:
+            return ChatGenerationChunk(
+                message=AIMessageChunk(content=chunk.text, tool_call_chunks=parts))
+        assert chunk.usage is not None
         message = AIMessageChunk(
-            content="", usage_metadata=_usage(event.usage), chunk_position="last",
-            response_metadata={"finish_reason": event.finish_reason, "model_name": self.model})
+            content=chunk.text, tool_call_chunks=parts, usage_metadata=_usage(chunk.usage),
+            chunk_position="last",
+            response_metadata={"finish_reason": chunk.finish_reason, "model_name": self.model})
         return ChatGenerationChunk(message=message,
-                                   generation_info={"finish_reason": event.finish_reason})
+                                   generation_info={"finish_reason": chunk.finish_reason})
 
-    def _result(self, events: list[Event]) -> ChatResult:
-        text = "".join(e for e in events if isinstance(e, str))
-        calls = [tool_call(name=e.name, args=e.arguments, id=e.id)
-                 for e in events if isinstance(e, ToolCall)]
-        invalid = [invalid_tool_call(name=e.name, args=e.text, id=e.id, error=e.error)
-                   for e in events if isinstance(e, InvalidToolCall)]
-        final = next((e for e in events if isinstance(e, Final)), None)
-        assert final is not None, "a chat call always ends with a Final event"
+    def _result(self, done: Completion) -> ChatResult:
+        calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in done.tool_calls]
+        invalid = [invalid_tool_call(name=c.name, args=c.text, id=c.id, error=c.error)
+                   for c in done.invalid_tool_calls]
         message = AIMessage(
-            content=text, tool_calls=calls, invalid_tool_calls=invalid,
-            usage_metadata=_usage(final.usage),
-            response_metadata={"finish_reason": final.finish_reason, "model_name": self.model})
+            content=done.text, tool_calls=calls, invalid_tool_calls=invalid,
+            usage_metadata=_usage(done.usage),
+            response_metadata={"finish_reason": done.finish_reason, "model_name": self.model})
         generation = ChatGeneration(message=message,
-                                    generation_info={"finish_reason": final.finish_reason})
+                                    generation_info={"finish_reason": done.finish_reason})
         return ChatResult(generations=[generation], llm_output={"model_name": self.model})
 
 

@@ -18,6 +18,12 @@ own defaults are hosted services. `chat` renders messages with the model's chat 
 `complete` is a raw completion of the prompt (after `completion_to_prompt`, if set). The async
 forms stream without blocking the event loop, and stopping a stream early (or cancelling its
 task) frees the request's KV blocks.
+
+`LlamaEngineLLM` is a `FunctionCallingLLM`: `chat_with_tools` (and its async and streaming
+forms) runs the core engine's tool calling (`LlamaEngine.chat(tools=, tool_choice=)`), whose
+calls are constrained to the tools' schemas; the calls come back as `ToolCallBlock`s in the
+reply (`get_tool_calls_from_response` reads them). So `FunctionAgent`, `structured_predict`
+and `as_structured_llm` work, the last two through a required call to the output class.
 """
 
 from __future__ import annotations
@@ -41,14 +47,16 @@ try:
         LLMMetadata,
         MessageRole,
         TextBlock,
+        ToolCallBlock,
     )
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-    from llama_index.core.llms.llm import LLM
+    from llama_index.core.llms.function_calling import FunctionCallingLLM
+    from llama_index.core.llms.llm import ToolSelection
+    from llama_index.core.tools import BaseTool
     from pydantic import ConfigDict, Field
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise missing_extra("adapters.llama_index", "llama-index", e) from e
 
-from adapters._chat import ChatCall, Final
 from adapters._shared import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_MODEL,
@@ -57,10 +65,12 @@ from adapters._shared import (
     shared_engine,
 )
 from llama_engine import (
+    GenerationError,
     InvalidParamsError,
     LlamaEngine,
     SamplingParams,
     StreamChunk,
+    TokenStream,
     UnsupportedOperationError,
     Usage,
 )
@@ -74,7 +84,7 @@ _ROLES = {MessageRole.DEVELOPER: "system", MessageRole.CHATBOT: "assistant",
           MessageRole.MODEL: "assistant", MessageRole.FUNCTION: "tool"}
 
 
-class LlamaEngineLLM(LLM):
+class LlamaEngineLLM(FunctionCallingLLM):
     """A LlamaIndex LLM backed by a `LlamaEngine` (one engine can serve many at once).
 
     Pass `engine=`, or `model=` alone (a registered name or a path, default
@@ -142,8 +152,47 @@ class LlamaEngineLLM(LLM):
             context_window=self.context_window or model.context_length,
             num_output=self.max_tokens,
             is_chat_model=model.has_chat_template,
+            is_function_calling_model=True,
             model_name=model.name,
         )
+
+    # -- tools ----------------------------------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`chat` keywords for a reply that may call `tools` (must, with `tool_required`; a
+        `tool_choice` naming a tool must call that one)."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg)
+                            if isinstance(user_msg, str) else user_msg)
+        if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+            tool_choice = {"type": "function", "function": {"name": tool_choice}}
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        return {"messages": messages, "tools": [t.metadata.to_openai_tool() for t in tools],
+                "tool_choice": tool_choice, **kwargs}
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The calls in a reply (its `ToolCallBlock`s)."""
+        calls = [ToolSelection(tool_id=b.tool_call_id or "", tool_name=b.tool_name,
+                               tool_kwargs=b.tool_kwargs)
+                 for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise GenerationError(
+                "the reply calls no tool; pass tool_required=True (tool_choice='required') to "
+                "make the model call one")
+        return calls
 
     # -- chat -----------------------------------------------------------------------------------
     @llm_chat_callback()
@@ -191,34 +240,30 @@ class LlamaEngineLLM(LLM):
 
     # -- the generators behind them (checked eagerly, run lazily) -------------------------------
     def _chat_gen(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
-        events = self._chat_call(messages, kwargs).events()
+        stream = self._chat_stream(messages, kwargs)
 
         def gen() -> ChatResponseGen:
-            text = ""
+            reply = _Reply()
             try:
-                for event in events:
-                    text, response = _chat_response(text, event)
-                    if response is not None:
-                        yield response
+                for chunk in stream:
+                    yield reply.add(chunk)
             finally:
-                events.close()
+                stream.close()
 
         return gen()
 
     def _achat_gen(
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
     ) -> ChatResponseAsyncGen:
-        events = self._chat_call(messages, kwargs).aevents()
+        stream = self._chat_stream(messages, kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
-            text = ""
+            reply = _Reply()
             try:
-                async for event in events:
-                    text, response = _chat_response(text, event)
-                    if response is not None:
-                        yield response
+                async for chunk in stream:
+                    yield reply.add(chunk)
             finally:
-                await events.aclose()
+                stream.close()
 
         return gen()
 
@@ -267,13 +312,17 @@ class LlamaEngineLLM(LLM):
         return prompt if formatted or self.completion_to_prompt is None else (
             self.completion_to_prompt(prompt))
 
-    def _chat_call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatCall:
-        return ChatCall(self._engine, [_to_openai(m, n) for n, m in enumerate(messages)],
-                        params=self._params(kwargs))
+    def _chat_stream(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+                     ) -> TokenStream:
+        kwargs = dict(kwargs)
+        tools, tool_choice = kwargs.pop("tools", None), kwargs.pop("tool_choice", None)
+        return self._engine.stream_chat(
+            [_to_openai(m, n) for n, m in enumerate(messages)], tools=tools,
+            tool_choice=tool_choice, params=self._params(kwargs))
 
 
 def _to_openai(message: ChatMessage, n: int) -> dict[str, Any]:
-    other = [b for b in message.blocks if not isinstance(b, TextBlock)]
+    other = [b for b in message.blocks if not isinstance(b, TextBlock | ToolCallBlock)]
     if other:
         raise UnsupportedOperationError(
             f"message {n} holds a {type(other[0]).__name__}, but llama-engine models read text "
@@ -281,19 +330,33 @@ def _to_openai(message: ChatMessage, n: int) -> dict[str, Any]:
     role = _ROLES.get(message.role, message.role.value)
     if role not in ("system", "user", "assistant", "tool"):
         raise InvalidParamsError(f"message {n} has role {role!r}; use system, user or assistant")
-    return {"role": role, "content": message.content or ""}
+    out: dict[str, Any] = {"role": role, "content": message.content or ""}
+    calls = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if calls:
+        out["tool_calls"] = [{"id": b.tool_call_id, "type": "function", "function": {
+            "name": b.tool_name, "arguments": b.tool_kwargs}} for b in calls]
+    if role == "tool" and "tool_call_id" in message.additional_kwargs:
+        out["tool_call_id"] = message.additional_kwargs["tool_call_id"]
+    return out
 
 
-def _chat_response(text: str, event: object) -> tuple[str, ChatResponse | None]:
-    if isinstance(event, str):
-        text += event
-        return text, ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=event)
-    if isinstance(event, Final):
-        return text, ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta="",
-            additional_kwargs=_usage(event.usage, event.finish_reason))
-    return text, None  # no tools are offered, so no tool calls come back
+class _Reply:
+    """A chat reply as it streams: each chunk's response holds the whole reply so far (text,
+    then the calls made), the delta, and on the last one the usage."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.calls: list[ToolCallBlock] = []
+
+    def add(self, chunk: StreamChunk) -> ChatResponse:
+        self.text += chunk.text
+        self.calls += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name,
+                                     tool_kwargs=c.arguments) for c in chunk.tool_calls or ()]
+        blocks: list[Any] = [TextBlock(text=self.text)] if self.text or not self.calls else []
+        extra = ({} if chunk.usage is None else _usage(chunk.usage, chunk.finish_reason))
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT,
+                                                blocks=[*blocks, *self.calls]),
+                            delta=chunk.text, additional_kwargs=extra)
 
 
 def _completion_response(text: str, chunk: StreamChunk) -> CompletionResponse:

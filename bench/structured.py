@@ -32,9 +32,9 @@ def _timed_masks() -> list[float]:
     seconds: list[float] = []
     plain = constraint.Constraint.mask
 
-    def mask(self: Any, logits: Any) -> None:
+    def mask(self: Any, logits: Any, **options: Any) -> None:
         t = time.perf_counter()
-        plain(self, logits)
+        plain(self, logits, **options)
         seconds.append(time.perf_counter() - t)
 
     constraint.Constraint.mask = mask  # type: ignore[method-assign]

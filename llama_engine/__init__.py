@@ -23,14 +23,17 @@ from llama_engine.errors import (
 from llama_engine.messages import check_messages
 from llama_engine.params import SamplingParams
 from llama_engine.stream import TokenStream
+from llama_engine.tools import ToolChoice, check_tools
 from llama_engine.types import (
     Completion,
     FinishReason,
+    InvalidToolCall,
     ModelHandle,
     ModelSpec,
     PrefillResult,
     Session,
     StreamChunk,
+    ToolCall,
     Usage,
 )
 
@@ -44,6 +47,7 @@ __all__ = [
     "GenerationError",
     "InvalidParamsError",
     "InvalidTokenError",
+    "InvalidToolCall",
     "KVCacheFull",
     "LlamaEngine",
     "LlamaError",
@@ -58,6 +62,8 @@ __all__ = [
     "SessionError",
     "StreamChunk",
     "TokenStream",
+    "ToolCall",
+    "ToolChoice",
     "UnsupportedArchitectureError",
     "UnsupportedBackendError",
     "UnsupportedOperationError",
@@ -65,4 +71,5 @@ __all__ = [
     "Usage",
     "WeightLoadError",
     "check_messages",
+    "check_tools",
 ]

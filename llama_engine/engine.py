@@ -10,11 +10,13 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from llama_engine.errors import ContextOverflowError, InvalidParamsError
 from llama_engine.params import SamplingParams
 from llama_engine.stream import TokenStream
+from llama_engine.tools import plan_chat, split_tool_calls
 from llama_engine.types import (
     Completion,
     ModelHandle,
@@ -129,37 +131,67 @@ class LlamaEngine(ABC):
         self,
         messages: Sequence[ChatMessage],
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        chat_template: str | None = None,
         params: SamplingParams | None = None,
         session: Session | None = None,
         **sampling: Any,
     ) -> Completion:
-        """Reply to OpenAI-style `messages`, rendered with the model's chat template. Pass the
-        same `session` each turn and earlier turns are not prefilled again."""
-        return self.stream_chat(messages, params=params, session=session, **sampling).collect()
+        """Reply to OpenAI-style `messages`, rendered with the model's chat template (or
+        `chat_template`). Pass the same `session` each turn and earlier turns are not prefilled
+        again.
+
+        `tools` (OpenAI tool dicts) offers tools; `tool_choice` is "auto" (the default: the
+        model writes text or calls), "required", "none" or {"type": "function", "function":
+        {"name": ...}}. Calls come back in `Completion.tool_calls`, their arguments
+        constrained to the tool's schema (see `llama_engine.tools`)."""
+        return self.stream_chat(messages, tools=tools, tool_choice=tool_choice,
+                                chat_template=chat_template, params=params, session=session,
+                                **sampling).collect()
 
     async def achat(
         self,
         messages: Sequence[ChatMessage],
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        chat_template: str | None = None,
         params: SamplingParams | None = None,
         session: Session | None = None,
         **sampling: Any,
     ) -> Completion:
         return await self.stream_chat(
-            messages, params=params, session=session, **sampling).acollect()
+            messages, tools=tools, tool_choice=tool_choice, chat_template=chat_template,
+            params=params, session=session, **sampling).acollect()
 
     def stream_chat(
         self,
         messages: Sequence[ChatMessage],
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        chat_template: str | None = None,
         params: SamplingParams | None = None,
         session: Session | None = None,
         **sampling: Any,
     ) -> TokenStream:
-        """`chat`, streamed: a TokenStream of chunks (sync or async)."""
-        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
-        tokens = self.tokenize(prompt, add_special=False)
-        return self._stream_tokens(tokens, self._params(params, sampling), session)
+        """`chat`, streamed: a TokenStream of chunks (sync or async); each tool call arrives on
+        the chunk that completes it (`StreamChunk.tool_calls`)."""
+        plan = plan_chat(self, messages, tools=tools, tool_choice=tool_choice,
+                         chat_template=chat_template)
+        params = self._params(params, sampling)
+        if plan.response_format is not None:
+            if params.response_format is not None:
+                raise InvalidParamsError(
+                    "a chat with tools constrains its calls itself; pass response_format or "
+                    "tools, not both (or tool_choice='none')")
+            params = replace(params, response_format=plan.response_format)
+        tokens = self.tokenize(plan.prompt, add_special=False)
+        stream = self._stream_tokens(tokens, params, session)
+        if plan.parse_calls:
+            stream.pipe(lambda chunks: split_tool_calls(chunks, plan.prefix))
+        return stream
 
     astream_chat = stream_chat
 

@@ -17,7 +17,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from llama_engine.types import Completion, FinishReason, StreamChunk, Usage
+from llama_engine.types import (
+    Completion,
+    FinishReason,
+    InvalidToolCall,
+    StreamChunk,
+    ToolCall,
+    Usage,
+)
 
 __all__ = ["TokenStream"]
 
@@ -86,6 +93,22 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
         finally:
             self._lock.release()
 
+    def pipe(
+        self, through: Callable[[Iterator[StreamChunk]], Iterator[StreamChunk]]
+    ) -> TokenStream:
+        """Pass the chunks through `through` (for engines: e.g. taking tool calls out of the
+        text), before the first is read; closing the stream closes both. Returns self."""
+        inner = self._gen
+
+        def piped() -> Iterator[StreamChunk]:
+            try:
+                yield from through(inner)
+            finally:
+                inner.close()
+
+        self._gen = piped()
+        return self
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -137,10 +160,14 @@ def _collect(chunks: Iterator[StreamChunk], stream: TokenStream) -> Completion:
     ids: list[int] = []
     logprobs: list[float] = []
     tops: list[dict[int, float]] = []
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
     finish: FinishReason = "cancelled"
     usage = Usage()
     for c in chunks:
         text.append(c.text)
+        calls += c.tool_calls or ()
+        invalid += c.invalid_tool_calls or ()
         if c.token_id is not None:
             ids.append(c.token_id)
             if c.logprob is not None:
@@ -157,4 +184,6 @@ def _collect(chunks: Iterator[StreamChunk], stream: TokenStream) -> Completion:
         usage=usage,
         logprobs=logprobs or None,
         top_logprobs=tops or None,
+        tool_calls=calls,
+        invalid_tool_calls=invalid,
     )

@@ -13,15 +13,17 @@ from llama_engine.errors import InvalidParamsError, SessionError
 __all__ = [
     "Completion",
     "FinishReason",
+    "InvalidToolCall",
     "ModelHandle",
     "ModelSpec",
     "PrefillResult",
     "Session",
     "StreamChunk",
+    "ToolCall",
     "Usage",
 ]
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,13 +168,37 @@ class Usage:
         return steps / (self.decode_ms / 1e3) if self.decode_ms > 0 and steps > 0 else 0.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class ToolCall:
+    """A call the model made: the tool's name and its arguments (a JSON object)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InvalidToolCall:
+    """Text the model meant as a tool call that does not parse: `text` is what it wrote (also
+    in the reply's text), `error` says what is wrong."""
+
+    id: str
+    name: str | None
+    text: str
+    error: str
+
+
 @dataclass(kw_only=True)
 class StreamChunk:
     """One step of a stream: the text delta and the token that made it.
 
     `text` may be empty (a token that ends inside a UTF-8 character, or text held back because it
-    may start a stop string). The last chunk has `finish_reason` and `usage` set; its `token_id`
-    is None when it only flushes held-back text.
+    may start a stop string, or a tool call being written). The last chunk has `finish_reason`
+    and `usage` set; its `token_id` is None when it only flushes held-back text.
+
+    In a chat with tools, a call comes in `tool_calls` on the chunk whose token closed it (its
+    text is not in `text`); a call that does not parse comes in `invalid_tool_calls` and its
+    text in `text`.
     """
 
     text: str
@@ -181,11 +207,17 @@ class StreamChunk:
     top_logprobs: dict[int, float] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    tool_calls: list[ToolCall] | None = None
+    invalid_tool_calls: list[InvalidToolCall] | None = None
 
 
 @dataclass(kw_only=True)
 class Completion:
-    """A finished request: the generated text and ids (prompt excluded), why it ended, usage."""
+    """A finished request: the generated text and ids (prompt excluded), why it ended, usage.
+
+    A chat with tools returns the calls the model made in `tool_calls` (finish reason
+    "tool_calls") and its other text in `text`; a reply that looks like a call but does not
+    parse stays in `text`, with the reason in `invalid_tool_calls`."""
 
     text: str
     token_ids: list[int]
@@ -194,3 +226,5 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     error: str | None = field(default=None)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)

@@ -12,7 +12,7 @@ import numpy as np
 
 from llama_engine import FinishReason, SamplingParams, StreamChunk, Usage
 from llama_sampling import Sampler, StopChecker
-from llama_sampling.constraint import Grammar
+from llama_sampling.constraint import Grammar, closing_margin
 from llama_tokenizer import Tokenizer
 
 __all__ = ["Generation"]
@@ -27,6 +27,7 @@ class Generation:
         """`grammar`: params.response_format compiled for this tokenizer (at submission)."""
         self.params = params
         self.constraint = None if grammar is None else grammar.constraint()
+        self.closing_margin = closing_margin(params.max_tokens)
         self.sampler = Sampler(params)
         self.detok = tokenizer.stream_decoder(skip_special=True, continuation=True)
         self.stop = StopChecker(params.stop)
@@ -44,7 +45,9 @@ class Generation:
         the caller feeds `chunk.token_id` to the model)."""
         if self.constraint is not None:  # tokens the grammar does not allow next: -inf
             logits = np.array(logits, dtype=np.float32)
-            self.constraint.mask(logits)
+            left = min(self.params.max_tokens - self.n,
+                       self.context_length - len(self.history) - 1)
+            self.constraint.mask(logits, closing=left <= self.closing_margin)
         s = self.sampler.sample(logits, self.history)
         self.n += 1
         now = time.perf_counter()
@@ -65,6 +68,8 @@ class Generation:
         if finish is None and (self.n >= self.params.max_tokens
                                or len(self.history) + 1 >= self.context_length):
             finish = "length"
+        if finish == "stop" and self.constraint is not None and self.constraint.closed_early:
+            finish = "length"  # complete, but only because the budget closed it
         chunk = StreamChunk(text=text, token_id=tid, logprob=s.logprob,
                             top_logprobs=s.top_logprobs)
         if finish is not None:

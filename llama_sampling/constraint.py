@@ -13,6 +13,12 @@ microseconds a mask, control tokens kept out of the text).
 {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {...}}} (or
 "schema" at the top level), {"type": "regex", "pattern": ...}, {"type": "choice", "choices":
 [...]}, {"type": "grammar", "lark": ...}, or a pydantic model class.
+
+`{"type": "tool_calls", "tools": [...], "name": None, "lazy": bool}` is what a chat with tools
+uses (`llama_engine.tools`): the JSON of a call to one of the (OpenAI-style) tools, or to the
+named one. Lazy, it waits for the model to open a call (`<tool_call>`), constrains that call
+up to its closing tag, and waits again: the model chooses freely between text and calls, and
+the calls it makes are well formed. Not lazy, the call is all the reply may be.
 """
 
 from __future__ import annotations
@@ -69,6 +75,32 @@ def _ll_tokenizer(vocab: Vocabulary) -> Any:
         return found
 
 
+_CLOSERS: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray]] = (
+    weakref.WeakKeyDictionary())
+_CLOSING_BYTES = frozenset(b'"}] ')
+
+
+def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens made only of closing bytes `"`, `}`, `]` (and the space JSON's separators end
+    with); those of them that start with `"`), once per vocabulary."""
+    with _TOKENIZERS_LOCK:
+        found = _CLOSERS.get(vocab)
+        if found is None:
+            pieces = [b"" if vocab.is_special(i) else vocab.token_bytes(i)
+                      for i in range(vocab.vocab_size)]
+            closing = np.array([bool(b.strip()) and _CLOSING_BYTES.issuperset(b)
+                                for b in pieces])
+            quote = closing & np.array([b[:1] == b'"' for b in pieces])
+            found = _CLOSERS[vocab] = (closing, quote)
+        return found
+
+
+def closing_margin(max_tokens: int) -> int:
+    """How many tokens before max_tokens a constrained reply starts closing (see
+    `Constraint.mask`): a third of the budget, between 12 and 32."""
+    return min(32, max(12, max_tokens // 3))
+
+
 class _Wrapped:
     """The attributes llguidance.TokenizerWrapper reads."""
 
@@ -95,6 +127,58 @@ def _closed(schema: Any) -> Any:
         return out
     if isinstance(schema, list):
         return [_closed(v) for v in schema]
+    return schema
+
+
+TOOL_CALL_TRIGGER = "<tool_call>"
+"""What opens a call in a lazy tool-call grammar (llama_engine.tool_calls.TOOL_CALL_OPEN)."""
+
+
+def _tool_calls_grammar(response_format: dict[str, Any]) -> str:
+    """The grammar of one call to one of `tools` (or to the tool `name`): {"name": ...,
+    "arguments": {...}} with the tool's parameters schema (objects closed where the schema says
+    nothing, as OpenAI's strict mode); lazy, followed by the closing tag."""
+    tools, name = response_format.get("tools"), response_format.get("name")
+    if not isinstance(tools, Sequence) or isinstance(tools, str) or not tools:
+        raise InvalidParamsError("response_format tool_calls needs 'tools', a non-empty list")
+    shapes: list[dict[str, Any]] = []
+    definitions: dict[str, Any] = {}
+    for tool in tools:
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidParamsError(
+                "each tool must be {'type': 'function', 'function': {'name': ..., "
+                f"'parameters': {{...}}}}}}, got {str(tool)[:200]}")
+        if name is not None and function["name"] != name:
+            continue
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        where = f"tool{len(definitions)}"
+        definitions[where] = _rebased(_closed(parameters), f"#/$defs/{where}")
+        shapes.append({"type": "object", "additionalProperties": False,
+                       "required": ["name", "arguments"],
+                       "properties": {"name": {"const": function["name"]},
+                                      "arguments": {"$ref": f"#/$defs/{where}"}}})
+    if not shapes:
+        raise InvalidParamsError(f"response_format tool_calls names {name!r}, which is not "
+                                 "one of its tools")
+    schema = {"anyOf": shapes, "$defs": definitions, "x-guidance": _JSON_LAYOUT}
+    call = f"call: %json {json.dumps(schema)}"
+    if response_format.get("lazy"):
+        return f'start: "\\n"? call "\\n"? "</tool_call>"\n{call}\n'
+    return f"start: call\n{call}\n"
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with its local `$ref`s ("#", "#/$defs/X") pointing under `base`, where it is
+    placed in a larger schema."""
+    if isinstance(schema, dict):
+        out = {k: _rebased(v, base) for k, v in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            out["$ref"] = base + ref[1:]
+        return out
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
     return schema
 
 
@@ -140,19 +224,24 @@ def _grammar_text(response_format: Any) -> str:
         if not isinstance(lark, str):
             raise InvalidParamsError("response_format grammar needs a 'lark' grammar string")
         return llguidance.LLMatcher.grammar_from_lark(lark)
+    if kind == "tool_calls":
+        return llguidance.LLMatcher.grammar_from_lark(_tool_calls_grammar(response_format))
     raise InvalidParamsError(
         f"response_format type {kind!r} is not one of json_object, json_schema, regex, choice, "
-        "grammar")
+        "grammar, tool_calls")
 
 
 class Grammar:
     """A response_format compiled against one vocabulary; `constraint()` makes a request's
     state. Compiling checks the grammar: a bad schema, regex or grammar is an
-    InvalidParamsError here, before any decoding."""
+    InvalidParamsError here, before any decoding. `trigger`: the grammar applies only once the
+    model has written it (a lazy grammar), and again after each time it completes."""
 
-    def __init__(self, text: str, vocab: Vocabulary) -> None:
+    def __init__(self, text: str, vocab: Vocabulary, *, trigger: str | None = None) -> None:
         self._text, self._vocab = text, vocab
         self._tokenizer = _ll_tokenizer(vocab)
+        _closers(vocab)  # built now, at submission, not in a step
+        self.trigger = None if trigger is None else trigger.encode()
 
     @classmethod
     def compile(cls, response_format: Any, vocab: Vocabulary) -> Grammar:
@@ -164,7 +253,9 @@ class Grammar:
             raise
         except (ValueError, TypeError, RuntimeError) as e:  # llguidance's own refusals
             raise InvalidParamsError(f"response_format is not a valid grammar: {e}") from e
-        grammar = cls(text, vocab)
+        lazy = isinstance(response_format, dict) and response_format.get(
+            "type") == "tool_calls" and bool(response_format.get("lazy"))
+        grammar = cls(text, vocab, trigger=TOOL_CALL_TRIGGER if lazy else None)
         probe = llguidance.LLMatcher(grammar._tokenizer, text, log_level=0)
         if probe.is_error():
             raise InvalidParamsError(f"response_format is not a valid grammar: "
@@ -183,17 +274,42 @@ releases the GIL)."""
 class Constraint:
     """One request's position in its grammar. The mask for the next token is computed in the
     background as soon as the previous one is known (`advance`), so it is ready, or nearly, when
-    the step's logits arrive; `mask` and `advance` are called in turn from one thread."""
+    the step's logits arrive; `mask` and `advance` are called in turn from one thread.
+
+    A lazy grammar's constraint masks nothing until the model writes the trigger; the text in
+    the trigger's last token after the trigger itself is the grammar's first input."""
 
     def __init__(self, grammar: Grammar) -> None:
-        import llguidance
         import llguidance.numpy
 
+        self._grammar = grammar
         self._vocab_size = grammar._vocab.vocab_size
-        self._matcher = llguidance.LLMatcher(grammar._tokenizer, grammar._text, log_level=0)
         self._bits = llguidance.numpy.allocate_token_bitmask(1, self._vocab_size)
         self._fill = llguidance.numpy.fill_next_token_bitmask
-        self._next: Future[np.ndarray] = _MASKS.submit(self._banned)
+        self._matcher: Any = None
+        self._seen = b""  # lazy, waiting: the tail of the text, to find the trigger in
+        self._next: Future[np.ndarray] | None = None
+        self.closed_early = False
+        """`mask(closing=True)` narrowed a choice: the budget, not the model, ended a value."""
+        self._text_state = _JsonText()
+        if grammar.trigger is None:
+            self._start(b"")
+
+    def _start(self, text: bytes) -> None:
+        """Put the grammar in force, `text` its first input (the rest of a token)."""
+        import llguidance
+
+        g = self._grammar
+        self._matcher = llguidance.LLMatcher(g._tokenizer, g._text, log_level=0)
+        self._text_state = _JsonText()
+        self._text_state.feed(text)
+        if text:
+            ids = g._vocab.encode(text.decode("utf-8", "replace"), add_special=False,
+                                  parse_special=False)
+            if not self._matcher.consume_tokens(ids):
+                self._matcher = None  # not the start of a call: stay free (the reply's text
+                return  # is parsed as written)
+        self._next = _MASKS.submit(self._banned)
 
     def _banned(self) -> np.ndarray:
         """One byte a token, True where the grammar does not allow it next."""
@@ -201,29 +317,85 @@ class Constraint:
         return np.unpackbits(~self._bits.view(np.uint8)[0], count=self._vocab_size,
                              bitorder="little").view(bool)
 
-    def mask(self, logits: np.ndarray) -> None:
+    def _settled(self) -> None:
+        if self._next is not None:
+            self._next.result()  # the matcher is the background fill's until it is done
+
+    def mask(self, logits: np.ndarray, *, closing: bool = False) -> None:
         """Set the logits of the tokens the grammar does not allow next to -inf (in place; the
-        last axis is the vocabulary, which may be padded past the tokenizer's)."""
-        np.copyto(logits[..., :self._vocab_size], -np.inf, where=self._next.result())
+        last axis is the vocabulary, which may be padded past the tokenizer's).
+
+        `closing` (the token budget is nearly spent): of the allowed tokens, keep only the end
+        of generation if the answer is complete, else the tokens that close a string, object
+        or array if any is allowed; so a JSON value is finished within the budget (its last
+        values cut short) rather than cut off unparseable. Sets `closed_early` when it
+        narrows the choice."""
+        if self._matcher is None:
+            return
+        assert self._next is not None
+        banned = self._next.result()
+        np.copyto(logits[..., :self._vocab_size], -np.inf, where=banned)
         logits[..., self._vocab_size:] = -np.inf
+        if not closing:
+            return
+        allowed = ~banned
+        ends = np.zeros_like(allowed)
+        ends[[i for i in self._grammar._vocab.eog_ids if i < self._vocab_size]] = True
+        closing_tokens, quotes = _closers(self._grammar._vocab)
+        closers = quotes if self._text_state.in_string else closing_tokens
+        for keep in (allowed & ends, allowed & closers):
+            if keep.any():
+                if (allowed & ~keep).any():
+                    self.closed_early = True
+                np.copyto(logits[..., :self._vocab_size], -np.inf, where=~keep)
+                return
 
     def advance(self, token_id: int) -> None:
         """Record the sampled token (one `mask` allowed), and start the next mask."""
-        self._next.result()  # the matcher is the background fill's until it is done
+        if self._matcher is None:
+            self._watch(token_id)
+            return
+        self._settled()
         if not self._matcher.consume_token(token_id):
             raise InvalidParamsError(
                 f"token {token_id} does not follow the grammar: {self._matcher.get_error()}")
+        self._text_state.feed(self._grammar._vocab.token_bytes(token_id))
         if not self._matcher.is_stopped():
             self._next = _MASKS.submit(self._banned)
+        elif self._grammar.trigger is not None:  # a lazy grammar, complete: wait again
+            self._matcher, self._next = None, None
+
+    def _watch(self, token_id: int) -> None:
+        trigger = self._grammar.trigger
+        assert trigger is not None
+        self._seen = (self._seen + self._grammar._vocab.token_bytes(token_id))[-256:]
+        at = self._seen.find(trigger)
+        if at >= 0:
+            rest, self._seen = self._seen[at + len(trigger):], b""
+            self._start(rest)
 
     @property
     def finished(self) -> bool:
-        """The grammar is complete and nothing more may follow."""
-        self._next.result()
+        """The grammar is complete and nothing more may follow (never, for a lazy one)."""
+        if self._matcher is None:
+            return False
+        self._settled()
         return bool(self._matcher.is_stopped())
 
-    @property
-    def accepting(self) -> bool:
-        """What came so far is a complete answer (it may still go on)."""
-        self._next.result()
-        return bool(self._matcher.is_accepting())
+
+class _JsonText:
+    """Whether the text so far ends inside a JSON string (what closes it is a quote)."""
+
+    __slots__ = ("escaped", "in_string")
+
+    def __init__(self) -> None:
+        self.in_string = self.escaped = False
+
+    def feed(self, text: bytes) -> None:
+        for byte in text:
+            if self.escaped:
+                self.escaped = False
+            elif self.in_string and byte == 0x5C:  # backslash
+                self.escaped = True
+            elif byte == 0x22:  # quote
+                self.in_string = not self.in_string

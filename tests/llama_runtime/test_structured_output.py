@@ -135,6 +135,23 @@ def test_a_constrained_stream_streams_and_a_cut_reply_ends_length(engine) -> Non
         c.text for c in chunks).startswith(cut.text)
 
 
+class Story(Closed):
+    title: str
+    lines: list[str]
+
+
+def test_a_reply_near_max_tokens_is_closed_in_time_not_cut(engine) -> None:
+    """Unbounded strings let a small model ramble past any budget; the last tokens of the
+    budget close the JSON instead, so the reply still validates (and ends "length")."""
+    ask = [{"role": "user", "content": "Write a very long story about a cat."}]
+    for max_tokens in (24, 40, 64):
+        done = engine.chat(ask, response_format=Story, temperature=0.8, seed=max_tokens,
+                           max_tokens=max_tokens)
+        Story.model_validate_json(done.text)
+        assert done.usage.completion_tokens <= max_tokens
+        assert done.finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("fmt", [
     {"type": "regex", "pattern": "("},
     {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},

@@ -1,31 +1,21 @@
-"""Tool calls as text: how tools reach the model, and how its reply is parsed back.
+"""Tool calls as the model writes them, read back into `ToolCall`s.
 
-Framework-neutral (plain OpenAI-style dicts, no LangChain), so every adapter can share it.
+`ToolCallParser` splits a reply, whole or delta by delta, into text and calls. It accepts
+Hermes-style calls anywhere in the reply, the format most open models are trained on and the
+one `llama_engine.tools` asks for:
 
-Tools reach the model in one of two ways:
+    <tool_call>
+    {"name": "get_weather", "arguments": {"location": "Paris"}}
+    </tool_call>
 
-* the model's chat template renders `tools` itself (`template_supports_tools` renders a probe
-  with and without a tool): tools, earlier calls and results go to the template as the usual
-  OpenAI-style fields (`tools=`, `tool_calls`, role "tool");
-* otherwise `inline_tools` adds a system prompt (`tools_system_prompt`) that lists the tools as
-  JSON schemas and asks for Hermes-style calls, the format most open models are trained on:
-
-      <tool_call>
-      {"name": "get_weather", "arguments": {"location": "Paris"}}
-      </tool_call>
-
-  Earlier calls are written back into their assistant turns in that format, and tool results
-  become user turns wrapped in `<tool_response>` tags, so templates that know only
-  user/assistant/system still render the conversation.
-
-`ToolCallParser` reads a reply, whole or delta by delta, into text and tool calls. It accepts
-the Hermes tags anywhere in the reply, and a reply that is nothing but a JSON call (Llama 3's
-`{"name": ..., "parameters": ...}`, Mistral's `[TOOL_CALLS] [...]`, a ```json fence).
+and a reply that is nothing but a JSON call (Llama 3's `{"name": ..., "parameters": ...}`,
+Mistral's `[TOOL_CALLS] [...]`, a ```json fence). `<tool_response>` tags a model copies from
+the conversation into its answer are dropped (their text is kept).
 
 Whatever the model writes, parsing yields text, `ToolCall`s and `InvalidToolCall`s and raises
-nothing else: JSON nested deeper than `MAX_JSON_DEPTH` is refused before it reaches the
-(recursive) JSON decoder, and so are non-finite numbers (`1e999`, `NaN`, `Infinity`), which
-would otherwise come back as floats that serialise to invalid JSON.
+nothing: JSON nested deeper than `MAX_JSON_DEPTH` is refused before it reaches the (recursive)
+JSON decoder, and so are non-finite numbers (`1e999`, `NaN`, `Infinity`), which would
+otherwise come back as floats that serialise to invalid JSON.
 """
 
 from __future__ import annotations
@@ -34,54 +24,27 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from llama_engine import InvalidParamsError, LlamaEngine, LlamaError, check_messages
+from llama_engine.errors import InvalidParamsError
+from llama_engine.types import InvalidToolCall, ToolCall
 
 __all__ = [
     "MAX_JSON_DEPTH",
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
-    "InvalidToolCall",
     "ParsedPiece",
-    "ToolCall",
     "ToolCallParser",
-    "inline_tools",
     "loads_lenient",
     "new_call_id",
-    "render_tool_call",
-    "template_supports_tools",
-    "tools_system_prompt",
+    "parse_call",
 ]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
-_PROBE_TOOL = "llama_engine_probe_tool"
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays and objects `loads_lenient` parses (far beyond any tool's
 arguments, far below the decoder's recursion limit)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ToolCall:
-    """A call the model made: tool name and arguments (a JSON object)."""
-
-    name: str
-    arguments: dict[str, Any]
-    id: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class InvalidToolCall:
-    """Text that was meant as a tool call but does not parse; `error` says why."""
-
-    text: str
-    error: str
-    name: str | None
-    id: str
-
 
 ParsedPiece = str | ToolCall | InvalidToolCall
 """What `ToolCallParser` yields: plain text, a tool call, or a call that failed to parse."""
@@ -91,87 +54,6 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def template_supports_tools(engine: LlamaEngine, **template_kwargs: Any) -> bool:
-    """Whether the model's chat template (or `chat_template=`) renders `tools=`: a probe tool's
-    name shows up in the prompt."""
-    tool = {"type": "function", "function": {
-        "name": _PROBE_TOOL, "description": "probe",
-        "parameters": {"type": "object", "properties": {}}}}
-    try:
-        text = engine.apply_chat_template([{"role": "user", "content": "hi"}], tools=[tool],
-                                          **template_kwargs)
-    except LlamaError:
-        return False
-    return _PROBE_TOOL in text
-
-
-def tools_system_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
-    """The system prompt that offers `tools` (OpenAI tool dicts) to a model whose template
-    cannot: the tools as JSON schemas, and the Hermes `<tool_call>` format to answer in."""
-    listed = "\n".join(json.dumps(_function(t), ensure_ascii=False) for t in tools)
-    return (
-        "You are a function calling AI model. You are provided with function signatures within "
-        "<tools></tools> XML tags. You may call one or more functions to assist with the user "
-        "query. Don't make assumptions about what values to plug into functions.\n"
-        f"<tools>\n{listed}\n</tools>\n"
-        "For each function call, return a json object with function name and arguments within "
-        f"{TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} XML tags:\n"
-        f'{TOOL_CALL_OPEN}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n'
-        f"{TOOL_CALL_CLOSE}\n"
-        "Function results come back inside <tool_response></tool_response> XML tags; use them "
-        "to answer the user.")
-
-
-def render_tool_call(name: str, arguments: Any) -> str:
-    """An earlier call as the model would have written it. Raises InvalidParamsError when the
-    arguments are not JSON (a non-finite number, an object of no JSON type, nesting too deep)."""
-    try:
-        body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False,
-                          allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise InvalidParamsError(
-            f"the arguments of the earlier call to {name!r} are not JSON ({e}); pass finite "
-            "numbers, strings, booleans, None, lists and dicts only") from None
-    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
-
-
-def inline_tools(
-    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
-) -> list[dict[str, Any]]:
-    """Rewrite OpenAI-style messages (with `tool_calls` and role "tool") for a chat template that
-    knows no tools: the tools become a system prompt, calls and results become plain text."""
-    out: list[dict[str, Any]] = []
-    for m in check_messages(messages):
-        role, content = m["role"], m.get("content") or ""
-        if role == "assistant" and m.get("tool_calls"):
-            calls = [render_tool_call(c["function"]["name"], c["function"]["arguments"])
-                     for c in m["tool_calls"]]
-            content = "\n".join([content, *calls] if content else calls)
-            out.append({"role": "assistant", "content": content})
-        elif role == "tool":
-            response = f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1].get("_tool_results"):  # one user turn for consecutive results
-                out[-1]["content"] += "\n" + response
-            else:
-                out.append({"role": "user", "content": response, "_tool_results": True})
-        else:
-            out.append({"role": role, "content": content})
-    for m in out:
-        m.pop("_tool_results", None)
-    if tools:
-        prompt = tools_system_prompt(tools)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-    return out
-
-
-def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
-    return tool.get("function", tool) if tool.get("type", "function") == "function" else tool
-
-
-# -- parsing ------------------------------------------------------------------------------------
 class ToolCallParser:
     """Splits a reply, fed delta by delta, into text and tool calls.
 
@@ -189,6 +71,7 @@ class ToolCallParser:
         self._started = False  # any non-whitespace seen
         self._ws = ""  # whitespace held back: dropped if a call follows
         self._after_call = False
+        self._echoed = False
         self.calls = 0
         if prefix:
             rest = self.feed(prefix)
@@ -212,10 +95,12 @@ class ToolCallParser:
                 end = self._buf.find(TOOL_CALL_CLOSE)
                 if end < 0:
                     return out
-                out.append(self._parse_call(self._buf[:end]))
+                body = self._buf[:end]
+                out.append(self._parse_call(body, TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE))
                 self._buf = self._buf[end + len(TOOL_CALL_CLOSE):]
                 self._in_call = False
                 continue
+            self._drop_echoes()
             start = self._buf.find(TOOL_CALL_OPEN)
             if start >= 0:
                 self._emit_text(self._buf[:start], out)
@@ -223,27 +108,42 @@ class ToolCallParser:
                 self._buf = self._buf[start + len(TOOL_CALL_OPEN):]
                 self._in_call = True
                 continue
-            keep = _partial_suffix(self._buf, TOOL_CALL_OPEN)
+            keep = max(_partial_suffix(self._buf, m) for m in (TOOL_CALL_OPEN, *_ECHOES))
+            keep = max([keep] + [len(t) for t in _ECHOES if self._buf.endswith(t)])
             self._emit_text(self._buf[: len(self._buf) - keep], out)
             self._buf = self._buf[len(self._buf) - keep:]
             return out
 
-    def finish(self) -> list[ParsedPiece]:
+    def finish(self, *, cut_off: bool = False) -> list[ParsedPiece]:
+        """The rest of the reply. An unterminated call is parsed as it stands (leniently), or,
+        if the reply was `cut_off` by max_tokens, kept only if its JSON is complete."""
         out: list[ParsedPiece] = []
         if self._bare:
-            calls = _parse_bare(self._buf)
+            calls = _parse_bare(self._buf) if not cut_off else None
             if calls is not None:
                 self.calls += len(calls)
                 return list(calls)
             return [self._buf] if self._buf else []
         if self._in_call:
-            out.append(self._parse_call(self._buf))
+            raw = TOOL_CALL_OPEN + self._buf
+            out.append(self._parse_call(self._buf, raw) if not cut_off
+                       else self._complete_call(self._buf, raw))
         else:
+            self._drop_echoes(final=True)
             self._emit_text(self._buf, out)
-            if self._ws and not self.calls:
+            if self._ws and not (self.calls or self._echoed):
                 out.append(self._ws)
         self._buf = self._ws = ""
         return out
+
+    def _drop_echoes(self, *, final: bool = False) -> None:
+        """Drop copied `<tool_response>` tags (and the newline beside each) from the text; a
+        tag at the very end waits for what follows it (a newline to drop with it)."""
+        tail = next((t for t in _ECHOES if not final and self._buf.endswith(t)), "")
+        body = self._buf[: len(self._buf) - len(tail)]
+        if any(t in body for t in _ECHOES):
+            body, self._echoed = _without_echoes(body), True
+        self._buf = body + tail
 
     def _emit_text(self, text: str, out: list[ParsedPiece]) -> None:
         if self._after_call:
@@ -257,20 +157,40 @@ class ToolCallParser:
             self._ws = ""
         self._ws += text[len(body):]
 
-    def _parse_call(self, body: str) -> ToolCall | InvalidToolCall:
-        self.calls += 1
+    def _complete_call(self, body: str, raw: str) -> ToolCall | InvalidToolCall:
+        """A call in a reply cut off by max_tokens: kept if its JSON is complete (a partial
+        closing tag aside), else an InvalidToolCall saying it was cut."""
+        body = body.rstrip()
+        body = body[: len(body) - _partial_suffix(body, TOOL_CALL_CLOSE)]
+        try:
+            obj = _decode(body.strip())
+        except ValueError:
+            self._after_call = True
+            return InvalidToolCall(
+                text=raw, name=None, id=new_call_id(),
+                error="the reply reached max_tokens inside this call; raise max_tokens")
         self._after_call = True
-        return parse_call(body)
+        call = _call_from_obj(obj, raw)
+        self.calls += isinstance(call, ToolCall)
+        return call
+
+    def _parse_call(self, body: str, raw: str) -> ToolCall | InvalidToolCall:
+        self._after_call = True
+        call = parse_call(body, raw)
+        self.calls += isinstance(call, ToolCall)
+        return call
 
 
-def parse_call(body: str) -> ToolCall | InvalidToolCall:
-    """One call from the JSON text inside `<tool_call>` tags."""
+def parse_call(body: str, raw: str | None = None) -> ToolCall | InvalidToolCall:
+    """One call from the JSON text inside `<tool_call>` tags; `raw` is the text as written
+    (tags included), kept in an InvalidToolCall."""
     text = _strip_fence(body.strip())
     try:
         obj = loads_lenient(text)
     except ValueError as e:
-        return InvalidToolCall(text=body, error=f"not JSON: {e}", name=None, id=new_call_id())
-    return _call_from_obj(obj, body)
+        return InvalidToolCall(text=raw if raw is not None else body, error=f"not JSON: {e}",
+                               name=None, id=new_call_id())
+    return _call_from_obj(obj, raw if raw is not None else body)
 
 
 def _call_from_obj(obj: Any, raw: str) -> ToolCall | InvalidToolCall:
@@ -320,6 +240,17 @@ def _strip_fence(text: str) -> str:
     if body.endswith("```"):
         body = body[:-3].rstrip()
     return body
+
+
+_ECHOES = ("<tool_response>", "</tool_response>")
+"""Tags a model copies from the conversation around a tool's result; it never writes a result
+itself, so they are dropped from its reply (the text inside is kept)."""
+
+
+def _without_echoes(text: str) -> str:
+    for tag in _ECHOES:
+        text = text.replace(f"{tag}\n", "").replace(f"\n{tag}", "").replace(tag, "")
+    return text
 
 
 def _partial_suffix(text: str, marker: str) -> int:
