@@ -262,8 +262,8 @@ class Grammar:
                                      f"{probe.get_error()}")
         return grammar
 
-    def constraint(self) -> Constraint:
-        return Constraint(self)
+    def constraint(self, *, guess_first: bool = False) -> Constraint:
+        return Constraint(self, guess_first=guess_first)
 
 
 _MASKS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-grammar")
@@ -279,9 +279,12 @@ class Constraint:
     A lazy grammar's constraint masks nothing until the model writes the trigger; the text in
     the trigger's last token after the trigger itself is the grammar's first input."""
 
-    def __init__(self, grammar: Grammar) -> None:
+    def __init__(self, grammar: Grammar, *, guess_first: bool = False) -> None:
         import llguidance.numpy
 
+        self.guess_first = guess_first
+        """The caller samples first and asks `allows` (greedy decoding: exact when the model's
+        choice is allowed); masks are then computed only when it is not, never ahead."""
         self._grammar = grammar
         self._vocab_size = grammar._vocab.vocab_size
         self._bits = llguidance.numpy.allocate_token_bitmask(1, self._vocab_size)
@@ -292,6 +295,7 @@ class Constraint:
         self.closed_early = False
         """`mask(closing=True)` narrowed a choice: the budget, not the model, ended a value."""
         self._text_state = _JsonText()
+        self._stopped = False
         if grammar.trigger is None:
             self._start(b"")
 
@@ -309,7 +313,18 @@ class Constraint:
             if not self._matcher.consume_tokens(ids):
                 self._matcher = None  # not the start of a call: stay free (the reply's text
                 return  # is parsed as written)
-        self._next = _MASKS.submit(self._banned)
+        self._ahead()
+
+    def _ahead(self) -> None:
+        """Start the next mask in the background, unless guessing first. (Making masks ahead
+        for the tokens after a refused guess was tried: on two cores the extra fills cost
+        more than the waits they save.)"""
+        self._next = None if self.guess_first else _MASKS.submit(self._banned)
+
+    @property
+    def guessing(self) -> bool:
+        """The caller should try its own choice first (`allows`): no mask is on its way."""
+        return self.guess_first and self._next is None and self._matcher is not None
 
     def _banned(self) -> np.ndarray:
         """One byte a token, True where the grammar does not allow it next."""
@@ -332,7 +347,9 @@ class Constraint:
         narrows the choice."""
         if self._matcher is None:
             return
-        assert self._next is not None
+        if self._next is None:  # guessing first, and the guess was refused
+            self._next = Future()
+            self._next.set_result(self._banned())
         banned = self._next.result()
         np.copyto(logits[..., :self._vocab_size], -np.inf, where=banned)
         logits[..., self._vocab_size:] = -np.inf
@@ -360,10 +377,42 @@ class Constraint:
             raise InvalidParamsError(
                 f"token {token_id} does not follow the grammar: {self._matcher.get_error()}")
         self._text_state.feed(self._grammar._vocab.token_bytes(token_id))
-        if not self._matcher.is_stopped():
-            self._next = _MASKS.submit(self._banned)
+        self._stopped = bool(self._matcher.is_stopped())
+        if not self._stopped:
+            self._ahead()
         elif self._grammar.trigger is not None:  # a lazy grammar, complete: wait again
-            self._matcher, self._next = None, None
+            self._matcher, self._next, self._stopped = None, None, False
+
+    def forced(self) -> int | None:
+        """The only token the grammar allows next, when it forces text (a key, a separator),
+        tokenized as the tokenizer would; else None."""
+        if self._matcher is None:
+            return None
+        self._settled()
+        tokens = self._matcher.compute_ff_tokens()
+        return int(tokens[0]) if tokens else None
+
+    def allows(self, token_id: int, *, closing: bool = False) -> bool:
+        """Whether `token_id` is what `mask` would leave the model's top choice to be: the
+        grammar allows it next and, `closing`, it ends the reply or closes a value while ending
+        is not allowed (a microsecond or two; no mask is made)."""
+        if self._matcher is None:
+            return True
+        self._settled()
+        forced = self.forced()
+        if forced is not None:  # the grammar's text is written canonically: one token
+            return token_id == forced
+        valid = self._matcher.validate_tokens
+        if valid([token_id]) != 1:
+            return False
+        if not closing:
+            return True
+        ends = self._grammar._vocab.eog_ids
+        if token_id in ends:
+            return True
+        closing_tokens, quotes = _closers(self._grammar._vocab)
+        closers = quotes if self._text_state.in_string else closing_tokens
+        return bool(closers[token_id]) and not any(valid([e]) == 1 for e in ends)
 
     def _watch(self, token_id: int) -> None:
         trigger = self._grammar.trigger
@@ -376,11 +425,9 @@ class Constraint:
 
     @property
     def finished(self) -> bool:
-        """The grammar is complete and nothing more may follow (never, for a lazy one)."""
-        if self._matcher is None:
-            return False
-        self._settled()
-        return bool(self._matcher.is_stopped())
+        """The grammar is complete and nothing more may follow (never, for a lazy one). Read
+        without waiting for the next mask: it is known when the token is consumed."""
+        return self._stopped
 
 
 class _JsonText:

@@ -135,6 +135,17 @@ def test_a_constrained_stream_streams_and_a_cut_reply_ends_length(engine) -> Non
         c.text for c in chunks).startswith(cut.text)
 
 
+@pytest.mark.parametrize("model", [City, Tags, Event], ids=["City", "Tags", "Event"])
+def test_greedy_guessing_gives_the_masked_argmax(exact_engine, model: type[BaseModel]) -> None:
+    """Greedy replies try the model's choice against the grammar before making a mask; asking
+    for logprobs makes a mask every step. Both must pick the same tokens."""
+    ask = [{"role": "user", "content": f"Reply with one {model.__name__} as JSON."}]
+    guessed = exact_engine.chat(ask, response_format=model, temperature=0, max_tokens=60)
+    masked = exact_engine.chat(ask, response_format=model, temperature=0, max_tokens=60,
+                               logprobs=0)
+    assert guessed.token_ids == masked.token_ids and guessed.text == masked.text
+
+
 class Story(Closed):
     title: str
     lines: list[str]
