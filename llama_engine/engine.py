@@ -66,6 +66,16 @@ class LlamaEngine(ABC):
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One embedding vector per text."""
 
+    def embed_token_counts(self, texts: Sequence[str], *, truncate: bool = True) -> list[int]:
+        """How many tokens `embed` reads of each text (for usage reports). This default counts
+        with the generating model's tokenizer; engines with a separate encoder override it."""
+        return [len(self.tokenize(t, add_special=True)) for t in texts]
+
+    @property
+    def embed_model_name(self) -> str | None:
+        """The name of what `embed` runs, if the engine knows it."""
+        return None
+
     @abstractmethod
     def new_session(self) -> Session:
         """A fresh, empty session."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from llama_engine.types import (
@@ -29,6 +30,11 @@ from llama_engine.types import (
 __all__ = ["TokenStream"]
 
 StepFactory = Callable[[threading.Event], Iterator[StreamChunk]]
+
+_WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="llama-stream")
+"""Where async iteration waits for each next chunk: a thread per stream that is waiting, made
+as needed. (asyncio's default executor has min(32, cores + 4) threads: with more streams
+than that, the rest would wait for a thread, not for their tokens.)"""
 
 
 class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
@@ -129,7 +135,8 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
 
     async def __anext__(self) -> StreamChunk:
         try:
-            return await asyncio.to_thread(self._next_or_none_wrapped)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_WAITERS, self._next_or_none_wrapped)
         except StopAsyncIteration:
             raise
         except asyncio.CancelledError:

@@ -1,4 +1,5 @@
-"""`llama-engine`: run, info, bench, embed. Errors print one line (no traceback), exit 2."""
+"""`llama-engine`: run, serve, info, bench, parity, embed. Errors print one line (no traceback),
+exit 2."""
 
 from __future__ import annotations
 
@@ -61,6 +62,24 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system message for the chat template")
     run.add_argument("--raw", action="store_true", help="no chat template: a raw completion")
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (the server extra)")
+    _engine_args(serve)
+    serve.add_argument("--embed-model", default=None,
+                       help="embedding model for /v1/embeddings (default: all-minilm-l6-v2, "
+                            "loaded on first use)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: the "
+                            "LLAMA_ENGINE_API_KEY environment variable, else no key)")
+    serve.add_argument("--max-requests", type=int, default=None,
+                       help="requests admitted at once before 429 (default 128)")
+    serve.add_argument("--max-body", type=int, default=None,
+                       help="largest request body in bytes before 413 (default 8 MiB)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+
     info = sub.add_parser("info", help="describe a model, the backends, or the known models")
     info.add_argument("model", nargs="?", help="registered model name or path")
     info.add_argument("--backends", action="store_true",
@@ -116,6 +135,34 @@ def _create(args: argparse.Namespace, progress: bool = True) -> Any:
         opts["context_length"] = args.context_length
     return create_engine(args.model, backend=args.backend, device=args.device,
                          decode=args.decode, kv_dtype=args.kv_dtype, **opts)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from adapters.openai_server import (
+            DEFAULT_MAX_BODY_BYTES,
+            DEFAULT_MAX_REQUESTS,
+            create_app,
+        )
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    engine = _create(args)
+    if args.embed_model is not None:
+        engine.load_embed_model(args.embed_model)
+    api_key = args.api_key or os.environ.get("LLAMA_ENGINE_API_KEY") or None
+    app = create_app(engine, api_key=api_key,
+                     max_requests=args.max_requests or DEFAULT_MAX_REQUESTS,
+                     max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES)
+    print(f"serving {engine.model.name} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    engine.close()
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -449,7 +496,7 @@ def _print_mapping(data: dict[str, Any], *, as_json: bool, indent: int | None = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handler = {"run": _cmd_run, "info": _cmd_info, "bench": _cmd_bench,
+    handler = {"run": _cmd_run, "serve": _cmd_serve, "info": _cmd_info, "bench": _cmd_bench,
                "parity": _cmd_parity, "embed": _cmd_embed}[args.command]
     try:
         return handler(args)

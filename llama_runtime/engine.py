@@ -312,6 +312,14 @@ class Engine(LlamaEngine):
                                                lock=self._forward_lock).tolist()
         return self._get_embedder().embed(texts, truncate=truncate, batch_size=batch_size)
 
+    def embed_token_counts(self, texts: Sequence[str], *, truncate: bool = True) -> list[int]:
+        """How many tokens `embed` reads of each text (for usage reports)."""
+        self._check_open()
+        texts = check_texts(texts)
+        if self._embed_model == DECODER:
+            return [len(t) for t in self._decoder_tokens(texts, truncate)]
+        return [len(t) for t in self._get_embedder().tokenize(texts, truncate=truncate)]
+
     @property
     def embed_model_name(self) -> str:
         """What `embed` runs: the embedding model's name, or "decoder:<model>"."""
