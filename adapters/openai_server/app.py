@@ -345,8 +345,7 @@ class _Server:
         reply = _Reply(self, "chatcmpl", body.model, streams, ticket, arrived=time.perf_counter())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(reply.chat_events(include_usage), ping=15,
-                                       sep="\n")
+            return _Streamed(reply.chat_events(include_usage), reply)
         choices = await reply.collect(request)
         return JSONResponse(reply.chat_completion(choices).model_dump(exclude_none=True))
 
@@ -382,7 +381,7 @@ class _Server:
                        per_prompt=body.n, echo=echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(reply.text_events(include_usage), ping=15, sep="\n")
+            return _Streamed(reply.text_events(include_usage), reply)
         choices = await reply.collect(request)
         return JSONResponse(reply.text_completion(choices).model_dump(exclude_none=True))
 
@@ -415,6 +414,21 @@ class _Server:
         self.metrics.prompt_tokens.inc(tokens)
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+class _Streamed(EventSourceResponse):
+    """Server-sent events whose request is closed (streams, admission) however the response
+    ends, even when the client leaves before the first event is sent."""
+
+    def __init__(self, events: AsyncIterator[str], reply: _Reply) -> None:
+        super().__init__(events, ping=15, sep="\n")
+        self._reply = reply
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._reply.close()
 
 
 class _Ticket:
@@ -551,11 +565,15 @@ class _Reply:
         finally:
             for t in tasks:
                 t.cancel()
-            for s in self.streams:
-                s.close()
+            self.close()
             with suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
-            self.ticket.release()
+
+    def close(self) -> None:
+        """Stop every choice's generation (freeing its KV) and end the admission; idempotent."""
+        for s in self.streams:
+            s.close()
+        self.ticket.release()
 
     async def collect(self, request: Request) -> list[_Choice]:
         """Every choice to its end; cancelled (KV freed) if the client goes away first."""

@@ -89,6 +89,18 @@ def test_completions_n_logprobs_echo_and_seed(client: openai.OpenAI) -> None:
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
 
 
+def test_n_choices_share_the_prompts_kv_blocks(client: openai.OpenAI, base_url: str) -> None:
+    prompt = "Once upon a time, " + " ".join(f"a fox named Fox{i} ran." for i in range(20))
+    before = _health(base_url)["prefix_cache_hit_tokens"]
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=3,
+                                     temperature=1.0, seed=7)
+    assert len(done.choices) == 3 and done.usage.completion_tokens == 12
+    shared = _health(base_url)["prefix_cache_hit_tokens"] - before
+    block = _health(base_url)["kv_block_size"]
+    # choices 1 and 2 found choice 0's full prompt blocks in the cache
+    assert shared >= 2 * block * ((done.usage.prompt_tokens - 1) // block)
+
+
 def test_chat_logprobs_and_extensions(client: openai.OpenAI) -> None:
     done = client.chat.completions.create(
         model=MODEL, messages=ASK, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
@@ -191,9 +203,17 @@ def test_sixteen_streaming_clients_each_get_their_solo_greedy_reply(
             max_tokens=24, stream=True)
         got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
-    def watch() -> None:
+    def watch() -> None:  # and send bad requests meanwhile: they must not disturb the others
+        bad = [{"model": MODEL, "messages": ASK, "temperature": -1},
+               {"model": MODEL, "messages": ASK, "response_format": {"type": "regex",
+                                                                     "pattern": "("}},
+               {"model": "nope", "messages": ASK}]
+        k = 0
         while any(g is None for g in got):
             peak[0] = max(peak[0], _health(base_url)["requests_running"])
+            r = httpx.post(f"{base_url}/v1/chat/completions", json=bad[k % len(bad)])
+            assert 400 <= r.status_code < 500
+            k += 1
             time.sleep(0.02)
 
     threads = [threading.Thread(target=streamed, args=(i,)) for i in range(16)]
