@@ -200,7 +200,7 @@ class LlamaEngine(ABC):
         tokens = self.tokenize(plan.prompt, add_special=False)
         stream = self._stream_tokens(tokens, params, session)
         if plan.parse_calls:
-            stream.pipe(lambda chunks: split_tool_calls(chunks, plan.prefix))
+            stream.pipe(lambda chunks: split_tool_calls(chunks, plan.prefix, plan.names))
         return stream
 
     astream_chat = stream_chat

@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from llama_engine.errors import InvalidParamsError
@@ -64,7 +65,10 @@ class ToolCallParser:
     `prefix` is text the caller already put in the model's mouth (e.g. an opened call).
     """
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", names: Collection[str] | None = None) -> None:
+        """`names`: the tools offered; a reply that is only a JSON call counts as a call only
+        if it names one of them (with any name when None)."""
+        self._names = None if names is None else frozenset(names)
         self._buf = ""
         self._in_call = False
         self._bare = False
@@ -83,11 +87,11 @@ class ToolCallParser:
         if self._bare:
             return out
         if not self._started:
-            stripped = self._buf.lstrip()
-            if not stripped or (len(stripped) < 7 and "```json".startswith(stripped)):
-                return out  # too early to tell text from a fenced call
+            bare = _bare_start(self._buf)
+            if bare is None:
+                return out  # too early to tell text from a bare call
             self._started = True
-            if _looks_like_bare_json(stripped):
+            if bare:
                 self._bare = True
                 return out
         while True:
@@ -119,7 +123,7 @@ class ToolCallParser:
         if the reply was `cut_off` by max_tokens, kept only if its JSON is complete."""
         out: list[ParsedPiece] = []
         if self._bare:
-            calls = _parse_bare(self._buf) if not cut_off else None
+            calls = _parse_bare(self._buf, self._names) if not cut_off else None
             if calls is not None:
                 self.calls += len(calls)
                 return list(calls)
@@ -207,25 +211,47 @@ def _call_from_obj(obj: Any, raw: str) -> ToolCall | InvalidToolCall:
     return ToolCall(name=obj["name"], arguments=args, id=new_call_id())
 
 
-def _parse_bare(text: str) -> list[ToolCall | InvalidToolCall] | None:
+def _parse_bare(text: str, names: frozenset[str] | None) -> list[ToolCall | InvalidToolCall] | None:
+    """The calls of a reply that is only JSON, or None (it is text): every item must be an
+    object naming an offered tool (`names`, any when None) with `arguments` or `parameters`,
+    and nothing but whitespace may follow the JSON."""
     body = text.strip()
     if body.startswith("[TOOL_CALLS]"):
         body = body[len("[TOOL_CALLS]"):].strip()
     body = _strip_fence(body)
     try:
-        obj = loads_lenient(body)
+        obj = _decode(body)
+    except json.JSONDecodeError:
+        try:  # cut off at the end: close it
+            obj = _decode(_close_open_json(body))
+        except ValueError:
+            return None
     except ValueError:
         return None
     items = obj if isinstance(obj, list) else [obj]
-    if not items or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
-                            for i in items):
+    if not items or not all(
+            isinstance(i, dict) and isinstance(i.get("name"), str)
+            and ("arguments" in i or "parameters" in i)
+            and (names is None or i["name"] in names) for i in items):
         return None
     calls = [_call_from_obj(i, json.dumps(i, ensure_ascii=False)) for i in items]
     return calls if all(isinstance(c, ToolCall) for c in calls) else None
 
 
-def _looks_like_bare_json(text: str) -> bool:
-    return text[0] in "{[" or text.startswith("```json")
+_BARE_STARTS = ('{"name"', '[{"name"', "[TOOL_CALLS]", "```json")
+
+
+def _bare_start(text: str) -> bool | None:
+    """Whether a reply starting with `text` may be a bare JSON call (None: too early to tell):
+    it opens like one of `_BARE_STARTS`, whitespace aside."""
+    compact = "".join(text.split())[:16]
+    if not compact:
+        return None
+    if any(compact.startswith(s) for s in _BARE_STARTS):
+        return True
+    if any(s.startswith(compact) for s in _BARE_STARTS):
+        return None
+    return False
 
 
 def _strip_fence(text: str) -> str:

@@ -22,7 +22,7 @@ The reply is split into text and calls as it streams (`split_tool_calls`, with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -201,6 +201,24 @@ def inline_tools(
     return out
 
 
+def _parsed_arguments(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Earlier calls' arguments as objects, not OpenAI's JSON strings: templates write them
+    with `tojson`, which would quote a string a second time."""
+    out: list[Mapping[str, Any]] = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                name, args = _name_and_arguments(c)
+                if isinstance(args, str):
+                    args = loads_lenient(args) if args.strip() else {}
+                calls.append({**c, "function": {**c.get("function", {}), "name": name,
+                                                "arguments": args}})
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
 def _name_and_arguments(call: Any) -> tuple[str, Any]:
     function = call.get("function", call) if isinstance(call, Mapping) else None
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
@@ -220,6 +238,8 @@ class ChatPlan:
     response_format: dict[str, Any] | None = None
     parse_calls: bool = False
     prefix: str = ""
+    names: tuple[str, ...] = ()
+    """The tools offered (a bare JSON reply is a call only if it names one)."""
 
 
 def plan_chat(
@@ -236,23 +256,26 @@ def plan_chat(
     if not (shown or history):
         return ChatPlan(engine.apply_chat_template(messages, **render))
     if template_supports_tools(engine, **render):
-        prompt = engine.apply_chat_template(messages, tools=shown or None, **render)
+        prompt = engine.apply_chat_template(_parsed_arguments(messages), tools=shown or None,
+                                            **render)
     else:
         prompt = engine.apply_chat_template(inline_tools(messages, shown), **render)
     if not shown:
         return ChatPlan(prompt)
     fmt = {"type": "tool_calls", "tools": shown, "name": choice.name}
+    names = tuple(t["function"]["name"] for t in shown)
     if choice.mode == "required":
         prefix = TOOL_CALL_OPEN + "\n"
-        return ChatPlan(prompt + prefix, {**fmt, "lazy": False}, True, prefix)
-    return ChatPlan(prompt, {**fmt, "lazy": True}, True)
+        return ChatPlan(prompt + prefix, {**fmt, "lazy": False}, True, prefix, names)
+    return ChatPlan(prompt, {**fmt, "lazy": True}, True, names=names)
 
 
-def split_tool_calls(chunks: Iterator[StreamChunk], prefix: str = "") -> Iterator[StreamChunk]:
+def split_tool_calls(chunks: Iterator[StreamChunk], prefix: str = "",
+                     names: Collection[str] | None = None) -> Iterator[StreamChunk]:
     """The chunks of a reply with its tool calls taken out of the text: each call on the chunk
     that completes it (`tool_calls`), a call that does not parse left in the text and named in
     `invalid_tool_calls`; a reply with calls that ended normally ends "tool_calls"."""
-    parser = ToolCallParser(prefix)
+    parser = ToolCallParser(prefix, names)
     for chunk in chunks:
         pieces = parser.feed(chunk.text) if chunk.text else []
         if chunk.finish_reason is not None:

@@ -57,7 +57,7 @@ class Generation:
         if (c := self.constraint) is not None:
             left = min(self.params.max_tokens - self.n,
                        self.context_length - len(self.history) - 1)
-            closing = left <= self.closing_margin
+            closing = c.closes and left <= self.closing_margin
             if c.guessing:
                 s = self._guess(logits, c, closing)
             if s is None:  # tokens the grammar does not allow next: -inf

@@ -237,9 +237,13 @@ class Grammar:
     InvalidParamsError here, before any decoding. `trigger`: the grammar applies only once the
     model has written it (a lazy grammar), and again after each time it completes."""
 
-    def __init__(self, text: str, vocab: Vocabulary, *, trigger: str | None = None) -> None:
+    def __init__(self, text: str, vocab: Vocabulary, *, trigger: str | None = None,
+                 closes: bool = False) -> None:
         self._text, self._vocab = text, vocab
         self._tokenizer = _ll_tokenizer(vocab)
+        self.closes = closes
+        """JSON: near the end of the budget, the reply is steered to close (`Constraint.mask`).
+        Other grammars (a regex, a choice, Lark) may end anywhere or nowhere near: left be."""
         _closers(vocab)  # built now, at submission, not in a step
         self.trigger = None if trigger is None else trigger.encode()
 
@@ -255,7 +259,9 @@ class Grammar:
             raise InvalidParamsError(f"response_format is not a valid grammar: {e}") from e
         lazy = isinstance(response_format, dict) and response_format.get(
             "type") == "tool_calls" and bool(response_format.get("lazy"))
-        grammar = cls(text, vocab, trigger=TOOL_CALL_TRIGGER if lazy else None)
+        kind = response_format.get("type") if isinstance(response_format, dict) else "json"
+        grammar = cls(text, vocab, trigger=TOOL_CALL_TRIGGER if lazy else None,
+                      closes=kind in ("json", "json_object", "json_schema", "tool_calls"))
         probe = llguidance.LLMatcher(grammar._tokenizer, text, log_level=0)
         if probe.is_error():
             raise InvalidParamsError(f"response_format is not a valid grammar: "
@@ -343,8 +349,8 @@ class Constraint:
         `closing` (the token budget is nearly spent): of the allowed tokens, keep only the end
         of generation if the answer is complete, else the tokens that close a string, object
         or array if any is allowed; so a JSON value is finished within the budget (its last
-        values cut short) rather than cut off unparseable. Sets `closed_early` when it
-        narrows the choice."""
+        values cut short) rather than cut off unparseable. Sets `closed_early` when that takes
+        the model's own best choice away."""
         if self._matcher is None:
             return
         if self._next is None:  # guessing first, and the guess was refused
@@ -362,8 +368,8 @@ class Constraint:
         closers = quotes if self._text_state.in_string else closing_tokens
         for keep in (allowed & ends, allowed & closers):
             if keep.any():
-                if (allowed & ~keep).any():
-                    self.closed_early = True
+                if not keep[int(np.argmax(logits[..., :self._vocab_size]))]:
+                    self.closed_early = True  # the model's own choice was taken away
                 np.copyto(logits[..., :self._vocab_size], -np.inf, where=~keep)
                 return
 
@@ -382,6 +388,10 @@ class Constraint:
             self._ahead()
         elif self._grammar.trigger is not None:  # a lazy grammar, complete: wait again
             self._matcher, self._next, self._stopped = None, None, False
+
+    @property
+    def closes(self) -> bool:
+        return self._grammar.closes
 
     def forced(self) -> int | None:
         """The only token the grammar allows next, when it forces text (a key, a separator),

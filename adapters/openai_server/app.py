@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -59,6 +60,7 @@ from adapters.openai_server.schemas import (
 from llama_engine import (
     InvalidToolCall,
     LlamaEngine,
+    LlamaError,
     SamplingParams,
     StreamChunk,
     TokenStream,
@@ -71,7 +73,16 @@ DEFAULT_MAX_REQUESTS = 128
 """Requests admitted at once (running or waiting in the engine); past it, 429."""
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 """Largest request body; past it, 413."""
+COMPLETION_MAX_TOKENS = 16
+"""/v1/completions' max_tokens when a request gives none (OpenAI's default); chat replies run
+to their end or the context's."""
+_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llama-server")
+"""Where requests' blocking work runs (opening streams, embedding, stats, tokenizing), apart
+from asyncio's default pool (cores + 4 threads), so a few long embeddings cannot hold up new
+requests and health checks."""
 _DISCONNECT_POLL_S = 0.1
+SEND_TIMEOUT_S = 30.0
+"""A streaming client that reads nothing for this long is dropped (its request freed)."""
 _T = TypeVar("_T")
 
 
@@ -107,8 +118,12 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> Response:
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(e.status_code, str(e.detail), type=kind,
-                                       code="not_found" if e.status_code == 404 else None))
+        code = {404: "not_found", 413: "request_too_large"}.get(e.status_code)
+        return error_response(APIError(e.status_code, str(e.detail), type=kind, code=code))
+
+    @app.exception_handler(LlamaError)
+    async def _engine_error(request: Request, e: LlamaError) -> Response:
+        return error_response(from_exception(e))
 
     @app.exception_handler(Exception)
     async def _other(request: Request, e: Exception) -> Response:
@@ -116,13 +131,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        stats = await asyncio.to_thread(engine.stats)
+        stats = await _blocking(engine.stats)
         return {"status": "ok", "model": server.model_id, "requests_admitted": server.admitted,
                 **stats}
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body = await asyncio.to_thread(server.metrics.text)
+        body = await _blocking(server.metrics.text)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -152,16 +167,17 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        tokens = await asyncio.to_thread(engine.tokenize, body.content,
-                                         add_special=body.add_special)
-        if not body.with_pieces:
-            return {"tokens": tokens}
-        pieces = [engine.detokenize([t]) for t in tokens]
-        return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces, strict=True)]}
+        def run() -> dict[str, Any]:
+            tokens = engine.tokenize(body.content, add_special=body.add_special)
+            if not body.with_pieces:
+                return {"tokens": tokens}
+            return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}
+
+        return await _blocking(run)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
+        return {"content": await _blocking(engine.detokenize, body.tokens)}
 
     return app
 
@@ -226,8 +242,8 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _too_large(limit)
+                if seen > limit:  # an HTTPException: FastAPI passes it on from the body read
+                    raise StarletteHTTPException(413, _too_large(limit).message)
             return message
 
         return limited
@@ -316,13 +332,19 @@ class _Server:
                        code="model_not_found", param="model")
 
     # -- admission ------------------------------------------------------------------------------
-    def admit(self) -> _Ticket:
-        if self.admitted >= self.max_requests:
-            raise APIError(429, f"the server is busy: {self.admitted} requests are in progress, "
-                           f"the most it takes at once; retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"})
-        self.admitted += 1
-        return _Ticket(self)
+    def admit(self, generations: int = 1) -> _Ticket:
+        """Admit a request that runs `generations` engine requests (choices x prompts)."""
+        if generations > self.max_requests:
+            raise APIError(400, f"this request asks for {generations} generations (n x "
+                           f"prompts), more than the {self.max_requests} the server runs at "
+                           "once; split it", param="n", code="too_many_generations")
+        if self.admitted + generations > self.max_requests:
+            raise APIError(429, f"the server is busy: {self.admitted} generations are in "
+                           "progress, the most it takes at once; retry shortly",
+                           type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.admitted += generations
+        return _Ticket(self, generations)
 
     # -- chat -----------------------------------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -330,7 +352,7 @@ class _Server:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        ticket = self.admit()
+        ticket = self.admit(body.n)
         try:
             def open_stream(seed: int | None) -> TokenStream:
                 params = _params(body, seed=seed, logprobs=logprobs, max_tokens=max_tokens,
@@ -347,7 +369,7 @@ class _Server:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _Streamed(reply.chat_events(include_usage), reply)
         choices = await reply.collect(request)
-        return JSONResponse(reply.chat_completion(choices).model_dump(exclude_none=True))
+        return JSONResponse(reply.chat_completion(choices).model_dump())
 
     # -- text completions -----------------------------------------------------------------------
     async def complete(self, body: CompletionRequest, request: Request) -> Response:
@@ -359,7 +381,7 @@ class _Server:
             raise APIError(400, "best_of other than n is not supported", param="best_of",
                            code="unsupported")
         prompts = _prompts(body.prompt)
-        ticket = self.admit()
+        ticket = self.admit(body.n * len(prompts))
         try:
             streams: list[TokenStream] = []
             for prompt in prompts:
@@ -367,23 +389,25 @@ class _Server:
                                 ) -> TokenStream:
                     tokens = self.engine.tokenize(prompt) if isinstance(prompt, str) else prompt
                     params = _params(body, seed=seed, logprobs=body.logprobs,
-                                     max_tokens=body.max_tokens,
+                                     max_tokens=body.max_tokens or COMPLETION_MAX_TOKENS,
                                      context=self.engine.model.context_length,
                                      prompt_tokens=len(tokens))
                     return self.engine.stream(tokens, params=params)
 
                 streams += await _open(open_stream, body.n, body.seed)
+            echo = [await _blocking(self._text_of, p) for p in prompts] if body.echo else []
         except BaseException:
+            for s in streams:
+                s.close()
             ticket.release()
             raise
-        echo = [await asyncio.to_thread(self._text_of, p) for p in prompts] if body.echo else []
         reply = _Reply(self, "cmpl", body.model, streams, ticket, arrived=time.perf_counter(),
                        per_prompt=body.n, echo=echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _Streamed(reply.text_events(include_usage), reply)
         choices = await reply.collect(request)
-        return JSONResponse(reply.text_completion(choices).model_dump(exclude_none=True))
+        return JSONResponse(reply.text_completion(choices).model_dump())
 
     def _text_of(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.engine.detokenize(prompt)
@@ -398,8 +422,8 @@ class _Server:
                            code="invalid_value")
         ticket = self.admit()
         try:
-            vectors = await asyncio.to_thread(self.engine.embed, texts)
-            counts = await asyncio.to_thread(self.engine.embed_token_counts, texts)
+            vectors = await _blocking(self.engine.embed, texts)
+            counts = await _blocking(self.engine.embed_token_counts, texts)
         finally:
             ticket.release()
         if body.dimensions is not None and body.dimensions != len(vectors[0]):
@@ -421,7 +445,7 @@ class _Streamed(EventSourceResponse):
     ends, even when the client leaves before the first event is sent."""
 
     def __init__(self, events: AsyncIterator[str], reply: _Reply) -> None:
-        super().__init__(events, ping=15, sep="\n")
+        super().__init__(events, ping=15, sep="\n", send_timeout=SEND_TIMEOUT_S)
         self._reply = reply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -432,14 +456,15 @@ class _Streamed(EventSourceResponse):
 
 
 class _Ticket:
-    """An admitted request; released once, when its answer is over."""
+    """An admitted request's generations; released once, when its answer is over."""
 
-    def __init__(self, server: _Server) -> None:
+    def __init__(self, server: _Server, generations: int) -> None:
         self._server: _Server | None = server
+        self._generations = generations
 
     def release(self) -> None:
         if self._server is not None:
-            self._server.admitted -= 1
+            self._server.admitted -= self._generations
             self._server = None
 
 
@@ -458,7 +483,12 @@ async def _open(open_stream: Callable[[int | None], TokenStream], n: int,
             raise
         return streams
 
-    return await asyncio.to_thread(every)
+    return await _blocking(every)
+
+
+async def _blocking(fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` on the server's worker pool."""
+    return await asyncio.get_running_loop().run_in_executor(_POOL, lambda: fn(*args))
 
 
 def _params(body: Any, *, seed: int | None, logprobs: int | None, max_tokens: int | None,
@@ -637,14 +667,14 @@ class _Reply:
             if include_usage:
                 yield ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                           choices=[], usage=self.usage(choices)
-                                          ).model_dump_json(exclude_none=True)
+                                          ).model_dump_json()
         except Exception as e:  # the status is sent: report in the stream
             yield json.dumps(from_exception(e).body())
         yield "[DONE]"
 
     def _chunk(self, choices: list[ChunkChoice]) -> str:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=choices).model_dump_json(exclude_none=True)
+                                   choices=choices).model_dump_json()
 
     def _chat_logprobs(self, items: Sequence[tuple[int, float, dict[int, float]]]
                        ) -> ChoiceLogprobs:
@@ -686,7 +716,7 @@ class _Reply:
             if include_usage:
                 yield TextCompletion(id=self.id, created=self.created, model=self.model,
                                      choices=[], usage=self.usage(choices)
-                                     ).model_dump_json(exclude_none=True)
+                                     ).model_dump_json()
         except Exception as e:  # the status is sent: report in the stream
             yield json.dumps(from_exception(e).body())
         yield "[DONE]"
@@ -695,7 +725,7 @@ class _Reply:
                     logprobs: TextLogprobs | None) -> str:
         return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[
             TextChoice(index=i, text=text, finish_reason=finish, logprobs=logprobs)]
-        ).model_dump_json(exclude_none=True)
+        ).model_dump_json()
 
     def _text_logprobs(self, items: Sequence[tuple[int, float, dict[int, float]]],
                        offset: int) -> TextLogprobs:

@@ -3,8 +3,8 @@
 Requests accept fields this server does not use (`user`, `store`, `metadata`, ...; OpenAI
 clients send them) and the common extensions vLLM and llama.cpp's server take (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`). Responses are built with these models and sent
-with `exclude_none`, except where OpenAI sends an explicit null (a message's `content` beside
-tool calls, a chunk's `finish_reason`).
+whole, with null for what a reply lacks (a message's `content` beside tool calls, a chunk's
+`finish_reason`), as OpenAI sends them.
 """
 
 from __future__ import annotations

@@ -283,6 +283,27 @@ def test_bad_requests_get_the_right_status(base_url: str, body: dict[str, Any], 
     _error(r, status, code)
 
 
+def test_engine_errors_are_counted_with_their_status(base_url: str) -> None:
+    r = httpx.post(f"{base_url}/v1/chat/completions",
+                   json={"model": MODEL, "messages": ASK, "tool_choice": "required"})
+    _error(r, 400)
+    text = httpx.get(f"{base_url}/metrics").text
+    assert 'llama_requests_total{endpoint="/v1/chat/completions",status="400"}' in text
+    assert 'endpoint="/v1/chat/completions",status="500"' not in text
+
+
+def test_whole_replies_keep_openais_nulls_and_completions_default_to_16_tokens(
+        base_url: str) -> None:
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "tools": [WEATHER], "tool_choice": "required", "temperature": 0, "max_tokens": 48})
+    message = r.json()["choices"][0]["message"]
+    assert "content" in message and message["content"] is None and message["tool_calls"]
+    done = httpx.post(f"{base_url}/v1/completions", json={
+        "model": MODEL, "prompt": "Once upon a time", "temperature": 0, "ignore_eos": True})
+    assert done.json()["usage"]["completion_tokens"] == 16
+
+
 def test_malformed_and_oversized_bodies(base_url: str) -> None:
     r = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"model": ',
                    headers={"content-type": "application/json"})
@@ -290,6 +311,19 @@ def test_malformed_and_oversized_bodies(base_url: str) -> None:
     r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL,
                                                        "prompt": "x" * (9 << 20)})
     _error(r, 413, "request_too_large")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"model": "' + MODEL.encode() + b'", "prompt": "'
+        for _ in range(9):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(f"{base_url}/v1/completions", content=chunked(),
+                   headers={"content-type": "application/json"})
+    _error(r, 413, "request_too_large")
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "n": 16,
+                                                       "prompt": ["a"] * 20})
+    _error(r, 400, "too_many_generations")
     r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "Hi",
                                                        "max_tokens": 100_000})
     _error(r, 400, "context_length_exceeded")

@@ -72,8 +72,21 @@ def test_bare_json_replies_are_calls(reply: str) -> None:
 
 
 def test_plain_text_passes_through_unchanged_even_with_lookalikes() -> None:
-    for text in ["Hello there", "a < b and <tool is not a tag", "{not json at all", "[1] item"]:
+    for text in ["Hello there", "a < b and <tool is not a tag", "{not json at all", "[1] item",
+                 '{"name": "Alice", "age": 3}',  # JSON, but no call: no arguments
+                 '{"name": "get_weather", "arguments": {}} and then some words']:
         assert "".join(_parse(text, chunks=4)) == text
+
+
+def test_a_bare_call_must_name_an_offered_tool_and_text_streams_at_once() -> None:
+    reply = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    offered = ToolCallParser(names=["get_weather"])
+    (call,) = offered.feed(reply) + offered.finish()
+    assert isinstance(call, ToolCall)
+    other = ToolCallParser(names=["add"])
+    assert other.feed(reply) + other.finish() == [reply]
+    early = ToolCallParser(names=["add"])
+    assert early.feed("[1] See the first item") == ["[1] See the first item"]
 
 
 def test_a_broken_call_is_invalid_and_keeps_the_text_as_written() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from llama_engine import InvalidParamsError, ToolCall
-from llama_engine.tools import template_supports_tools
+from llama_engine.tools import plan_chat, template_supports_tools
 from llama_runtime.bench import at_once
 
 WEATHER = {"type": "function", "function": {
@@ -148,6 +148,12 @@ TOOLS_TEMPLATE = (
 
 def test_a_template_that_renders_tools_gets_them_and_their_results(engine) -> None:
     assert template_supports_tools(engine, chat_template=TOOLS_TEMPLATE)
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function",  # OpenAI's form: the arguments as a JSON string
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    plan = plan_chat(engine, history, tools=TOOLS, chat_template=TOOLS_TEMPLATE)
+    assert '{"name": "get_weather", "arguments": {"city": "Rome"}}' in plan.prompt
     first = engine.chat(ASK, tools=TOOLS, tool_choice="required", chat_template=TOOLS_TEMPLATE,
                         temperature=0, max_tokens=64)
     (call,) = first.tool_calls

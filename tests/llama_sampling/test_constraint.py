@@ -189,3 +189,15 @@ def test_closing_finishes_the_json_within_the_budget() -> None:
         value = json.loads(tok.decode(out))
         assert set(value) == {"a", "b", "c"} and set(value["c"]) == {"d"}
         assert c.closed_early
+
+
+def test_only_json_grammars_close_near_the_budget() -> None:
+    tok = _smollm2()
+    closing = {"json_object": {"type": "json_object"}, "tool_calls": {
+        "type": "tool_calls", "tools": TOOLS}, "json_schema": {
+        "type": "json_schema", "json_schema": {"schema": SCHEMA}}}
+    for fmt in closing.values():
+        assert Grammar.compile(fmt, tok).constraint().closes
+    for fmt in ({"type": "regex", "pattern": "[a-z ]+"}, {"type": "choice", "choices": ["a"]},
+                {"type": "grammar", "lark": 'start: "x"+'}):
+        assert not Grammar.compile(fmt, tok).constraint().closes
