@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -645,29 +646,40 @@ class _Reply:
         return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=out,
                               usage=self.usage(choices))
 
-    async def chat_events(self, include_usage: bool) -> AsyncIterator[str]:
+    def chat_events(self, include_usage: bool) -> AsyncIterator[str]:
         choices = [_Choice() for _ in self.streams]
+        return self._events(self._chat_deltas(choices), choices, include_usage, lambda usage: (
+            ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                usage=usage)))
+
+    async def _chat_deltas(self, choices: list[_Choice]) -> AsyncIterator[str]:
         calls_sent = [0] * len(self.streams)
+        yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                           for i in range(len(self.streams))])
+        async for i, chunk in self.chunks():
+            choices[i].add(chunk)
+            delta = Delta(content=chunk.text or None)
+            if chunk.tool_calls:
+                delta.tool_calls = [_tool_call(c, index=calls_sent[i] + k)
+                                    for k, c in enumerate(chunk.tool_calls)]
+                calls_sent[i] += len(chunk.tool_calls)
+            logprobs = (self._chat_logprobs(choices[i].logprobs[-1:])
+                        if chunk.logprob is not None else None)
+            if delta.content or delta.tool_calls or logprobs or chunk.finish_reason:
+                yield self._chunk([ChunkChoice(index=i, delta=delta, logprobs=logprobs,
+                                               finish_reason=chunk.finish_reason)])
+
+    async def _events(self, deltas: AsyncIterator[str], choices: list[_Choice],
+                      include_usage: bool, usage_chunk: Callable[[Usage], BaseModel]
+                      ) -> AsyncIterator[str]:
+        """The server-sent events of a stream: its deltas, then the usage chunk if asked for,
+        then [DONE]; an error after the status was sent is reported as a last event."""
         try:
-            yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                               for i in range(len(self.streams))])
-            async for i, chunk in self.chunks():
-                choices[i].add(chunk)
-                delta = Delta(content=chunk.text or None)
-                if chunk.tool_calls:
-                    delta.tool_calls = [_tool_call(c, index=calls_sent[i] + k)
-                                        for k, c in enumerate(chunk.tool_calls)]
-                    calls_sent[i] += len(chunk.tool_calls)
-                logprobs = (self._chat_logprobs(choices[i].logprobs[-1:])
-                            if chunk.logprob is not None else None)
-                if delta.content or delta.tool_calls or logprobs or chunk.finish_reason:
-                    yield self._chunk([ChunkChoice(index=i, delta=delta, logprobs=logprobs,
-                                                   finish_reason=chunk.finish_reason)])
+            async for event in deltas:
+                yield event
             self._count(choices)
             if include_usage:
-                yield ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                          choices=[], usage=self.usage(choices)
-                                          ).model_dump_json()
+                yield usage_chunk(self.usage(choices)).model_dump_json()
         except Exception as e:  # the status is sent: report in the stream
             yield json.dumps(from_exception(e).body())
         yield "[DONE]"
@@ -700,26 +712,22 @@ class _Reply:
         return TextCompletion(id=self.id, created=self.created, model=self.model, choices=out,
                               usage=self.usage(choices))
 
-    async def text_events(self, include_usage: bool) -> AsyncIterator[str]:
+    def text_events(self, include_usage: bool) -> AsyncIterator[str]:
         choices = [_Choice() for _ in self.streams]
-        try:
-            for i, prefix in enumerate(self.echo):
-                for j in range(self.per_prompt):
-                    yield self._text_chunk(i * self.per_prompt + j, prefix, None, None)
-            async for i, chunk in self.chunks():
-                choices[i].add(chunk)
-                if chunk.text or chunk.finish_reason:
-                    logprobs = (self._text_logprobs(choices[i].logprobs[-1:], 0)
-                                if chunk.logprob is not None else None)
-                    yield self._text_chunk(i, chunk.text, chunk.finish_reason, logprobs)
-            self._count(choices)
-            if include_usage:
-                yield TextCompletion(id=self.id, created=self.created, model=self.model,
-                                     choices=[], usage=self.usage(choices)
-                                     ).model_dump_json()
-        except Exception as e:  # the status is sent: report in the stream
-            yield json.dumps(from_exception(e).body())
-        yield "[DONE]"
+        return self._events(self._text_deltas(choices), choices, include_usage, lambda usage: (
+            TextCompletion(id=self.id, created=self.created, model=self.model, choices=[],
+                           usage=usage)))
+
+    async def _text_deltas(self, choices: list[_Choice]) -> AsyncIterator[str]:
+        for i, prefix in enumerate(self.echo):
+            for j in range(self.per_prompt):
+                yield self._text_chunk(i * self.per_prompt + j, prefix, None, None)
+        async for i, chunk in self.chunks():
+            choices[i].add(chunk)
+            if chunk.text or chunk.finish_reason:
+                logprobs = (self._text_logprobs(choices[i].logprobs[-1:], 0)
+                            if chunk.logprob is not None else None)
+                yield self._text_chunk(i, chunk.text, chunk.finish_reason, logprobs)
 
     def _text_chunk(self, i: int, text: str, finish: str | None,
                     logprobs: TextLogprobs | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from pydantic import BaseModel, ConfigDict, Field
+from templates import TOOLS_TEMPLATE
 
 from adapters.langchain import ChatLlamaEngine
 from llama_engine import InvalidParamsError, ModelNotFoundError, UnsupportedOperationError
@@ -46,19 +47,6 @@ def test_forced_call_round_trip_with_history(chat: ChatLlamaEngine) -> None:
                ToolMessage("Sunny, 22C", tool_call_id=call["id"])]
     answer = chat.bind_tools([WEATHER]).invoke(history)
     assert isinstance(answer, AIMessage) and answer.usage_metadata["input_tokens"] > 0
-
-
-# ChatML with tools rendered by the template itself (the shape of Qwen2.5's template).
-TOOLS_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\nYou may call these functions:\n"
-    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
-    'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n'
-    "{% endif %}"
-    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
-    '{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>'
-    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def test_a_template_that_renders_tools_gets_them_natively(exact_engine: Any) -> None:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+from templates import TOOLS_TEMPLATE
 
 from llama_engine import InvalidParamsError, ToolCall
 from llama_engine.tools import plan_chat, template_supports_tools
@@ -131,19 +132,6 @@ def test_tool_results_continue_the_conversation(engine) -> None:
     answer = engine.chat(history, tools=TOOLS, temperature=0, max_tokens=32)
     assert answer.finish_reason in ("stop", "length", "tool_calls")
     assert answer.usage.prompt_tokens > len(engine.tokenize(prompt, add_special=False))
-
-
-# ChatML that renders tools itself (the shape of Qwen2.5's template).
-TOOLS_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\nYou may call these functions:\n"
-    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
-    'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n'
-    "{% endif %}"
-    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
-    '{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>'
-    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def test_a_template_that_renders_tools_gets_them_and_their_results(engine) -> None:
