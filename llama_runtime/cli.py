@@ -160,6 +160,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      max_body_bytes=args.max_body or DEFAULT_MAX_BODY_BYTES)
     print(f"serving {engine.model.name} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})", file=sys.stderr)
+    # uvicorn stops gracefully on SIGINT/SIGTERM (in-flight requests end, streams close) and
+    # then re-raises the signal, so the process exits with the conventional status for it.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     engine.close()
     return 0

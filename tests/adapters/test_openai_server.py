@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ import httpx
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
-from serving import serving
+from serving import free_port, serving
 
 MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "Name a colour."}]
@@ -404,3 +408,36 @@ def test_llama_index_openai_like(base_url: str) -> None:
         [ChatMessage(role="user", content="Name a colour.")]))
     assert streamed == reply.message.content
     assert llm.complete("The sky is").text
+
+
+@pytest.mark.slow
+def test_llama_engine_serve_from_the_shell() -> None:
+    port = free_port()
+    exe = shutil.which("llama-engine")
+    cmd = [exe] if exe else [sys.executable, "-m", "llama_runtime.cli"]
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--api-key", "k",
+                             "--threads", "1", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama-engine serve did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4,
+                                               temperature=0)
+        assert reply.choices[0].message.content
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # the key is required
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal: the conventional exit status
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert f"serving {MODEL} on http://127.0.0.1:{port}/v1 (API key required)" in err
