@@ -7,7 +7,8 @@
   (`tool_calls`, role "tool"). Otherwise `inline_tools` adds a system prompt listing the tools
   as JSON schemas and asking for Hermes-style calls, earlier calls are written back in that
   format and results become user turns in `<tool_response>` tags, so a template that knows
-  only user/assistant/system still renders the conversation.
+  only user/assistant/system still renders the conversation. A model with no chat template at
+  all (a base model) gets that conversation as a plain transcript (`FALLBACK_TEMPLATE`).
 * `tool_choice` "auto" (the default with tools): the model writes text or calls as it likes;
   once it opens a call (`<tool_call>`), the call is constrained to the tools' schemas up to
   its closing tag (a lazy grammar, `llama_sampling.constraint`).
@@ -53,6 +54,11 @@ __all__ = [
 ]
 
 _PROBE_TOOL = "llama_engine_probe_tool"
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+"""How a chat with tools is written for a model with no chat template (a base model): a plain
+transcript, "System: ...", "User: ...", "Assistant: ...", the tools in the system turn."""
 MAX_TOOLS = 128
 
 
@@ -251,8 +257,10 @@ def plan_chat(
     checked = check_tools(tools)
     choice = ToolChoice.of(tool_choice, checked)
     shown = checked if choice.mode != "none" else []
-    render: dict[str, Any] = {"chat_template": chat_template} if chat_template else {}
     history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if not chat_template and not engine.model.has_chat_template and (shown or history):
+        chat_template = FALLBACK_TEMPLATE
+    render: dict[str, Any] = {"chat_template": chat_template} if chat_template else {}
     if not (shown or history):
         return ChatPlan(engine.apply_chat_template(messages, **render))
     if template_supports_tools(engine, **render):

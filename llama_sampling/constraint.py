@@ -75,14 +75,15 @@ def _ll_tokenizer(vocab: Vocabulary) -> Any:
         return found
 
 
-_CLOSERS: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray]] = (
+_CLOSERS: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = (
     weakref.WeakKeyDictionary())
 _CLOSING_BYTES = frozenset(b'"}] ')
 
 
-def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens made only of closing bytes `"`, `}`, `]` (and the space JSON's separators end
-    with); those of them that start with `"`), once per vocabulary."""
+    with); those of them that start with `"`; a lone comma, which ends a number), once per
+    vocabulary."""
     with _TOKENIZERS_LOCK:
         found = _CLOSERS.get(vocab)
         if found is None:
@@ -91,7 +92,8 @@ def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
             closing = np.array([bool(b.strip()) and _CLOSING_BYTES.issuperset(b)
                                 for b in pieces])
             quote = closing & np.array([b[:1] == b'"' for b in pieces])
-            found = _CLOSERS[vocab] = (closing, quote)
+            comma = np.array([b.strip() == b"," for b in pieces])
+            found = _CLOSERS[vocab] = (closing, quote, comma)
         return found
 
 
@@ -348,8 +350,9 @@ class Constraint:
 
         `closing` (the token budget is nearly spent): of the allowed tokens, keep only the end
         of generation if the answer is complete, else the tokens that close a string, object
-        or array if any is allowed; so a JSON value is finished within the budget (its last
-        values cut short) rather than cut off unparseable. Sets `closed_early` when that takes
+        or array if any is allowed, else a comma (which ends a number); so a JSON value is
+        finished within the budget (its last values cut short) rather than cut off
+        unparseable. Sets `closed_early` when that takes
         the model's own best choice away."""
         if self._matcher is None:
             return
@@ -364,9 +367,12 @@ class Constraint:
         allowed = ~banned
         ends = np.zeros_like(allowed)
         ends[[i for i in self._grammar._vocab.eog_ids if i < self._vocab_size]] = True
-        closing_tokens, quotes = _closers(self._grammar._vocab)
-        closers = quotes if self._text_state.in_string else closing_tokens
-        for keep in (allowed & ends, allowed & closers):
+        closing_tokens, quotes, commas = _closers(self._grammar._vocab)
+        inside = self._text_state.in_string
+        tiers = [allowed & ends, allowed & (quotes if inside else closing_tokens)]
+        if not inside:  # a number ends at a comma too (when no bracket may close yet)
+            tiers.append(allowed & commas)
+        for keep in tiers:
             if keep.any():
                 if not keep[int(np.argmax(logits[..., :self._vocab_size]))]:
                     self.closed_early = True  # the model's own choice was taken away
@@ -420,7 +426,7 @@ class Constraint:
         ends = self._grammar._vocab.eog_ids
         if token_id in ends:
             return True
-        closing_tokens, quotes = _closers(self._grammar._vocab)
+        closing_tokens, quotes, _ = _closers(self._grammar._vocab)
         closers = quotes if self._text_state.in_string else closing_tokens
         return bool(closers[token_id]) and not any(valid([e]) == 1 for e in ends)
 

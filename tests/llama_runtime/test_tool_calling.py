@@ -205,3 +205,25 @@ def test_a_constrained_call_and_a_free_reply_share_steps(engine) -> None:
         else:
             assert [(c.name, c.arguments) for c in reply.tool_calls] == [
                 (c.name, c.arguments) for c in alone_call.tool_calls]
+
+
+@pytest.mark.slow
+def test_a_model_without_a_chat_template_gets_the_fallback_transcript() -> None:
+    """gemma3-270m (a base model, 262k SentencePiece vocabulary) has no chat template: plain
+    chat stays an error, a chat with tools is written as a transcript and still calls."""
+    from llama_engine import UnsupportedOperationError
+    from llama_engine.tools import FALLBACK_TEMPLATE
+    from llama_runtime import create_engine
+
+    with create_engine("gemma3-270m", progress=False) as gemma:
+        assert not gemma.model.has_chat_template
+        with pytest.raises(UnsupportedOperationError, match="no chat template"):
+            gemma.chat(ASK, max_tokens=4)
+        plan = plan_chat(gemma, ASK, tools=TOOLS, tool_choice="required")
+        assert plan.prompt == gemma.apply_chat_template(
+            [{"role": "system", "content": plan.prompt.split("\n\nUser:")[0][8:]}, *ASK],
+            chat_template=FALLBACK_TEMPLATE) + "<tool_call>\n"
+        done = gemma.chat(ASK, tools=TOOLS, tool_choice="required", temperature=0,
+                          max_tokens=48)
+        (call,) = done.tool_calls
+        _valid(call)
