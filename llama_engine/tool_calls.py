@@ -167,16 +167,13 @@ class ToolCallParser:
         body = body.rstrip()
         body = body[: len(body) - _partial_suffix(body, TOOL_CALL_CLOSE)]
         try:
-            obj = _decode(body.strip())
+            _decode(body.strip())  # complete, strictly
         except ValueError:
             self._after_call = True
             return InvalidToolCall(
                 text=raw, name=None, id=new_call_id(),
                 error="the reply reached max_tokens inside this call; raise max_tokens")
-        self._after_call = True
-        call = _call_from_obj(obj, raw)
-        self.calls += isinstance(call, ToolCall)
-        return call
+        return self._parse_call(body, raw)
 
     def _parse_call(self, body: str, raw: str) -> ToolCall | InvalidToolCall:
         self._after_call = True

@@ -75,15 +75,15 @@ def _ll_tokenizer(vocab: Vocabulary) -> Any:
         return found
 
 
-_CLOSERS: weakref.WeakKeyDictionary[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = (
-    weakref.WeakKeyDictionary())
+_CLOSERS: weakref.WeakKeyDictionary[
+    Any, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = weakref.WeakKeyDictionary()
 _CLOSING_BYTES = frozenset(b'"}] ')
 
 
-def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(tokens made only of closing bytes `"`, `}`, `]` (and the space JSON's separators end
-    with); those of them that start with `"`; a lone comma, which ends a number), once per
-    vocabulary."""
+    with); those of them that start with `"`; a lone comma, which ends a number; the
+    end-of-generation tokens), once per vocabulary."""
     with _TOKENIZERS_LOCK:
         found = _CLOSERS.get(vocab)
         if found is None:
@@ -93,7 +93,9 @@ def _closers(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                                 for b in pieces])
             quote = closing & np.array([b[:1] == b'"' for b in pieces])
             comma = np.array([b.strip() == b"," for b in pieces])
-            found = _CLOSERS[vocab] = (closing, quote, comma)
+            ends = np.zeros(vocab.vocab_size, dtype=bool)
+            ends[[i for i in vocab.eog_ids if i < vocab.vocab_size]] = True
+            found = _CLOSERS[vocab] = (closing, quote, comma, ends)
         return found
 
 
@@ -356,18 +358,14 @@ class Constraint:
         the model's own best choice away."""
         if self._matcher is None:
             return
-        if self._next is None:  # guessing first, and the guess was refused
-            self._next = Future()
-            self._next.set_result(self._banned())
-        banned = self._next.result()
+        # guessing first, a refused guess makes the mask now; else it was started ahead
+        banned = self._banned() if self._next is None else self._next.result()
         np.copyto(logits[..., :self._vocab_size], -np.inf, where=banned)
         logits[..., self._vocab_size:] = -np.inf
         if not closing:
             return
         allowed = ~banned
-        ends = np.zeros_like(allowed)
-        ends[[i for i in self._grammar._vocab.eog_ids if i < self._vocab_size]] = True
-        closing_tokens, quotes, commas = _closers(self._grammar._vocab)
+        closing_tokens, quotes, commas, ends = _closers(self._grammar._vocab)
         inside = self._text_state.in_string
         tiers = [allowed & ends, allowed & (quotes if inside else closing_tokens)]
         if not inside:  # a number ends at a comma too (when no bracket may close yet)
@@ -426,7 +424,7 @@ class Constraint:
         ends = self._grammar._vocab.eog_ids
         if token_id in ends:
             return True
-        closing_tokens, quotes, _ = _closers(self._grammar._vocab)
+        closing_tokens, quotes, _, _ = _closers(self._grammar._vocab)
         closers = quotes if self._text_state.in_string else closing_tokens
         return bool(closers[token_id]) and not any(valid([e]) == 1 for e in ends)
 
