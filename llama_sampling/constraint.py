@@ -261,9 +261,8 @@ class Grammar:
             raise
         except (ValueError, TypeError, RuntimeError) as e:  # llguidance's own refusals
             raise InvalidParamsError(f"response_format is not a valid grammar: {e}") from e
-        lazy = isinstance(response_format, dict) and response_format.get(
-            "type") == "tool_calls" and bool(response_format.get("lazy"))
         kind = response_format.get("type") if isinstance(response_format, dict) else "json"
+        lazy = kind == "tool_calls" and bool(response_format.get("lazy"))
         grammar = cls(text, vocab, trigger=TOOL_CALL_TRIGGER if lazy else None,
                       closes=kind in ("json", "json_object", "json_schema", "tool_calls"))
         probe = llguidance.LLMatcher(grammar._tokenizer, text, log_level=0)
