@@ -657,39 +657,57 @@ inline void lanes_f32(const QMat& w, const float* x, int64_t g, int h, int64_t b
   });
 }
 
-// The same against a panel of already widened weights, [K][kLanes] (many activation rows).
-template <int T>
-inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t b0, L::F acc[T]) {
-  for (int t = 0; t < T; ++t) acc[t] = L::zero();
+// The same for U units of kLanes weight rows against a panel of already widened weights,
+// [K][U][kLanes] (many activation rows). Two units a panel give each broadcast activation two
+// FMAs: one unit's loads (a weight vector and T broadcasts for T FMAs) left the FMA units ~25%
+// idle; with two the kernel runs at the FMA peak. Each output is still one FMA chain over k.
+template <int U, int T>
+inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t b0,
+                      L::F acc[U][T]) {
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t) acc[u][t] = L::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const L::F wk = L::load(panel + k * kLanes);
-    for (int t = 0; t < T; ++t) acc[t] = L::fma(wk, L::set1(x[(b0 + t) * K + k]), acc[t]);
-  }
-}
-
-// Lanes h of group g widened into panel [K][kLanes]: dense weights transposed, quantized ones
-// through for_each_k (the same values the on-the-fly path computes).
-inline void widen_lanes(const QMat& w, int64_t g, int h, float* panel) {
-  const int64_t K = w.K;
-  if (w.dense) {
-    for (int r = 0; r < kLanes; ++r) {
-      const int64_t n = g * GROUP + h * kLanes + r;
-      if (n >= w.N) {  // padding lanes
-        for (int64_t k = 0; k < K; ++k) panel[k * kLanes + r] = 0.f;
-        continue;
-      }
-      const float* row = static_cast<const float*>(w.qs) + n * K;
-      for (int64_t k = 0; k < K; ++k) panel[k * kLanes + r] = row[k];
+    L::F wk[U];
+    for (int u = 0; u < U; ++u) wk[u] = L::load(panel + (k * U + u) * kLanes);
+    for (int t = 0; t < T; ++t) {
+      const L::F xk = L::set1(x[(b0 + t) * K + k]);
+      for (int u = 0; u < U; ++u) acc[u][t] = L::fma(wk[u], xk, acc[u][t]);
     }
-    return;
   }
-  for_each_k(w, g, h, [&](int64_t k, L::F wk) { L::store(panel + k * kLanes, wk); });
 }
 
+// Units [u0, u0 + U) widened into panel [K][U][kLanes]: dense weights transposed, quantized
+// ones through for_each_k (the same values the on-the-fly path computes). A unit is kLanes
+// weight rows: lanes h of group g is unit g * kUnits + h.
+constexpr int kUnits = GROUP / kLanes;
+template <int U>
+inline void widen_units(const QMat& w, int64_t u0, float* panel) {
+  const int64_t K = w.K;
+  for (int u = 0; u < U; ++u) {
+    const int64_t g = (u0 + u) / kUnits;
+    const int h = static_cast<int>((u0 + u) % kUnits);
+    if (w.dense) {
+      for (int r = 0; r < kLanes; ++r) {
+        const int64_t n = (u0 + u) * kLanes + r;
+        float* col = panel + u * kLanes + r;
+        if (n >= w.N) {  // padding lanes
+          for (int64_t k = 0; k < K; ++k) col[k * U * kLanes] = 0.f;
+          continue;
+        }
+        const float* row = static_cast<const float*>(w.qs) + n * K;
+        for (int64_t k = 0; k < K; ++k) col[k * U * kLanes] = row[k];
+      }
+    } else {
+      for_each_k(w, g, h, [&](int64_t k, L::F wk) { L::store(panel + (k * U + u) * kLanes, wk); });
+    }
+  }
+}
+
+// acc[t] into the output rows of unit u (rows past N are padding, not stored).
 template <int T>
-inline void store_lanes(const QMat& w, int64_t g, int h, int64_t b0, const L::F acc[T],
-                        float* out, int64_t ldo) {
-  const int64_t n0 = g * GROUP + h * kLanes;
+inline void store_unit(const QMat& w, int64_t u, int64_t b0, const L::F acc[T], float* out,
+                       int64_t ldo) {
+  const int64_t n0 = u * kLanes;
   const int64_t rows = std::min<int64_t>(kLanes, w.N - n0);
   for (int t = 0; t < T; ++t) {
     float* o = out + (b0 + t) * ldo + n0;
@@ -756,29 +774,39 @@ void qmat_rows_quant(const QMat& w, const QActs& a, float* out, int64_t ldo, int
 void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t ldo,
                    int64_t g0, int64_t g1) {
 #if LE_AVX2
-  // Few rows widen each weight as it is read; many rows (or dense weights) widen each group's
-  // lanes once into a panel that stays in L2 and stream every row past it.
+  // Few rows widen each weight as it is read; many rows (or dense weights) widen two units at a
+  // time once into a panel that stays in L2 and stream every row past it.
   const bool panel = B >= kPanelRows || w.dense;
   thread_local std::vector<float> buf;
-  if (panel && static_cast<int64_t>(buf.size()) < w.K * kLanes) buf.resize(w.K * kLanes);
-  for (int64_t g = g0; g < g1; ++g)
-    for (int h = 0; h < GROUP / kLanes; ++h) {
-      if (g * GROUP + h * kLanes >= w.N) break;
-      if (panel) widen_lanes(w, g, h, buf.data());
-      auto run = [&](auto tile, int64_t b0) {
-        constexpr int T = decltype(tile)::value;
-        L::F acc[T];
+  if (panel && static_cast<int64_t>(buf.size()) < w.K * 2 * kLanes) buf.resize(w.K * 2 * kLanes);
+  const int64_t u1 = std::min(g1 * kUnits, (w.N + kLanes - 1) / kLanes);
+  for (int64_t u = g0 * kUnits; u < u1;) {
+    // Activation rows in tiles of T: as many as the registers hold (U * T accumulators).
+    auto rows = [&](auto units, auto tile, auto tail) {
+      constexpr int U = decltype(units)::value;
+      auto run = [&](auto t, int64_t b0) {
+        constexpr int T = decltype(t)::value;
+        L::F acc[U][T];
         if (panel)
-          panel_f32<T>(buf.data(), w.K, x, b0, acc);
+          panel_f32<U, T>(buf.data(), w.K, x, b0, acc);
         else
-          lanes_f32<T>(w, x, g, h, b0, acc);
-        store_lanes<T>(w, g, h, b0, acc, out, ldo);
+          lanes_f32<T>(w, x, u / kUnits, static_cast<int>(u % kUnits), b0, acc[0]);
+        for (int i = 0; i < U; ++i) store_unit<T>(w, u + i, b0, acc[i], out, ldo);
       };
+      if (panel) widen_units<U>(w, u, buf.data());
       int64_t b0 = 0;
-      for (; b0 + 8 <= B; b0 += 8) run(std::integral_constant<int, 8>{}, b0);
-      for (; b0 + 4 <= B; b0 += 4) run(std::integral_constant<int, 4>{}, b0);
+      for (; b0 + decltype(tile)::value <= B; b0 += decltype(tile)::value) run(tile, b0);
+      for (; b0 + decltype(tail)::value <= B; b0 += decltype(tail)::value) run(tail, b0);
       for (; b0 < B; ++b0) run(std::integral_constant<int, 1>{}, b0);
-    }
+      u += U;
+    };
+    if (panel && u + 2 <= u1)
+      rows(std::integral_constant<int, 2>{}, std::integral_constant<int, kLanes == 16 ? 8 : 6>{},
+           std::integral_constant<int, 4>{});
+    else
+      rows(std::integral_constant<int, 1>{}, std::integral_constant<int, 8>{},
+           std::integral_constant<int, 4>{});
+  }
 #else
   const int64_t n1 = std::min(w.N, g1 * GROUP);
   for (int64_t n = g0 * GROUP; n < n1; ++n)
