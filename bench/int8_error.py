@@ -3,6 +3,7 @@
     python bench/int8_error.py [--model smollm2-135m-instruct] [--tokens 64] [--threads 2]
                                [--reference live|cached] [--write-reference]
                                [--logit-steps 8] [--modes mixed int16 int8 exact]
+                               [--modes torch-bfloat16 torch-float32]
 
 1. Greedy agreement, what decides a user's answer. The prompts of REFERENCE (chat-templated and
    raw; several languages, code, arithmetic) each get --tokens greedy tokens (end of sequence
@@ -20,6 +21,9 @@
    max |x - ref|. tests/llama_runtime/test_fused_decode.py's tolerances rest on these. ("mixed"
    is left out: a context computed as a prompt is exact's arithmetic there, and a generated
    token int16's.)
+
+A mode named torch-DTYPE runs the torch backend on the CPU with every weight dequantized to DTYPE
+(what the CUDA path computes, bfloat16 by default there, up to its kernels' summation order).
 
 Prints one JSON object. llama.cpp needs the `bench` extra (skipped with a note when missing),
 --reference live needs transformers.
@@ -204,8 +208,14 @@ def main() -> None:
     from llama_runtime import create_engine
     from llama_runtime.backends import CPU_DECODE
 
-    engines = {mode: create_engine(args.model, threads=args.threads, progress=False,
-                                   decode=mode) for mode in dict.fromkeys([*args.modes, "exact"])}
+    def engine(mode: str) -> Any:
+        if mode.startswith("torch-"):  # the CUDA path's arithmetic, on the CPU
+            return create_engine(args.model, threads=args.threads, progress=False,
+                                 backend="torch", device="cpu", weights="dequant",
+                                 dtype=mode.removeprefix("torch-"))
+        return create_engine(args.model, threads=args.threads, progress=False, decode=mode)
+
+    engines = {mode: engine(mode) for mode in dict.fromkeys([*args.modes, "exact"])}
     ref_engine = engines["exact"]
     data = json.loads(REFERENCE.read_text())
     prompts = [prompt_ids(ref_engine, p) for p in data["prompts"]]

@@ -139,6 +139,7 @@ async def _load(url: str, model: str, clients: int, requests: int, prompt_tokens
                 gen: int, timeout: float) -> dict[str, Any]:
     ttfts: list[float] = []
     tokens = failed = 0
+    errors: list[str] = []
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         await _one(http, url, model, _prompt(10_000, prompt_tokens), 8)  # warm up
@@ -149,8 +150,9 @@ async def _load(url: str, model: str, clients: int, requests: int, prompt_tokens
                 try:
                     first, n = await _one(http, url, model,
                                           _prompt(c * requests + k, prompt_tokens), gen)
-                except (httpx.HTTPError, ValueError):
+                except (httpx.HTTPError, ValueError) as e:
                     failed += 1
+                    errors.append(f"{type(e).__name__}: {e}"[:300])
                     continue
                 ttfts.append(first)
                 tokens += n
@@ -164,7 +166,7 @@ async def _load(url: str, model: str, clients: int, requests: int, prompt_tokens
             "ttft_p99_ms": round(1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)
             if ttfts else None,
             "requests": len(ttfts), "failed": failed, "tokens": tokens,
-            "wall_s": round(wall, 2)}
+            "wall_s": round(wall, 2), **({"errors": errors[:3]} if errors else {})}
 
 
 def main() -> None:

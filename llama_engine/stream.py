@@ -8,11 +8,18 @@ cancelling the asyncio task that awaits it -- ends in the same place.
 Stepping and closing may come from different threads (an async consumer steps in a worker thread
 while the event loop cancels). A lock serialises steps; `close()` never blocks: if a step is under
 way, whoever holds the lock closes the generator as it lets go.
+
+An engine whose generator reads its chunks from an `Outbox` hands that in too: async iteration
+then waits on the event loop for the next chunk to arrive (one wake-up from the producing thread)
+and steps only once it is there, instead of blocking a worker thread a chunk. Without one (or
+once `pipe` may read several chunks a step), each step waits in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +34,7 @@ from llama_engine.types import (
     Usage,
 )
 
-__all__ = ["TokenStream"]
+__all__ = ["Outbox", "TokenStream"]
 
 StepFactory = Callable[[threading.Event], Iterator[StreamChunk]]
 
@@ -35,6 +42,40 @@ _WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="llama-stream"
 """Where async iteration waits for each next chunk: a thread per stream that is waiting, made
 as needed. (asyncio's default executor has min(32, cores + 4) threads: with more streams
 than that, the rest would wait for a thread, not for their tokens.)"""
+
+
+class Outbox:
+    """What a producing thread (the scheduler) hands one request's reader: a queue with a
+    blocking `get` for threads, and `when_ready` for an event loop, which is called back from the
+    producer instead of keeping a thread blocked on `get`."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._wake: Callable[[], None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.put(item)
+        with self._lock:
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            wake()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item, waiting for it (raises queue.Empty after `timeout` seconds)."""
+        return self._items.get(timeout=timeout)
+
+    def ready(self) -> bool:
+        return not self._items.empty()
+
+    def when_ready(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` once an item is waiting: now if one is, else from the next `put`'s
+        thread (one waiter at a time: a later call replaces an earlier one)."""
+        with self._lock:
+            if self._items.empty():
+                self._wake = wake
+                return
+        wake()
 
 
 class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
@@ -46,9 +87,13 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
     session's KV blocks.
     """
 
-    def __init__(self, factory: StepFactory) -> None:
+    def __init__(self, factory: StepFactory, outbox: Outbox | None = None) -> None:
         self._cancel = threading.Event()
         self._gen = factory(self._cancel)
+        self._outbox = outbox
+        """Where the generator reads its chunks, once it has started (the first step submits
+        the request): async steps then wait for a chunk on the loop, not in a thread."""
+        self._started = False
         self._lock = threading.Lock()
         self._close_requested = False
         self._finished = False
@@ -65,6 +110,7 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
                 if self._finished:
                     raise StopIteration
                 try:
+                    self._started = True
                     chunk = next(self._gen)
                 except StopIteration:
                     self._finished = True
@@ -105,6 +151,7 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
         """Pass the chunks through `through` (for engines: e.g. taking tool calls out of the
         text), before the first is read; closing the stream closes both. Returns self."""
         inner = self._gen
+        self._outbox = None  # `through` may read several chunks before it yields one
 
         def piped() -> Iterator[StreamChunk]:
             try:
@@ -136,7 +183,14 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
     async def __anext__(self) -> StreamChunk:
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(_WAITERS, self._next_or_none_wrapped)
+            outbox = self._outbox
+            if outbox is None or not self._started:
+                return await loop.run_in_executor(_WAITERS, self._next_or_none_wrapped)
+            if not outbox.ready():
+                arrived: asyncio.Future[None] = loop.create_future()
+                outbox.when_ready(lambda: _resolve_from_thread(loop, arrived))
+                await arrived
+            return self._next_or_none_wrapped()  # a chunk is waiting: this does not block
         except StopAsyncIteration:
             raise
         except asyncio.CancelledError:
@@ -160,6 +214,16 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
     async def acollect(self) -> Completion:
         parts: list[StreamChunk] = [c async for c in self]
         return _collect(iter(parts), self)
+
+
+def _resolve(f: asyncio.Future[None]) -> None:
+    if not f.done():
+        f.set_result(None)
+
+
+def _resolve_from_thread(loop: asyncio.AbstractEventLoop, f: asyncio.Future[None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it any more
+        loop.call_soon_threadsafe(_resolve, f)
 
 
 def _collect(chunks: Iterator[StreamChunk], stream: TokenStream) -> Completion:

@@ -37,6 +37,7 @@ from llama_engine import (
     TokenStream,
     Usage,
 )
+from llama_engine.stream import Outbox
 from llama_kv import PagedKVCache
 from llama_runtime.backend import Backend, KVBudget, KVStore, Prepared
 from llama_runtime.compute import COMPUTE_LOCK, DEFAULT_BATCH_SIZE, check_options, check_texts
@@ -573,7 +574,7 @@ class Engine(LlamaEngine):
             req_session = s
             s.acquire()
             req = Request(session=s, prompt=prompt, make_generation=make_generation,
-                          own_session=own, deadline=deadline, cancel=cancel)
+                          own_session=own, deadline=deadline, cancel=cancel, out=outbox)
             try:
                 self._sched().submit(req)
                 while (item := req.out.get()) is not None:
@@ -586,7 +587,8 @@ class Engine(LlamaEngine):
                     req.released.wait(timeout=_RELEASE_WAIT_S)
                 s.release()
 
-        return TokenStream(steps)
+        outbox = Outbox()
+        return TokenStream(steps, outbox)
 
 
 

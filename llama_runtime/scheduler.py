@@ -51,6 +51,7 @@ from llama_engine import (
     StreamChunk,
     Usage,
 )
+from llama_engine.stream import Outbox
 from llama_kv import PagedKVCache
 from llama_kv.block_table import RELEASED
 from llama_runtime.generation import Generation
@@ -74,7 +75,7 @@ class Request:
     own_session: bool = False
     deadline: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    out: Outbox = field(default_factory=Outbox)
     submitted: float = field(default_factory=time.perf_counter)
     # scheduler-side state
     gen: Generation | None = None
