@@ -555,6 +555,13 @@ class _Reply:
 
     async def chunks(self) -> AsyncIterator[tuple[int, StreamChunk]]:
         """(choice index, chunk) as they come, from every choice."""
+        if len(self.streams) == 1:  # one choice: read it directly, no fan-in
+            try:
+                async for chunk in self._timed(0):
+                    yield 0, chunk
+            finally:
+                self.close()
+            return
         queue: asyncio.Queue[tuple[int, StreamChunk | BaseException | None]] = asyncio.Queue()
         started: dict[int, asyncio.Event] = {}
 
@@ -562,16 +569,8 @@ class _Reply:
             leader = i - i % self.per_prompt
             if leader != i:
                 await started[leader].wait()
-            last = time.perf_counter()
             try:
-                async for chunk in self.streams[i]:
-                    now = time.perf_counter()
-                    if chunk.token_id is not None:
-                        if not started[i].is_set():
-                            self.server.metrics.ttft.observe(now - self.arrived)
-                        else:
-                            self.server.metrics.itl.observe(now - last)
-                        last = now
+                async for chunk in self._timed(i):
                     started[i].set()
                     await queue.put((i, chunk))
             except BaseException as e:  # handed to the reader, which raises it
@@ -599,6 +598,19 @@ class _Reply:
             self.close()
             with suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _timed(self, i: int) -> AsyncIterator[StreamChunk]:
+        """Choice i's chunks, its first token's time and the gaps between tokens observed."""
+        last: float | None = None
+        async for chunk in self.streams[i]:
+            if chunk.token_id is not None:
+                now = time.perf_counter()
+                if last is None:
+                    self.server.metrics.ttft.observe(now - self.arrived)
+                else:
+                    self.server.metrics.itl.observe(now - last)
+                last = now
+            yield chunk
 
     def close(self) -> None:
         """Stop every choice's generation (freeing its KV) and end the admission; idempotent."""
