@@ -52,6 +52,18 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_parts_mb() -> dict[str, float]:
+    """The resident set now, anonymous memory and mapped files apart (Linux; else nothing):
+    a mapped model file's pages count in RSS as the kernel keeps them resident."""
+    try:
+        with open("/proc/self/status") as f:
+            st = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return {}
+    return {f"rss_{k[3:].lower()}_mb": int(st[k].split()[0]) / 1024
+            for k in ("RssAnon", "RssFile") if k in st}
+
+
 def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     from llama_runtime import create_engine
     from llama_runtime.bench import generate_all
@@ -79,7 +91,7 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
                            "prefill_tok_s": u.prefill_tok_s,
                            "ttft_ms": u.ttft_ms, "decode_tok_s": statistics.median(decode),
                            "decode_tok_s_runs": decode, "tokens": c.token_ids,
-                           "peak_rss_mb": _rss_mb()}
+                           "peak_rss_mb": _rss_mb(), **_rss_parts_mb()}
     # prefix cache: a prompt sharing all but its last 32 tokens with one served before
     miss, hit = job["prefix_pair"]
     res["ttft_ms_prefix_miss"] = engine.generate(miss, max_tokens=1, temperature=0).usage.ttft_ms
