@@ -11,16 +11,21 @@ way, whoever holds the lock closes the generator as it lets go.
 
 An engine whose generator reads its chunks from an `Outbox` hands that in too: async iteration
 then waits on the event loop for the next chunk to arrive (one wake-up from the producing thread)
-and steps only once it is there, instead of blocking a worker thread a chunk. Without one (or
-once `pipe` may read several chunks a step), each step waits in a worker thread.
+and steps on the loop only once it is there, instead of blocking a worker thread a chunk. Steps
+that may block still run in a worker thread: the first (it submits the request), the last (its
+clean-up waits until the scheduler has freed the request), one while another thread holds the
+stream, and every step of a stream without an Outbox or passed through `pipe` (which may read
+several chunks before it yields one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +41,8 @@ from llama_engine.types import (
 
 __all__ = ["Outbox", "TokenStream"]
 
+log = logging.getLogger(__name__)
+
 StepFactory = Callable[[threading.Event], Iterator[StreamChunk]]
 
 _WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="llama-stream")
@@ -47,35 +54,54 @@ than that, the rest would wait for a thread, not for their tokens.)"""
 class Outbox:
     """What a producing thread (the scheduler) hands one request's reader: a queue with a
     blocking `get` for threads, and `when_ready` for an event loop, which is called back from the
-    producer instead of keeping a thread blocked on `get`."""
+    producer instead of keeping a thread blocked on `get`. None ends the stream, and so does an
+    exception (the reader raises it)."""
 
     def __init__(self) -> None:
-        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._items: deque[Any] = deque()
+        self._cond = threading.Condition()
         self._wake: Callable[[], None] | None = None
 
     def put(self, item: Any) -> None:
-        self._items.put(item)
-        with self._lock:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
             wake, self._wake = self._wake, None
         if wake is not None:
-            wake()
+            try:
+                wake()
+            except Exception:  # the producer (the scheduler) must go on whatever a reader did
+                log.exception("waking a stream's reader failed")
 
     def get(self, timeout: float | None = None) -> Any:
         """The next item, waiting for it (raises queue.Empty after `timeout` seconds)."""
-        return self._items.get(timeout=timeout)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            return self._items.popleft()
 
     def ready(self) -> bool:
-        return not self._items.empty()
+        return bool(self._items)
+
+    def ends_next(self) -> bool:
+        """Whether the next item ends the stream (None, or an error)."""
+        with self._cond:
+            return bool(self._items) and (self._items[0] is None
+                                          or isinstance(self._items[0], BaseException))
 
     def when_ready(self, wake: Callable[[], None]) -> None:
         """Call `wake()` once an item is waiting: now if one is, else from the next `put`'s
         thread (one waiter at a time: a later call replaces an earlier one)."""
-        with self._lock:
-            if self._items.empty():
+        with self._cond:
+            if not self._items:
                 self._wake = wake
                 return
         wake()
+
+    def forget(self) -> None:
+        """Drop the waiting `wake` (its reader went away)."""
+        with self._cond:
+            self._wake = None
 
 
 class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
@@ -105,8 +131,17 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
         return self
 
     def __next__(self) -> StreamChunk:
+        chunk = self._step(blocking=True)
+        assert chunk is not None
+        return chunk
+
+    def _step(self, *, blocking: bool) -> StreamChunk | None:
+        """The next chunk; None, having done nothing, when not `blocking` and another thread
+        is stepping or closing the stream."""
         try:
-            with self._lock:
+            if not self._lock.acquire(blocking=blocking):
+                return None
+            try:
                 if self._finished:
                     raise StopIteration
                 try:
@@ -123,6 +158,8 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
                     self.finish_reason = chunk.finish_reason
                     self.usage = chunk.usage
                 return chunk
+            finally:
+                self._lock.release()
         finally:
             if self._close_requested:
                 self._try_finish()
@@ -181,19 +218,32 @@ class TokenStream(Iterator[StreamChunk], AsyncIterator[StreamChunk]):
         return self
 
     async def __anext__(self) -> StreamChunk:
+        outbox = self._outbox
         try:
             loop = asyncio.get_running_loop()
-            outbox = self._outbox
-            if outbox is None or not self._started:
-                return await loop.run_in_executor(_WAITERS, self._next_or_none_wrapped)
-            if not outbox.ready():
-                arrived: asyncio.Future[None] = loop.create_future()
-                outbox.when_ready(lambda: _resolve_from_thread(loop, arrived))
-                await arrived
-            return self._next_or_none_wrapped()  # a chunk is waiting: this does not block
+            if self._finished:
+                raise StopAsyncIteration
+            if outbox is not None and self._started and not self._close_requested:
+                if not outbox.ready():
+                    arrived: asyncio.Future[None] = loop.create_future()
+                    outbox.when_ready(lambda: _resolve_from_thread(loop, arrived))
+                    await arrived
+                # a chunk is waiting, so stepping does not block the loop -- unless another
+                # thread holds the stream (then _step returns None) or the chunk ends the
+                # stream, whose clean-up waits for the scheduler to free the request: a thread
+                if not outbox.ends_next():
+                    try:
+                        chunk = self._step(blocking=False)
+                    except StopIteration:
+                        raise StopAsyncIteration from None
+                    if chunk is not None:
+                        return chunk
+            return await loop.run_in_executor(_WAITERS, self._next_or_none_wrapped)
         except StopAsyncIteration:
             raise
         except asyncio.CancelledError:
+            if outbox is not None:
+                outbox.forget()
             self.close()
             raise
 

@@ -566,6 +566,7 @@ class Engine(LlamaEngine):
                               started_at=started_at, context_length=self._ctx, grammar=grammar)
 
         req_session = session
+        outbox = Outbox()  # the request's chunks, from the scheduler
 
         def steps(cancel: threading.Event) -> Iterator[StreamChunk]:
             nonlocal req_session
@@ -587,7 +588,6 @@ class Engine(LlamaEngine):
                     req.released.wait(timeout=_RELEASE_WAIT_S)
                 s.release()
 
-        outbox = Outbox()
         return TokenStream(steps, outbox)
 
 

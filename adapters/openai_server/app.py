@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -557,8 +557,9 @@ class _Reply:
         """(choice index, chunk) as they come, from every choice."""
         if len(self.streams) == 1:  # one choice: read it directly, no fan-in
             try:
-                async for chunk in self._timed(0):
-                    yield 0, chunk
+                async with aclosing(self._timed(0)) as chunks:
+                    async for chunk in chunks:
+                        yield 0, chunk
             finally:
                 self.close()
             return

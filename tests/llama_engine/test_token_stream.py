@@ -91,26 +91,39 @@ def test_cancelling_the_consuming_task_closes_the_stream() -> None:
     assert cleaned == ["done"] and s.cancelled
 
 
-def _outbox_stream(n: int, cleaned: list[str]) -> tuple[TokenStream, threading.Thread]:
+def _outbox_stream(n: int, cleaned: list[str], *, start: threading.Event | None = None,
+                   errors: list[BaseException] | None = None
+                   ) -> tuple[TokenStream, threading.Thread]:
     """A stream whose chunks a producer thread puts in an Outbox, as the scheduler does; the
-    producer starts when the first step submits (like a request)."""
+    producer starts when the first step submits (like a request), or once `start` is set. Every
+    step after the first reads without waiting (`get(timeout=0)`), so a step taken before its
+    chunk arrived fails the stream."""
     outbox = Outbox()
 
     def produce() -> None:
-        for i in range(n):
-            time.sleep(0.002)
-            last = i == n - 1
-            outbox.put(StreamChunk(text=str(i), token_id=i,
-                                   finish_reason="length" if last else None))
-        outbox.put(None)
+        try:
+            if start is not None:
+                start.wait(10)
+            for i in range(n):
+                time.sleep(0.002)
+                last = i == n - 1
+                outbox.put(StreamChunk(text=str(i), token_id=i,
+                                       finish_reason="length" if last else None))
+            outbox.put(None)
+        except BaseException as e:  # a failing producer is a failing test
+            if errors is not None:
+                errors.append(e)
+            raise
 
     producer = threading.Thread(target=produce)
 
     def factory(cancel: threading.Event) -> Iterator[StreamChunk]:
         producer.start()
         try:
-            while (item := outbox.get()) is not None:
+            item = outbox.get()
+            while item is not None:
                 yield item
+                item = outbox.get(timeout=0)
         finally:
             cleaned.append("done")
 
@@ -127,11 +140,25 @@ def test_outbox_wakes_a_waiter_once_whether_the_item_came_first_or_not() -> None
     box.when_ready(lambda: woken.append("now"))  # an item waits: called at once
     assert woken == ["later", "now"]
     assert (box.get(), box.get()) == (1, 2)
+    box.put(None)
+    assert box.ends_next() and box.get() is None and not box.ends_next()
+
+
+def test_a_failing_wake_does_not_stop_the_producer() -> None:
+    box = Outbox()
+
+    def broken() -> None:
+        raise ValueError("a reader's bug")
+
+    box.when_ready(broken)
+    box.put(1)  # logged, not raised into the producing thread
+    assert box.get(timeout=0) == 1
 
 
 def test_async_steps_of_an_outbox_stream_wait_on_the_loop_not_in_threads(monkeypatch) -> None:
-    """Only the first step (which submits the request) runs in a worker thread; every later
-    chunk is awaited on the loop, woken by the producer."""
+    """Only the first step (which submits the request) and the last (whose clean-up may wait)
+    run in a worker thread; every chunk between is awaited on the loop, woken by the producer,
+    and read only once it is there."""
     cleaned: list[str] = []
     s, producer = _outbox_stream(40, cleaned)
     in_threads = []
@@ -144,16 +171,25 @@ def test_async_steps_of_an_outbox_stream_wait_on_the_loop_not_in_threads(monkeyp
     monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counting)
 
     async def main() -> list[str]:
-        return [c.text async for c in s]
+        texts = [c.text async for c in s]
+        # an exhausted stream stays exhausted, at once
+        with contextlib.suppress(StopAsyncIteration):
+            await asyncio.wait_for(s.__anext__(), 1)
+            raise AssertionError("a step after the end returned a chunk")
+        return texts
 
     assert asyncio.run(main()) == [str(i) for i in range(40)]
     producer.join()
-    assert len(in_threads) == 1 and cleaned == ["done"] and s.finish_reason == "length"
+    assert len(in_threads) == 2 and cleaned == ["done"] and s.finish_reason == "length"
 
 
 def test_cancelling_a_task_waiting_on_an_outbox_closes_the_stream() -> None:
+    """The producer goes on putting after the reader's task was cancelled and its loop closed:
+    neither the stale waiter nor the closed loop may fail it."""
     cleaned: list[str] = []
-    s, producer = _outbox_stream(200, cleaned)
+    errors: list[BaseException] = []
+    start = threading.Event()
+    s, producer = _outbox_stream(50, cleaned, start=start, errors=errors)
 
     async def main() -> None:
         got = []
@@ -163,12 +199,14 @@ def test_cancelling_a_task_waiting_on_an_outbox_closes_the_stream() -> None:
                 got.append(c)
 
         task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)  # the first step waits in its thread for the producer
+        start.set()
         while len(got) < 3:
             await asyncio.sleep(0.001)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(main())  # the loop closes while the producer still puts: it must not fail
+    asyncio.run(main())
     producer.join()
-    assert cleaned == ["done"] and s.cancelled
+    assert errors == [] and cleaned == ["done"] and s.cancelled

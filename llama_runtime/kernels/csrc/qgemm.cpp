@@ -660,7 +660,7 @@ inline void lanes_f32(const QMat& w, const float* x, int64_t g, int h, int64_t b
 // The same for U units of kLanes weight rows against a panel of already widened weights,
 // [K][U][kLanes] (many activation rows). Two units a panel give each broadcast activation two
 // FMAs: one unit's loads (a weight vector and T broadcasts for T FMAs) left the FMA units ~25%
-// idle; with two the kernel runs at the FMA peak. Each output is still one FMA chain over k.
+// idle; with two the kernel runs near the FMA peak. Each output is still one FMA chain over k.
 template <int U, int T>
 inline void panel_f32(const float* panel, int64_t K, const float* x, int64_t b0,
                       L::F acc[U][T]) {
@@ -787,10 +787,14 @@ void qmat_rows_f32(const QMat& w, const float* x, int64_t B, float* out, int64_t
       auto run = [&](auto t, int64_t b0) {
         constexpr int T = decltype(t)::value;
         L::F acc[U][T];
-        if (panel)
-          panel_f32<U, T>(buf.data(), w.K, x, b0, acc);
-        else
-          lanes_f32<T>(w, x, u / kUnits, static_cast<int>(u % kUnits), b0, acc[0]);
+        if constexpr (U == 1) {
+          if (!panel) {
+            lanes_f32<T>(w, x, u / kUnits, static_cast<int>(u % kUnits), b0, acc[0]);
+            store_unit<T>(w, u, b0, acc[0], out, ldo);
+            return;
+          }
+        }
+        panel_f32<U, T>(buf.data(), w.K, x, b0, acc);
         for (int i = 0; i < U; ++i) store_unit<T>(w, u + i, b0, acc[i], out, ldo);
       };
       if (panel) widen_units<U>(w, u, buf.data());
@@ -952,8 +956,9 @@ inline __m512 load16(const half_t* p) {
 }
 #endif
 
-// Rows fetched ahead of use in the attention loops: 16 rows of 64 floats keep 4 KiB in flight
-// a thread (8 left a 16-sequence decode step's attention ~10% slower, bench/decode_profile.py).
+// Rows fetched ahead of use in the attention loops: 16 (4 KiB of float32 K/V at head dimension
+// 64) in flight a thread; 8 left a 16-sequence decode step's attention ~10% slower
+// (bench/decode_profile.py).
 constexpr int64_t kAhead = 16;
 template <class T>
 inline void prefetch_row(const T* row, int64_t d) {
