@@ -138,20 +138,19 @@ async def _one(http: httpx.AsyncClient, url: str, model: str, prompt: str, gen: 
 async def _load(url: str, model: str, clients: int, requests: int, prompt_tokens: int,
                 gen: int, timeout: float) -> dict[str, Any]:
     ttfts: list[float] = []
-    tokens = failed = 0
-    errors: list[str] = []
+    tokens = 0
+    errors: list[str] = []  # why each failed request failed
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         await _one(http, url, model, _prompt(10_000, prompt_tokens), 8)  # warm up
 
         async def client(c: int) -> None:
-            nonlocal tokens, failed
+            nonlocal tokens
             for k in range(requests):
                 try:
                     first, n = await _one(http, url, model,
                                           _prompt(c * requests + k, prompt_tokens), gen)
                 except (httpx.HTTPError, ValueError) as e:
-                    failed += 1
                     errors.append(f"{type(e).__name__}: {e}"[:300])
                     continue
                 ttfts.append(first)
@@ -165,7 +164,7 @@ async def _load(url: str, model: str, clients: int, requests: int, prompt_tokens
             "ttft_p50_ms": round(1e3 * statistics.median(ttfts), 1) if ttfts else None,
             "ttft_p99_ms": round(1e3 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1)
             if ttfts else None,
-            "requests": len(ttfts), "failed": failed, "tokens": tokens,
+            "requests": len(ttfts), "failed": len(errors), "tokens": tokens,
             "wall_s": round(wall, 2), **({"errors": errors[:3]} if errors else {})}
 
 
